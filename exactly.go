@@ -1,0 +1,180 @@
+package exactly
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+)
+
+// Header names every adapter uses to carry the parts of a Message that have no
+// native field in the broker's record.
+const (
+	// HeaderID carries Message.ID on every broker, beside the broker's own
+	// dedup field (Nats-Msg-Id, AMQP message-id).
+	HeaderID = "exactly-id"
+	// HeaderKey carries Message.Key on brokers without a native record key.
+	HeaderKey = "exactly-key"
+	// HeaderCreatedAt carries Message.CreatedAt (RFC 3339, nanoseconds).
+	HeaderCreatedAt = "exactly-created-at"
+)
+
+// Message is the one type that crosses every boundary: written to the outbox,
+// published by the relay, delivered to consumers, deduplicated by the inbox.
+type Message struct {
+	// ID is the message's identity from the moment it is enqueued until it is
+	// applied. Enqueue assigns a UUIDv7 when it is empty; a caller may set its
+	// own (for example one derived from a business key) to make the enqueue
+	// itself idempotent. Every redelivery carries the same ID.
+	ID string
+	// Topic is the destination: a Kafka topic, a NATS subject, an AMQP routing key.
+	Topic string
+	// Key is the ordering key, usually the aggregate id. Messages with the
+	// same non-empty Key reach the broker in the order they were enqueued.
+	// An empty Key means no ordering is required.
+	Key string
+	// Payload is the body, opaque to exactly.
+	Payload []byte
+	// Headers travel with the message. Names starting with "exactly-" are reserved.
+	Headers map[string]string
+	// CreatedAt is set by Enqueue when zero.
+	CreatedAt time.Time
+}
+
+// NewID returns a fresh message id: a UUIDv7 in its canonical text form, so
+// ids sort by creation time.
+func NewID() string {
+	return uuid.Must(uuid.NewV7()).String()
+}
+
+// Limits on the parts of a Message that are stored in indexed columns.
+const (
+	MaxIDLen    = 128
+	MaxTopicLen = 255
+	MaxKeyLen   = 255
+)
+
+// Validate reports the first problem that would make the message impossible
+// to store or route. It does not check the ID when it is empty (Enqueue
+// assigns one).
+func (m *Message) Validate() error {
+	switch {
+	case m == nil:
+		return errors.New("exactly: nil message")
+	case strings.TrimSpace(m.Topic) == "":
+		return errors.New("exactly: message has an empty Topic")
+	case len(m.Topic) > MaxTopicLen:
+		return fmt.Errorf("exactly: message Topic is %d bytes, the limit is %d", len(m.Topic), MaxTopicLen)
+	case len(m.Key) > MaxKeyLen:
+		return fmt.Errorf("exactly: message Key is %d bytes, the limit is %d", len(m.Key), MaxKeyLen)
+	case len(m.ID) > MaxIDLen:
+		return fmt.Errorf("exactly: message ID is %d bytes, the limit is %d", len(m.ID), MaxIDLen)
+	}
+	return nil
+}
+
+// Publisher delivers batches of messages to a broker.
+//
+// Publish returns only when the broker has confirmed every message (acks=all,
+// a JetStream PubAck, a publisher confirm), or when it knows which ones
+// failed. A nil error means every message is durably accepted. Otherwise the
+// error is a *BatchError naming the failed messages by index (the others are
+// confirmed), or any other error, which means none of them may be assumed
+// confirmed.
+//
+// Messages with the same Key must be handed to the broker in slice order.
+// Publishers must carry Message.ID in the HeaderID header and in the
+// broker's own dedup field where it has one, so a re-publish after an
+// ambiguous outcome is recognisable downstream.
+type Publisher interface {
+	Publish(ctx context.Context, msgs []*Message) error
+}
+
+// PublisherFunc adapts a function to the Publisher interface.
+type PublisherFunc func(ctx context.Context, msgs []*Message) error
+
+// Publish calls f.
+func (f PublisherFunc) Publish(ctx context.Context, msgs []*Message) error { return f(ctx, msgs) }
+
+// BatchError reports which messages of a batch failed. Errs has one entry per
+// message of the batch, nil for the confirmed ones.
+type BatchError struct {
+	Errs []error
+}
+
+func (e *BatchError) Error() string {
+	failed := 0
+	var first error
+	for _, err := range e.Errs {
+		if err != nil {
+			failed++
+			if first == nil {
+				first = err
+			}
+		}
+	}
+	return fmt.Sprintf("exactly: %d of %d messages failed, first: %v", failed, len(e.Errs), first)
+}
+
+// Unwrap exposes the per-message errors to errors.Is and errors.As.
+func (e *BatchError) Unwrap() []error {
+	out := make([]error, 0, len(e.Errs))
+	for _, err := range e.Errs {
+		if err != nil {
+			out = append(out, err)
+		}
+	}
+	return out
+}
+
+// NewBatchError returns nil when every entry of errs is nil, and a
+// *BatchError otherwise. Publishers use it to build their result.
+func NewBatchError(errs []error) error {
+	for _, err := range errs {
+		if err != nil {
+			return &BatchError{Errs: errs}
+		}
+	}
+	return nil
+}
+
+// PerMessage expands the result of Publish into one error per message: nil
+// for the confirmed ones. An error that is not a *BatchError applies to all.
+func PerMessage(err error, n int) []error {
+	out := make([]error, n)
+	if err == nil {
+		return out
+	}
+	var be *BatchError
+	if errors.As(err, &be) && len(be.Errs) == n {
+		copy(out, be.Errs)
+		return out
+	}
+	for i := range out {
+		out[i] = err
+	}
+	return out
+}
+
+// ErrUnpublishable marks an error that no retry can fix: the broker refused
+// the message itself (too large, invalid destination). The relay parks such
+// a message as dead at once, with the reason, instead of retrying it.
+var ErrUnpublishable = errors.New("unpublishable message")
+
+// Unpublishable wraps err so that errors.Is(err, ErrUnpublishable) holds.
+func Unpublishable(err error) error {
+	if err == nil {
+		return nil
+	}
+	return &unpublishableError{err: err}
+}
+
+type unpublishableError struct{ err error }
+
+func (e *unpublishableError) Error() string { return "unpublishable: " + e.err.Error() }
+func (e *unpublishableError) Unwrap() []error {
+	return []error{ErrUnpublishable, e.err}
+}
