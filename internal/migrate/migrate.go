@@ -1,0 +1,281 @@
+// Package migrate applies versioned, embedded SQL migrations. The library
+// (outbox.Migrate, inbox.Migrate) and the CLI (exactly migrate) share it, so
+// both produce the same schema and record it in the same table.
+package migrate
+
+import (
+	"bytes"
+	"context"
+	"database/sql"
+	"fmt"
+	"io/fs"
+	"path"
+	"slices"
+	"strconv"
+	"strings"
+	"text/template"
+	"time"
+
+	"github.com/exactlyonce/exactly/internal/sqldb"
+)
+
+// Step is one versioned migration: several statements applied together.
+type Step struct {
+	Version    int
+	Name       string
+	Statements []string
+}
+
+// separator splits a migration file into statements; function bodies keep
+// their semicolons.
+const separator = "\n-- statement\n"
+
+// Load reads the migrations for a dialect from dir/<dialect>/NNN_name.sql in
+// fsys, renders them as templates with data, and returns them by version.
+func Load(fsys fs.FS, dir string, d sqldb.Dialect, data any) ([]Step, error) {
+	root := path.Join(dir, string(d))
+	entries, err := fs.ReadDir(fsys, root)
+	if err != nil {
+		return nil, fmt.Errorf("migrations for %s: %w", d, err)
+	}
+	var steps []Step
+	for _, e := range entries {
+		name := e.Name()
+		if !strings.HasSuffix(name, ".sql") {
+			continue
+		}
+		num, rest, ok := strings.Cut(name, "_")
+		v, err := strconv.Atoi(num)
+		if !ok || err != nil {
+			return nil, fmt.Errorf("migration file %s: name must be NNN_name.sql", name)
+		}
+		raw, err := fs.ReadFile(fsys, path.Join(root, name))
+		if err != nil {
+			return nil, err
+		}
+		tpl, err := template.New(name).Option("missingkey=error").Parse(string(raw))
+		if err != nil {
+			return nil, fmt.Errorf("migration %s: %w", name, err)
+		}
+		var buf bytes.Buffer
+		if err := tpl.Execute(&buf, data); err != nil {
+			return nil, fmt.Errorf("migration %s: %w", name, err)
+		}
+		var stmts []string
+		for _, s := range strings.Split(buf.String(), separator) {
+			if s = strings.TrimSpace(s); s != "" {
+				stmts = append(stmts, s)
+			}
+		}
+		steps = append(steps, Step{Version: v, Name: strings.TrimSuffix(rest, ".sql"), Statements: stmts})
+	}
+	slices.SortFunc(steps, func(a, b Step) int { return a.Version - b.Version })
+	for i, s := range steps {
+		if s.Version != i+1 {
+			return nil, fmt.Errorf("migrations for %s: version %d follows %d; versions must be 1, 2, 3...", d, s.Version, i)
+		}
+	}
+	return steps, nil
+}
+
+// Migrator applies steps for one scope (say "outbox:exactly_outbox").
+type Migrator struct {
+	DB      *sql.DB
+	Dialect sqldb.Dialect
+	// Schema holds the bookkeeping table; empty for the connection's default.
+	Schema string
+	Scope  string
+	Steps  []Step
+}
+
+func (m *Migrator) table() string {
+	return sqldb.Ident{Schema: m.Schema, Name: "exactly_migrations"}.Quoted(m.Dialect)
+}
+
+// Pending returns the steps not yet applied, without changing anything. A
+// database that does not have the bookkeeping table has every step pending.
+func (m *Migrator) Pending(ctx context.Context) ([]Step, error) {
+	applied, err := m.applied(ctx, m.DB)
+	if err != nil {
+		// No bookkeeping table yet: everything is pending.
+		if ok, _ := m.hasTable(ctx); !ok {
+			return m.Steps, nil
+		}
+		return nil, err
+	}
+	return m.pendingOf(applied)
+}
+
+func (m *Migrator) pendingOf(applied []int) ([]Step, error) {
+	if len(applied) > 0 && applied[len(applied)-1] > len(m.Steps) {
+		return nil, fmt.Errorf("%s: the database is at schema version %d, newer than this build knows (%d); upgrade exactly",
+			m.Scope, applied[len(applied)-1], len(m.Steps))
+	}
+	var out []Step
+	for _, s := range m.Steps {
+		if !slices.Contains(applied, s.Version) {
+			out = append(out, s)
+		}
+	}
+	return out, nil
+}
+
+func (m *Migrator) hasTable(ctx context.Context) (bool, error) {
+	var n int
+	err := m.DB.QueryRowContext(ctx, "SELECT count(*) FROM "+m.table()).Scan(&n)
+	return err == nil, err
+}
+
+type querier interface {
+	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
+}
+
+func (m *Migrator) applied(ctx context.Context, q querier) ([]int, error) {
+	a := sqldb.NewArgs(m.Dialect)
+	rows, err := q.QueryContext(ctx, "SELECT version FROM "+m.table()+" WHERE scope = "+a.Add(m.Scope)+" ORDER BY version", a.Vals...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []int
+	for rows.Next() {
+		var v int
+		if err := rows.Scan(&v); err != nil {
+			return nil, err
+		}
+		out = append(out, v)
+	}
+	return out, rows.Err()
+}
+
+// Apply brings the schema up to date and returns the versions it applied. It
+// is safe to run concurrently from several processes: PostgreSQL takes an
+// advisory lock, MySQL a named lock, SQLite an immediate transaction.
+func (m *Migrator) Apply(ctx context.Context) ([]int, error) {
+	conn, err := m.DB.Conn(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+
+	create := "CREATE TABLE IF NOT EXISTS " + m.table() + ` (
+		scope VARCHAR(255) NOT NULL,
+		version INTEGER NOT NULL,
+		name VARCHAR(255) NOT NULL,
+		applied_at BIGINT NOT NULL,
+		PRIMARY KEY (scope, version))`
+	lockName := "exactly_migrate:" + m.Scope
+	switch m.Dialect {
+	case sqldb.Postgres:
+		if _, err := conn.ExecContext(ctx, "SELECT pg_advisory_lock(hashtext($1))", lockName); err != nil {
+			return nil, fmt.Errorf("migrate: lock: %w", err)
+		}
+		defer conn.ExecContext(context.WithoutCancel(ctx), "SELECT pg_advisory_unlock(hashtext($1))", lockName)
+	case sqldb.MySQL:
+		var got sql.NullInt64
+		if err := conn.QueryRowContext(ctx, "SELECT GET_LOCK(?, 60)", lockName).Scan(&got); err != nil || got.Int64 != 1 {
+			return nil, fmt.Errorf("migrate: could not take lock %q within 60s (err=%v)", lockName, err)
+		}
+		defer conn.ExecContext(context.WithoutCancel(ctx), "SELECT RELEASE_LOCK(?)", lockName)
+	case sqldb.SQLite:
+		if _, err := conn.ExecContext(ctx, "BEGIN IMMEDIATE"); err != nil {
+			return nil, fmt.Errorf("migrate: lock: %w", err)
+		}
+		committed := false
+		defer func() {
+			if !committed {
+				conn.ExecContext(context.WithoutCancel(ctx), "ROLLBACK")
+			}
+		}()
+		done, err := m.applySteps(ctx, conn, create, false)
+		if err != nil {
+			return done, err
+		}
+		if _, err := conn.ExecContext(ctx, "COMMIT"); err != nil {
+			return nil, fmt.Errorf("migrate: commit: %w", err)
+		}
+		committed = true
+		return done, nil
+	}
+	return m.applySteps(ctx, conn, create, m.Dialect == sqldb.Postgres)
+}
+
+// applySteps runs on a connection that holds the migration lock. With perTx
+// each step commits atomically with its bookkeeping row (PostgreSQL has
+// transactional DDL; MySQL does not, so its statements are written to be
+// re-runnable).
+func (m *Migrator) applySteps(ctx context.Context, conn *sql.Conn, create string, perTx bool) ([]int, error) {
+	if _, err := conn.ExecContext(ctx, create); err != nil {
+		return nil, fmt.Errorf("migrate: create %s: %w", m.table(), err)
+	}
+	applied, err := m.applied(ctx, conn)
+	if err != nil {
+		return nil, fmt.Errorf("migrate: read applied versions: %w", err)
+	}
+	pending, err := m.pendingOf(applied)
+	if err != nil {
+		return nil, err
+	}
+	var done []int
+	for _, s := range pending {
+		if err := m.applyStep(ctx, conn, s, perTx); err != nil {
+			return done, fmt.Errorf("migrate %s: version %d (%s): %w", m.Scope, s.Version, s.Name, err)
+		}
+		done = append(done, s.Version)
+	}
+	return done, nil
+}
+
+func (m *Migrator) applyStep(ctx context.Context, conn *sql.Conn, s Step, perTx bool) (err error) {
+	type execer interface {
+		ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
+	}
+	var ex execer = conn
+	if perTx {
+		tx, err := conn.BeginTx(ctx, nil)
+		if err != nil {
+			return err
+		}
+		defer func() {
+			if err != nil {
+				tx.Rollback()
+			}
+		}()
+		ex = tx
+	}
+	for _, stmt := range s.Statements {
+		if _, err := ex.ExecContext(ctx, stmt); err != nil {
+			return fmt.Errorf("%w\n  in statement: %s", err, firstLine(stmt))
+		}
+	}
+	a := sqldb.NewArgs(m.Dialect)
+	q := "INSERT INTO " + m.table() + " (scope, version, name, applied_at) VALUES (" +
+		a.Add(m.Scope) + ", " + a.Add(s.Version) + ", " + a.Add(s.Name) + ", " + a.Add(time.Now().UnixMilli()) + ")"
+	if _, err := ex.ExecContext(ctx, q, a.Vals...); err != nil {
+		return err
+	}
+	if tx, ok := ex.(*sql.Tx); ok {
+		return tx.Commit()
+	}
+	return nil
+}
+
+func firstLine(s string) string {
+	if i := strings.IndexByte(s, '\n'); i >= 0 {
+		return s[:i] + " ..."
+	}
+	return s
+}
+
+// Script renders steps as one SQL script, for dry runs.
+func Script(steps []Step) string {
+	var b strings.Builder
+	for _, s := range steps {
+		fmt.Fprintf(&b, "-- version %d: %s\n", s.Version, s.Name)
+		for _, stmt := range s.Statements {
+			b.WriteString(stmt)
+			b.WriteString(";\n\n")
+		}
+	}
+	return b.String()
+}

@@ -1,0 +1,582 @@
+// Package outboxstore holds every SQL statement that touches the outbox
+// tables, for every dialect. The outbox package (Enqueue, Migrate, admin) and
+// the relay both go through it.
+package outboxstore
+
+import (
+	"context"
+	"database/sql"
+	"embed"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"strings"
+	"time"
+
+	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/internal/migrate"
+	"github.com/exactlyonce/exactly/internal/sqldb"
+)
+
+// Row status values.
+const (
+	StatusPending = 0
+	StatusSent    = 1
+	StatusDead    = 2
+)
+
+// Store knows the names and the SQL of one outbox table.
+type Store struct {
+	D      sqldb.Dialect
+	Table  sqldb.Ident
+	t      string // quoted table
+	leases string
+	relays string
+	cols   string
+}
+
+// New validates the dialect and table name.
+func New(dialect, table string) (*Store, error) {
+	d, err := sqldb.ParseDialect(dialect)
+	if err != nil {
+		return nil, fmt.Errorf("outbox: %w", err)
+	}
+	if table == "" {
+		table = "exactly_outbox"
+	}
+	id, err := sqldb.ParseIdent(table)
+	if err != nil {
+		return nil, fmt.Errorf("outbox: %w", err)
+	}
+	if d == sqldb.SQLite && id.Schema != "" {
+		return nil, fmt.Errorf("outbox: table name %q: SQLite tables take no schema", table)
+	}
+	return &Store{
+		D: d, Table: id,
+		t:      id.Quoted(d),
+		leases: id.Derived("_leases").Quoted(d),
+		relays: id.Derived("_relays").Quoted(d),
+		cols:   "seq, id, topic, msg_key, key_hash, payload, headers, created_at, attempts, next_attempt_at",
+	}, nil
+}
+
+//go:embed migrations
+var migrations embed.FS
+
+// Migrator returns the migrator of this table.
+func (s *Store) Migrator(db *sql.DB) (*migrate.Migrator, error) {
+	d := s.D
+	unq := func(suffix string) string { return d.Quote(s.Table.Name + suffix) }
+	data := map[string]string{
+		"Table":      s.t,
+		"Leases":     s.leases,
+		"Relays":     s.relays,
+		"IdxPending": unq("_pending_idx"),
+		"IdxSent":    unq("_sent_idx"),
+		"IdxDead":    unq("_dead_idx"),
+		"Trigger":    unq("_notify"),
+		"NotifyFunc": s.Table.Derived("_notify").Quoted(d),
+		"Channel":    "'" + s.Channel() + "'",
+	}
+	steps, err := migrate.Load(migrations, "migrations", d, data)
+	if err != nil {
+		return nil, err
+	}
+	return &migrate.Migrator{DB: db, Dialect: d, Schema: s.Table.Schema, Scope: "outbox:" + s.Table.String(), Steps: steps}, nil
+}
+
+// Channel is the PostgreSQL NOTIFY channel that wakes relays of this table.
+func (s *Store) Channel() string { return "exactly_outbox:" + s.Table.String() }
+
+// KeyHash spreads keys over relay partitions: FNV-1a of the key, or of the
+// id for unkeyed messages, as a non-negative int32.
+func KeyHash(m *exactly.Message) int32 {
+	h := fnv.New32a()
+	if m.Key != "" {
+		h.Write([]byte(m.Key))
+	} else {
+		h.Write([]byte(m.ID))
+	}
+	return int32(h.Sum32() & 0x7fffffff)
+}
+
+// maxRowsPerInsert keeps a multi-row INSERT under every dialect's
+// placeholder limit (7 per row).
+const maxRowsPerInsert = 1000
+
+// InsertBatches renders the INSERT statements that store msgs. The messages
+// must be valid and carry their ID and CreatedAt.
+func (s *Store) InsertBatches(msgs []*exactly.Message) ([]string, [][]any, error) {
+	var qs []string
+	var args [][]any
+	for start := 0; start < len(msgs); start += maxRowsPerInsert {
+		end := min(start+maxRowsPerInsert, len(msgs))
+		a := sqldb.NewArgs(s.D)
+		var b strings.Builder
+		b.WriteString("INSERT INTO " + s.t + " (id, topic, msg_key, key_hash, payload, headers, created_at) VALUES ")
+		for i, m := range msgs[start:end] {
+			if i > 0 {
+				b.WriteByte(',')
+			}
+			var headers any
+			if len(m.Headers) > 0 {
+				raw, err := json.Marshal(m.Headers)
+				if err != nil {
+					return nil, nil, fmt.Errorf("outbox: message %s: headers: %w", m.ID, err)
+				}
+				headers = string(raw)
+			}
+			payload := m.Payload
+			if payload == nil {
+				payload = []byte{}
+			}
+			b.WriteString("(" + a.Add(m.ID) + "," + a.Add(m.Topic) + "," + a.Add(m.Key) + "," + a.Add(KeyHash(m)) + "," +
+				a.Add(payload) + "," + a.Add(headers) + "," + a.Add(m.CreatedAt.UnixMicro()) + ")")
+		}
+		qs = append(qs, b.String())
+		args = append(args, a.Vals)
+	}
+	return qs, args, nil
+}
+
+// Row is an outbox row as the relay sees it.
+type Row struct {
+	Seq           int64
+	Msg           exactly.Message
+	KeyHash       int32
+	Attempts      int
+	NextAttemptAt int64 // Unix ms
+}
+
+// FetchQuery selects the next pending rows in sequence order.
+type FetchQuery struct {
+	Limit      int
+	Partitions int     // total partitions; 0 or 1 means no partition filter
+	Owned      []int64 // partitions this relay holds; ignored when it holds all
+	AllOwned   bool
+	Exclude    []int64  // seqs in flight
+	Blocked    []string // keys waiting for an earlier message's retry
+	NowMillis  int64
+}
+
+// Fetch returns pending rows in seq order. Unkeyed rows still in backoff are
+// left out; keyed rows are returned even in backoff so that the caller sees
+// the key is blocked (a later row of the same key must wait for it).
+func (s *Store) Fetch(ctx context.Context, db *sql.DB, q FetchQuery) ([]Row, error) {
+	a := sqldb.NewArgs(s.D)
+	var b strings.Builder
+	b.WriteString("SELECT " + s.cols + " FROM " + s.t + " WHERE status = 0")
+	b.WriteString(" AND (msg_key <> '' OR next_attempt_at <= " + a.Add(q.NowMillis) + ")")
+	if !q.AllOwned && q.Partitions > 1 {
+		b.WriteString(" AND " + sqldb.In(a, "key_hash % "+a.Add(q.Partitions), q.Owned, false))
+	}
+	if len(q.Exclude) > 0 {
+		b.WriteString(" AND " + sqldb.In(a, "seq", q.Exclude, true))
+	}
+	if len(q.Blocked) > 0 {
+		b.WriteString(" AND " + sqldb.In(a, "msg_key", q.Blocked, true))
+	}
+	b.WriteString(" ORDER BY seq LIMIT " + a.Add(q.Limit))
+	rows, err := db.QueryContext(ctx, b.String(), a.Vals...)
+	if err != nil {
+		return nil, err
+	}
+	return scanRows(rows)
+}
+
+func scanRows(rows *sql.Rows) ([]Row, error) {
+	defer rows.Close()
+	var out []Row
+	for rows.Next() {
+		var r Row
+		var headers sql.NullString
+		var created int64
+		if err := rows.Scan(&r.Seq, &r.Msg.ID, &r.Msg.Topic, &r.Msg.Key, &r.KeyHash, &r.Msg.Payload, &headers,
+			&created, &r.Attempts, &r.NextAttemptAt); err != nil {
+			return nil, err
+		}
+		r.Msg.CreatedAt = time.UnixMicro(created)
+		if headers.Valid && headers.String != "" {
+			if err := json.Unmarshal([]byte(headers.String), &r.Msg.Headers); err != nil {
+				// Stored by Enqueue, so this is corruption or a foreign writer:
+				// keep the message moving and say what happened in a header.
+				r.Msg.Headers = map[string]string{"exactly-header-error": err.Error()}
+			}
+		}
+		out = append(out, r)
+	}
+	return out, rows.Err()
+}
+
+// MarkSent deletes the rows (retain=false) or marks them sent at nowMillis.
+func (s *Store) MarkSent(ctx context.Context, db *sql.DB, seqs []int64, retain bool, nowMillis int64) error {
+	if len(seqs) == 0 {
+		return nil
+	}
+	a := sqldb.NewArgs(s.D)
+	var q string
+	if retain {
+		q = "UPDATE " + s.t + " SET status = 1, done_at = " + a.Add(nowMillis) + " WHERE " + sqldb.In(a, "seq", seqs, false)
+	} else {
+		q = "DELETE FROM " + s.t + " WHERE " + sqldb.In(a, "seq", seqs, false)
+	}
+	_, err := db.ExecContext(ctx, q, a.Vals...)
+	return err
+}
+
+// Failure is the outcome of a failed publish of one row.
+type Failure struct {
+	Seq           int64
+	Attempts      int
+	NextAttemptAt int64
+	Err           string
+	Dead          bool
+}
+
+// maxErrorLen bounds the stored error text.
+const maxErrorLen = 2000
+
+// RecordFailures stores attempts, backoff and last error, parking the dead.
+func (s *Store) RecordFailures(ctx context.Context, db *sql.DB, fs []Failure, nowMillis int64) error {
+	if len(fs) == 0 {
+		return nil
+	}
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	for _, f := range fs {
+		msg := f.Err
+		if len(msg) > maxErrorLen {
+			msg = msg[:maxErrorLen]
+		}
+		a := sqldb.NewArgs(s.D)
+		var q string
+		if f.Dead {
+			q = "UPDATE " + s.t + " SET status = 2, attempts = " + a.Add(f.Attempts) + ", last_error = " + a.Add(msg) +
+				", done_at = " + a.Add(nowMillis) + " WHERE seq = " + a.Add(f.Seq) + " AND status = 0"
+		} else {
+			q = "UPDATE " + s.t + " SET attempts = " + a.Add(f.Attempts) + ", last_error = " + a.Add(msg) +
+				", next_attempt_at = " + a.Add(f.NextAttemptAt) + " WHERE seq = " + a.Add(f.Seq) + " AND status = 0"
+		}
+		if _, err := tx.ExecContext(ctx, q, a.Vals...); err != nil {
+			return err
+		}
+	}
+	return tx.Commit()
+}
+
+// DeleteSentBefore removes up to limit rows sent before cutoffMillis and
+// returns how many it removed. Small batches keep locks short and let
+// autovacuum keep up.
+func (s *Store) DeleteSentBefore(ctx context.Context, db *sql.DB, cutoffMillis int64, limit int) (int64, error) {
+	a := sqldb.NewArgs(s.D)
+	var q string
+	switch s.D {
+	case sqldb.MySQL:
+		q = "DELETE FROM " + s.t + " WHERE status = 1 AND done_at < " + a.Add(cutoffMillis) + " ORDER BY done_at LIMIT " + a.Add(limit)
+	default:
+		q = "DELETE FROM " + s.t + " WHERE seq IN (SELECT seq FROM " + s.t + " WHERE status = 1 AND done_at < " +
+			a.Add(cutoffMillis) + " ORDER BY done_at LIMIT " + a.Add(limit) + ")"
+	}
+	res, err := db.ExecContext(ctx, q, a.Vals...)
+	if err != nil {
+		return 0, err
+	}
+	return res.RowsAffected()
+}
+
+// CheckTables fails with a clear error when the outbox has not been migrated.
+func (s *Store) CheckTables(ctx context.Context, db *sql.DB) error {
+	for _, t := range []string{s.t, s.leases, s.relays} {
+		if _, err := db.ExecContext(ctx, "SELECT 1 FROM "+t+" WHERE 1=0"); err != nil {
+			return fmt.Errorf("outbox table %s is not usable (%v): apply the migrations first (outbox.Migrate or `exactly migrate`)", t, err)
+		}
+	}
+	return nil
+}
+
+// ErrPartitionMismatch means relays disagree on the partition count.
+var ErrPartitionMismatch = errors.New("partition count mismatch")
+
+// EnsurePartitions creates the lease rows for n partitions, and refuses to go
+// on when the table was set up for another count (relays would then disagree
+// on which rows belong to whom).
+func (s *Store) EnsurePartitions(ctx context.Context, db *sql.DB, n int) error {
+	var have int
+	if err := db.QueryRowContext(ctx, "SELECT count(*) FROM "+s.leases).Scan(&have); err != nil {
+		return err
+	}
+	if have == n {
+		return nil
+	}
+	if have > n {
+		return fmt.Errorf("%w: %s has %d partitions, this relay is configured with %d; run every relay with the same Partitions",
+			ErrPartitionMismatch, s.leases, have, n)
+	}
+	for p := have; p < n; p++ {
+		a := sqldb.NewArgs(s.D)
+		var q string
+		switch s.D {
+		case sqldb.MySQL:
+			q = "INSERT IGNORE INTO " + s.leases + " (part, expires_at) VALUES (" + a.Add(p) + ", 0)"
+		default:
+			q = "INSERT INTO " + s.leases + " (part, expires_at) VALUES (" + a.Add(p) + ", 0) ON CONFLICT (part) DO NOTHING"
+		}
+		if _, err := db.ExecContext(ctx, q, a.Vals...); err != nil {
+			return err
+		}
+	}
+	if have > 0 {
+		return fmt.Errorf("%w: %s had %d partitions, grown to %d; stop relays configured with %d", ErrPartitionMismatch, s.leases, have, n, have)
+	}
+	return nil
+}
+
+// Heartbeat records that owner is alive and returns the number of live
+// relays (heartbeat within ttl), itself included.
+func (s *Store) Heartbeat(ctx context.Context, db *sql.DB, owner string, ttl time.Duration) (int, error) {
+	now := s.D.NowMillis()
+	a := sqldb.NewArgs(s.D)
+	var q string
+	switch s.D {
+	case sqldb.MySQL:
+		q = "INSERT INTO " + s.relays + " (owner, heartbeat_at) VALUES (" + a.Add(owner) + ", " + now + ") ON DUPLICATE KEY UPDATE heartbeat_at = VALUES(heartbeat_at)"
+	default:
+		q = "INSERT INTO " + s.relays + " (owner, heartbeat_at) VALUES (" + a.Add(owner) + ", " + now + ") ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
+	}
+	if _, err := db.ExecContext(ctx, q, a.Vals...); err != nil {
+		return 0, err
+	}
+	a = sqldb.NewArgs(s.D)
+	if _, err := db.ExecContext(ctx, "DELETE FROM "+s.relays+" WHERE heartbeat_at < "+now+" - "+a.Add(10*ttl.Milliseconds()), a.Vals...); err != nil {
+		return 0, err
+	}
+	a = sqldb.NewArgs(s.D)
+	var live int
+	err := db.QueryRowContext(ctx, "SELECT count(*) FROM "+s.relays+" WHERE heartbeat_at > "+now+" - "+a.Add(ttl.Milliseconds()), a.Vals...).Scan(&live)
+	return live, err
+}
+
+// Leave removes owner's heartbeat and releases its leases, so the others
+// take over at once instead of waiting for the leases to expire.
+func (s *Store) Leave(ctx context.Context, db *sql.DB, owner string) error {
+	a := sqldb.NewArgs(s.D)
+	if _, err := db.ExecContext(ctx, "UPDATE "+s.leases+" SET owner = NULL, expires_at = 0 WHERE owner = "+a.Add(owner), a.Vals...); err != nil {
+		return err
+	}
+	a = sqldb.NewArgs(s.D)
+	_, err := db.ExecContext(ctx, "DELETE FROM "+s.relays+" WHERE owner = "+a.Add(owner), a.Vals...)
+	return err
+}
+
+// Renew extends owner's live leases and returns the partitions it holds.
+func (s *Store) Renew(ctx context.Context, db *sql.DB, owner string, ttl time.Duration) ([]int64, error) {
+	now := s.D.NowMillis()
+	a := sqldb.NewArgs(s.D)
+	if _, err := db.ExecContext(ctx, "UPDATE "+s.leases+" SET expires_at = "+now+" + "+a.Add(ttl.Milliseconds())+
+		" WHERE owner = "+a.Add(owner), a.Vals...); err != nil {
+		return nil, err
+	}
+	a = sqldb.NewArgs(s.D)
+	return queryInts(ctx, db, "SELECT part FROM "+s.leases+" WHERE owner = "+a.Add(owner)+" ORDER BY part", a.Vals...)
+}
+
+// Acquire takes up to want free or expired partitions for owner and returns
+// the ones it got. Each is a compare-and-set, so two relays never both win.
+func (s *Store) Acquire(ctx context.Context, db *sql.DB, owner string, want int, ttl time.Duration) ([]int64, error) {
+	if want <= 0 {
+		return nil, nil
+	}
+	now := s.D.NowMillis()
+	free, err := queryInts(ctx, db, "SELECT part FROM "+s.leases+" WHERE owner IS NULL OR expires_at < "+now+" ORDER BY part")
+	if err != nil {
+		return nil, err
+	}
+	var got []int64
+	for _, p := range free {
+		if len(got) == want {
+			break
+		}
+		a := sqldb.NewArgs(s.D)
+		res, err := db.ExecContext(ctx, "UPDATE "+s.leases+" SET owner = "+a.Add(owner)+", expires_at = "+now+" + "+a.Add(ttl.Milliseconds())+
+			" WHERE part = "+a.Add(p)+" AND (owner IS NULL OR expires_at < "+now+")", a.Vals...)
+		if err != nil {
+			return got, err
+		}
+		if n, _ := res.RowsAffected(); n == 1 {
+			got = append(got, p)
+		}
+	}
+	return got, nil
+}
+
+// Release gives partitions back.
+func (s *Store) Release(ctx context.Context, db *sql.DB, owner string, parts []int64) error {
+	if len(parts) == 0 {
+		return nil
+	}
+	a := sqldb.NewArgs(s.D)
+	_, err := db.ExecContext(ctx, "UPDATE "+s.leases+" SET owner = NULL, expires_at = 0 WHERE owner = "+a.Add(owner)+
+		" AND "+sqldb.In(a, "part", parts, false), a.Vals...)
+	return err
+}
+
+func queryInts(ctx context.Context, db *sql.DB, q string, args ...any) ([]int64, error) {
+	rows, err := db.QueryContext(ctx, q, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []int64
+	for rows.Next() {
+		var v int64
+		if err := rows.Scan(&v); err != nil {
+			return nil, err
+		}
+		out = append(out, v)
+	}
+	return out, rows.Err()
+}
+
+// Backlog is the size and age of the pending part of the outbox.
+type Backlog struct {
+	Pending   int64
+	Dead      int64
+	OldestAge time.Duration // age of the oldest pending message; 0 when none
+}
+
+// Backlog counts pending rows and the age of the oldest.
+func (s *Store) Backlog(ctx context.Context, db *sql.DB) (Backlog, error) {
+	var b Backlog
+	var oldest sql.NullInt64
+	if err := db.QueryRowContext(ctx, "SELECT count(*), min(created_at) FROM "+s.t+" WHERE status = 0").Scan(&b.Pending, &oldest); err != nil {
+		return b, err
+	}
+	if oldest.Valid {
+		b.OldestAge = max(time.Since(time.UnixMicro(oldest.Int64)), 0)
+	}
+	err := db.QueryRowContext(ctx, "SELECT count(*) FROM "+s.t+" WHERE status = 2").Scan(&b.Dead)
+	return b, err
+}
+
+// DeadFilter selects dead rows. Zero fields match everything.
+type DeadFilter struct {
+	IDs   []string
+	Topic string
+	Key   string
+	Limit int
+}
+
+func (s *Store) deadWhere(a *sqldb.Args, f DeadFilter) string {
+	w := "status = 2"
+	if len(f.IDs) > 0 {
+		w += " AND " + sqldb.In(a, "id", f.IDs, false)
+	}
+	if f.Topic != "" {
+		w += " AND topic = " + a.Add(f.Topic)
+	}
+	if f.Key != "" {
+		w += " AND msg_key = " + a.Add(f.Key)
+	}
+	return w
+}
+
+// DeadRow is a parked message.
+type DeadRow struct {
+	Row
+	LastError string
+	DeadAt    time.Time
+}
+
+// ListDead returns parked messages, oldest first.
+func (s *Store) ListDead(ctx context.Context, db *sql.DB, f DeadFilter) ([]DeadRow, error) {
+	a := sqldb.NewArgs(s.D)
+	q := "SELECT " + s.cols + ", last_error, done_at FROM " + s.t + " WHERE " + s.deadWhere(a, f) + " ORDER BY seq"
+	if f.Limit > 0 {
+		q += " LIMIT " + a.Add(f.Limit)
+	}
+	rows, err := db.QueryContext(ctx, q, a.Vals...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []DeadRow
+	for rows.Next() {
+		var d DeadRow
+		var headers, lastErr sql.NullString
+		var created int64
+		var doneAt sql.NullInt64
+		if err := rows.Scan(&d.Seq, &d.Msg.ID, &d.Msg.Topic, &d.Msg.Key, &d.KeyHash, &d.Msg.Payload, &headers,
+			&created, &d.Attempts, &d.NextAttemptAt, &lastErr, &doneAt); err != nil {
+			return nil, err
+		}
+		d.Msg.CreatedAt = time.UnixMicro(created)
+		if headers.Valid && headers.String != "" {
+			_ = json.Unmarshal([]byte(headers.String), &d.Msg.Headers)
+		}
+		d.LastError = lastErr.String
+		if doneAt.Valid {
+			d.DeadAt = time.UnixMilli(doneAt.Int64)
+		}
+		out = append(out, d)
+	}
+	return out, rows.Err()
+}
+
+// RetryDead makes parked messages pending again with a fresh attempt count.
+// They keep their id and their place in the sequence.
+func (s *Store) RetryDead(ctx context.Context, db *sql.DB, f DeadFilter) (int64, error) {
+	a := sqldb.NewArgs(s.D)
+	q := "UPDATE " + s.t + " SET status = 0, attempts = 0, next_attempt_at = 0, done_at = NULL WHERE " + s.deadWhere(a, f)
+	res, err := db.ExecContext(ctx, q, a.Vals...)
+	if err != nil {
+		return 0, err
+	}
+	return res.RowsAffected()
+}
+
+// PurgeDead deletes parked messages. It is the only way a message leaves the
+// outbox unpublished, and only by an operator's decision.
+func (s *Store) PurgeDead(ctx context.Context, db *sql.DB, f DeadFilter) (int64, error) {
+	a := sqldb.NewArgs(s.D)
+	res, err := db.ExecContext(ctx, "DELETE FROM "+s.t+" WHERE "+s.deadWhere(a, f), a.Vals...)
+	if err != nil {
+		return 0, err
+	}
+	return res.RowsAffected()
+}
+
+// TopicStatus is the backlog of one topic.
+type TopicStatus struct {
+	Topic     string
+	Pending   int64
+	Dead      int64
+	OldestAge time.Duration
+}
+
+// StatusByTopic summarises pending and dead rows per topic.
+func (s *Store) StatusByTopic(ctx context.Context, db *sql.DB) ([]TopicStatus, error) {
+	rows, err := db.QueryContext(ctx, "SELECT topic, "+
+		"SUM(CASE WHEN status = 0 THEN 1 ELSE 0 END), SUM(CASE WHEN status = 2 THEN 1 ELSE 0 END), "+
+		"MIN(CASE WHEN status = 0 THEN created_at END) FROM "+s.t+" WHERE status IN (0, 2) GROUP BY topic ORDER BY topic")
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []TopicStatus
+	for rows.Next() {
+		var ts TopicStatus
+		var oldest sql.NullInt64
+		if err := rows.Scan(&ts.Topic, &ts.Pending, &ts.Dead, &oldest); err != nil {
+			return nil, err
+		}
+		if oldest.Valid {
+			ts.OldestAge = max(time.Since(time.UnixMicro(oldest.Int64)), 0)
+		}
+		out = append(out, ts)
+	}
+	return out, rows.Err()
+}

@@ -1,0 +1,110 @@
+package outbox
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/internal/outboxstore"
+	"github.com/exactlyonce/exactly/internal/sqldb"
+)
+
+// Status is the state of the outbox as operators look at it.
+type Status struct {
+	Pending   int64
+	Dead      int64
+	OldestAge time.Duration // age of the oldest pending message
+	Topics    []TopicStatus
+}
+
+// TopicStatus is the backlog of one topic.
+type TopicStatus = outboxstore.TopicStatus
+
+// Status reads the backlog per topic, the oldest pending age and the dead
+// count. db is a *sql.DB or a *pgxpool.Pool.
+func (o *Outbox) Status(ctx context.Context, db any) (Status, error) {
+	sdb, done, err := sqldb.Open(db)
+	if err != nil {
+		return Status{}, fmt.Errorf("outbox: %w", err)
+	}
+	defer done()
+	b, err := o.store.Backlog(ctx, sdb)
+	if err != nil {
+		return Status{}, fmt.Errorf("outbox: status: %w", err)
+	}
+	topics, err := o.store.StatusByTopic(ctx, sdb)
+	if err != nil {
+		return Status{}, fmt.Errorf("outbox: status: %w", err)
+	}
+	return Status{Pending: b.Pending, Dead: b.Dead, OldestAge: b.OldestAge, Topics: topics}, nil
+}
+
+// DeadFilter selects parked messages; zero fields match all.
+type DeadFilter struct {
+	IDs   []string
+	Topic string
+	Key   string
+	Limit int // ListDead only
+}
+
+// DeadMessage is a message parked after its last failed attempt.
+type DeadMessage struct {
+	Message   exactly.Message
+	Attempts  int
+	LastError string
+	DeadAt    time.Time
+}
+
+func (f DeadFilter) store() outboxstore.DeadFilter {
+	return outboxstore.DeadFilter{IDs: f.IDs, Topic: f.Topic, Key: f.Key, Limit: f.Limit}
+}
+
+// ListDead returns parked messages, oldest first.
+func (o *Outbox) ListDead(ctx context.Context, db any, f DeadFilter) ([]DeadMessage, error) {
+	sdb, done, err := sqldb.Open(db)
+	if err != nil {
+		return nil, fmt.Errorf("outbox: %w", err)
+	}
+	defer done()
+	rows, err := o.store.ListDead(ctx, sdb, f.store())
+	if err != nil {
+		return nil, fmt.Errorf("outbox: list dead: %w", err)
+	}
+	out := make([]DeadMessage, len(rows))
+	for i, r := range rows {
+		out[i] = DeadMessage{Message: r.Msg, Attempts: r.Attempts, LastError: r.LastError, DeadAt: r.DeadAt}
+	}
+	return out, nil
+}
+
+// RetryDead re-drives parked messages: they become pending again, with their
+// ids and a fresh attempt count, and the relay publishes them. It returns how
+// many it re-drove.
+func (o *Outbox) RetryDead(ctx context.Context, db any, f DeadFilter) (int64, error) {
+	sdb, done, err := sqldb.Open(db)
+	if err != nil {
+		return 0, fmt.Errorf("outbox: %w", err)
+	}
+	defer done()
+	n, err := o.store.RetryDead(ctx, sdb, f.store())
+	if err != nil {
+		return 0, fmt.Errorf("outbox: retry dead: %w", err)
+	}
+	return n, nil
+}
+
+// PurgeDead deletes parked messages for good: the only way a message leaves
+// the outbox unpublished, and only when an operator says so.
+func (o *Outbox) PurgeDead(ctx context.Context, db any, f DeadFilter) (int64, error) {
+	sdb, done, err := sqldb.Open(db)
+	if err != nil {
+		return 0, fmt.Errorf("outbox: %w", err)
+	}
+	defer done()
+	n, err := o.store.PurgeDead(ctx, sdb, f.store())
+	if err != nil {
+		return 0, fmt.Errorf("outbox: purge dead: %w", err)
+	}
+	return n, nil
+}

@@ -1,0 +1,176 @@
+package outbox
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"reflect"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/internal/migrate"
+	"github.com/exactlyonce/exactly/internal/outboxstore"
+	"github.com/exactlyonce/exactly/internal/sqldb"
+)
+
+// The dialects an outbox can live in.
+const (
+	Postgres = "postgres"
+	MySQL    = "mysql" // MySQL 8 and MariaDB 10.6+
+	SQLite   = "sqlite"
+)
+
+// DefaultTable is the table name used when Config.Table is empty.
+const DefaultTable = "exactly_outbox"
+
+// Config names the outbox table and the database it lives in.
+type Config struct {
+	// Dialect is "postgres", "mysql" (also MariaDB) or "sqlite". Required.
+	Dialect string
+	// Table is the outbox table, optionally schema-qualified ("app.outbox").
+	// Default "exactly_outbox". Only letters, digits and underscores are
+	// accepted; the relay's tables are named after it (<table>_leases,
+	// <table>_relays).
+	Table string
+}
+
+// Outbox writes messages into the outbox table inside the caller's
+// transaction, and applies the table's migrations.
+type Outbox struct {
+	store *outboxstore.Store
+}
+
+// New validates cfg. An unknown dialect or an unsafe table name is an error
+// naming the problem; nothing is ever interpolated unchecked.
+func New(cfg Config) (*Outbox, error) {
+	s, err := outboxstore.New(cfg.Dialect, cfg.Table)
+	if err != nil {
+		return nil, err
+	}
+	return &Outbox{store: s}, nil
+}
+
+// Dialect returns the configured dialect.
+func (o *Outbox) Dialect() string { return string(o.store.D) }
+
+// Table returns the table name as configured.
+func (o *Outbox) Table() string { return o.store.Table.String() }
+
+// Store is for the relay and the CLI in this module.
+func (o *Outbox) Store() *outboxstore.Store { return o.store }
+
+// Enqueue writes msgs into the outbox within tx, the caller's own
+// transaction: they are published if and only if tx commits. tx is a pgx.Tx
+// (including *pgxpool.Tx) or a *sql.Tx.
+//
+// Enqueue assigns each message without an ID a fresh UUIDv7 and sets
+// CreatedAt when zero, in place, so the caller can log or return the ids.
+// A message that cannot be stored (empty topic, oversized key) is refused
+// before anything is written, and the error names it.
+func (o *Outbox) Enqueue(ctx context.Context, tx any, msgs ...*exactly.Message) error {
+	if len(msgs) == 0 {
+		return nil
+	}
+	now := time.Now()
+	for i, m := range msgs {
+		if err := m.Validate(); err != nil {
+			return fmt.Errorf("outbox: message %d: %w", i, err)
+		}
+		if m.ID == "" {
+			m.ID = exactly.NewID()
+		}
+		if m.CreatedAt.IsZero() {
+			m.CreatedAt = now
+		}
+	}
+	qs, args, err := o.store.InsertBatches(msgs)
+	if err != nil {
+		return err
+	}
+	switch t := tx.(type) {
+	case *sql.Tx:
+		if t == nil {
+			return errNilTx
+		}
+		for i, q := range qs {
+			if _, err := t.ExecContext(ctx, q, args[i]...); err != nil {
+				return fmt.Errorf("outbox: enqueue into %s: %w", o.store.Table, err)
+			}
+		}
+	case pgx.Tx:
+		if t == nil || isNilPointer(t) {
+			return errNilTx
+		}
+		if o.store.D != sqldb.Postgres {
+			return fmt.Errorf("outbox: a pgx.Tx was given but the outbox dialect is %s", o.store.D)
+		}
+		for i, q := range qs {
+			if _, err := t.Exec(ctx, q, args[i]...); err != nil {
+				return fmt.Errorf("outbox: enqueue into %s: %w", o.store.Table, err)
+			}
+		}
+	case nil:
+		return errNilTx
+	default:
+		return fmt.Errorf("outbox: unsupported transaction type %T: want pgx.Tx or *sql.Tx", tx)
+	}
+	return nil
+}
+
+var errNilTx = errors.New("outbox: nil transaction: Enqueue must run inside the caller's transaction")
+
+// isNilPointer catches a typed nil (a nil *pgxpool.Tx in a pgx.Tx).
+func isNilPointer(v any) bool {
+	rv := reflect.ValueOf(v)
+	return rv.Kind() == reflect.Pointer && rv.IsNil()
+}
+
+// Migrate creates or upgrades the outbox tables. It is idempotent and safe to
+// run from several processes at once. db is a *sql.DB or a *pgxpool.Pool.
+func (o *Outbox) Migrate(ctx context.Context, db any) error {
+	m, done, err := o.migrator(db)
+	if err != nil {
+		return err
+	}
+	defer done()
+	_, err = m.Apply(ctx)
+	return err
+}
+
+// MigrationSQL returns the SQL that Migrate would run now on db, without
+// running it (a dry run). With db nil it returns every migration.
+func (o *Outbox) MigrationSQL(ctx context.Context, db any) (string, error) {
+	if db == nil {
+		m, err := o.store.Migrator(nil)
+		if err != nil {
+			return "", err
+		}
+		return migrate.Script(m.Steps), nil
+	}
+	m, done, err := o.migrator(db)
+	if err != nil {
+		return "", err
+	}
+	defer done()
+	steps, err := m.Pending(ctx)
+	if err != nil {
+		return "", err
+	}
+	return migrate.Script(steps), nil
+}
+
+func (o *Outbox) migrator(db any) (*migrate.Migrator, func(), error) {
+	sdb, done, err := sqldb.Open(db)
+	if err != nil {
+		return nil, nil, fmt.Errorf("outbox: %w", err)
+	}
+	m, err := o.store.Migrator(sdb)
+	if err != nil {
+		done()
+		return nil, nil, err
+	}
+	return m, done, nil
+}
