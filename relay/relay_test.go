@@ -1,0 +1,272 @@
+package relay_test
+
+import (
+	"context"
+	"crypto/rand"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
+
+	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/exactlytest"
+	"github.com/exactlyonce/exactly/internal/testenv"
+	"github.com/exactlyonce/exactly/kafka"
+	"github.com/exactlyonce/exactly/outbox"
+	"github.com/exactlyonce/exactly/relay"
+)
+
+// pgOutbox creates a migrated outbox table of the test's own on the shared
+// PostgreSQL and drops it afterwards.
+func pgOutbox(t *testing.T) (*pgxpool.Pool, *outbox.Outbox) {
+	t.Helper()
+	testenv.Need(t, testenv.Postgres)
+	ctx := context.Background()
+	pool, err := pgxpool.New(ctx, testenv.PostgresDSN())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	table := fmt.Sprintf("rt_%d", time.Now().UnixNano()%1e12)
+	ob, err := outbox.New(outbox.Config{Dialect: "postgres", Table: table})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ob.Migrate(ctx, pool); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for _, s := range []string{"", "_leases", "_relays"} {
+			pool.Exec(ctx, "DROP TABLE IF EXISTS "+table+s)
+		}
+		pool.Exec(ctx, "DROP FUNCTION IF EXISTS "+table+"_notify()")
+		pool.Exec(ctx, "DELETE FROM exactly_migrations WHERE scope = $1", "outbox:"+table)
+	})
+	return pool, ob
+}
+
+func enqueue(t *testing.T, pool *pgxpool.Pool, ob *outbox.Outbox, msgs ...*exactly.Message) {
+	t.Helper()
+	ctx := context.Background()
+	tx, err := pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ob.Enqueue(ctx, tx, msgs...); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func run(t *testing.T, cfg relay.Config) *relay.Relay {
+	t.Helper()
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
+	}
+	r, err := relay.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+	return r
+}
+
+func waitFor(t *testing.T, what string, timeout time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestNotifyWakesRelay: with polling effectively off, a commit still reaches
+// the publisher at once, through LISTEN/NOTIFY.
+func TestNotifyWakesRelay(t *testing.T) {
+	t.Parallel()
+	pool, ob := pgOutbox(t)
+	rec := &exactlytest.Recorder{}
+	run(t, relay.Config{Outbox: ob, DB: pool, Publisher: rec, PollInterval: time.Hour})
+	time.Sleep(300 * time.Millisecond) // the first poll and LISTEN are done
+	var worst time.Duration
+	for i := range 20 {
+		enqueue(t, pool, ob, &exactly.Message{Topic: "t", Payload: []byte{byte(i)}})
+		start := time.Now()
+		waitFor(t, "the NOTIFY wake-up", 5*time.Second, func() bool { return len(rec.Delivered()) == i+1 })
+		worst = max(worst, time.Since(start))
+	}
+	t.Logf("commit to publish, worst of 20: %s", worst)
+}
+
+// kafkaSetup starts kfake with one topic and returns a publisher and a
+// reader of the topic.
+func kafkaSetup(t *testing.T, topic string, configs map[string]*string) (*kfake.Cluster, *kafka.Publisher) {
+	t.Helper()
+	c, err := kfake.NewCluster(kfake.NumBrokers(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	admin, err := kgo.NewClient(kgo.SeedBrokers(c.ListenAddrs()...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	if _, err := kadm.NewClient(admin).CreateTopic(t.Context(), 3, -1, configs, topic); err != nil {
+		t.Fatal(err)
+	}
+	pub, err := kafka.NewClientPublisher(c.ListenAddrs(), kgo.RecordDeliveryTimeout(2*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pub.Close() })
+	return c, pub
+}
+
+func readTopic(t *testing.T, c *kfake.Cluster, topic string, atLeast int) []exactly.Message {
+	t.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(c.ListenAddrs()...), kgo.ConsumeTopics(topic),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	var got []exactly.Message
+	deadline := time.Now().Add(20 * time.Second)
+	for len(got) < atLeast && time.Now().Before(deadline) {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		cl.PollFetches(ctx).EachRecord(func(r *kgo.Record) {
+			m := exactly.Message{Topic: r.Topic, Key: string(r.Key), Payload: r.Value}
+			for _, h := range r.Headers {
+				if h.Key == exactly.HeaderID {
+					m.ID = string(h.Value)
+				}
+			}
+			got = append(got, m)
+		})
+		cancel()
+	}
+	return got
+}
+
+func keyed(topic string, keys, perKey int) []*exactly.Message {
+	var out []*exactly.Message
+	for n := range perKey {
+		for k := range keys {
+			out = append(out, &exactly.Message{Topic: topic, Key: fmt.Sprintf("k%02d", k), Payload: fmt.Appendf(nil, "k%02d:%d", k, n)})
+		}
+	}
+	return out
+}
+
+// TestBrokerRefusesThenRecovers: Kafka refuses every produce for a while;
+// the relay keeps retrying, parks nothing, and everything arrives in order
+// once the broker accepts again.
+func TestBrokerRefusesThenRecovers(t *testing.T) {
+	t.Parallel()
+	pool, ob := pgOutbox(t)
+	c, pub := kafkaSetup(t, "orders", nil)
+	var refusing atomic.Bool
+	refusing.Store(true)
+	c.ControlKey(int16(kmsg.Produce), func(req kmsg.Request) (kmsg.Response, error, bool) {
+		c.KeepControl()
+		if !refusing.Load() {
+			return nil, nil, false
+		}
+		resp := req.(*kmsg.ProduceRequest).ResponseKind().(*kmsg.ProduceResponse)
+		for _, rt := range req.(*kmsg.ProduceRequest).Topics {
+			st := kmsg.NewProduceResponseTopic()
+			st.Topic = rt.Topic
+			for _, rp := range rt.Partitions {
+				sp := kmsg.NewProduceResponseTopicPartition()
+				sp.Partition = rp.Partition
+				sp.ErrorCode = kerr.NotEnoughReplicas.Code
+				st.Partitions = append(st.Partitions, sp)
+			}
+			resp.Topics = append(resp.Topics, st)
+		}
+		return resp, nil, true
+	})
+	msgs := keyed("orders", 10, 30)
+	enqueue(t, pool, ob, msgs...)
+	r := run(t, relay.Config{Outbox: ob, DB: pool, Publisher: pub, MaxAttempts: 3,
+		InitialBackoff: 50 * time.Millisecond, MaxBackoff: 200 * time.Millisecond})
+	time.Sleep(3 * time.Second)
+	if n := r.Stats().Published; n != 0 {
+		t.Fatalf("%d published while the broker refused everything", n)
+	}
+	refusing.Store(false)
+	waitFor(t, "the backlog to drain", 30*time.Second, func() bool {
+		st, err := ob.Status(context.Background(), pool)
+		return err == nil && st.Pending == 0
+	})
+	got := readTopic(t, c, "orders", len(msgs))
+	exactlytest.CheckExactlyOnceDedup(t, msgs, got)
+	exactlytest.CheckLastDeliveryOrder(t, got)
+	if st, _ := ob.Status(context.Background(), pool); st.Dead != 0 {
+		t.Errorf("%d messages parked because the broker was down", st.Dead)
+	}
+}
+
+// TestOversizedMessageParked: Kafka refuses a message larger than the
+// topic's max.message.bytes; it is parked dead with the reason, at once,
+// and the other keys keep flowing.
+func TestOversizedMessageParked(t *testing.T) {
+	t.Parallel()
+	pool, ob := pgOutbox(t)
+	limit := "2000"
+	c, pub := kafkaSetup(t, "orders", map[string]*string{"max.message.bytes": &limit})
+	msgs := keyed("orders", 5, 20)
+	huge := msgs[7]
+	huge.Payload = make([]byte, 10000)
+	rand.Read(huge.Payload) // incompressible: the limit applies to compressed batches
+	enqueue(t, pool, ob, msgs...)
+	r := run(t, relay.Config{Outbox: ob, DB: pool, Publisher: pub})
+	waitFor(t, "the backlog to drain", 30*time.Second, func() bool {
+		st, err := ob.Status(context.Background(), pool)
+		return err == nil && st.Pending == 0
+	})
+	dead, err := ob.ListDead(context.Background(), pool, outbox.DeadFilter{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(dead) != 1 || dead[0].Message.ID != huge.ID {
+		t.Fatalf("dead = %+v, want only the oversized message", dead)
+	}
+	if dead[0].Attempts != 1 || !strings.Contains(strings.ToLower(dead[0].LastError), "large") {
+		t.Errorf("parked after %d attempts with %q; want at once, saying it is too large", dead[0].Attempts, dead[0].LastError)
+	}
+	if r.Stats().Published != int64(len(msgs)-1) {
+		t.Errorf("published %d, want %d", r.Stats().Published, len(msgs)-1)
+	}
+	var rest []*exactly.Message
+	for _, m := range msgs {
+		if m != huge {
+			rest = append(rest, m)
+		}
+	}
+	got := readTopic(t, c, "orders", len(rest))
+	exactlytest.CheckExactlyOnce(t, rest, got)
+	exactlytest.CheckKeyOrder(t, got)
+}
