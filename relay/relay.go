@@ -35,6 +35,10 @@ type Relay struct {
 
 	owned    []int64 // partitions held; only the Run goroutine writes it
 	allOwned bool
+	// leaseUntil (Unix ns, local clock) is when the leases renewed last
+	// expire, less a margin. A batch is not published after it: the
+	// partitions may belong to another relay by then.
+	leaseUntil atomic.Int64
 
 	stats   counters
 	running atomic.Bool
@@ -215,7 +219,8 @@ func (r *Relay) fetchLoop(ctx context.Context, pubCh chan<- batch) {
 				nextLease = time.Now().Add(leaseEvery)
 			}
 		}
-		if len(r.owned) == 0 {
+		if len(r.owned) == 0 || time.Now().UnixNano() > r.leaseUntil.Load() {
+			// Nothing held, or the leases could not be renewed in time.
 			r.sleep(ctx, min(leaseEvery, r.cfg.PollInterval*4), false)
 			continue
 		}
@@ -378,6 +383,13 @@ func (r *Relay) publishLoop(ctx, stopCtx context.Context, pubCh <-chan batch, ma
 	outageBackoff := r.cfg.InitialBackoff
 	for b := range pubCh {
 		if ctx.Err() != nil {
+			r.handBack(b.rows)
+			continue
+		}
+		if time.Now().UnixNano() > r.leaseUntil.Load() {
+			// This relay stalled past its lease (a pause, a hung call): the
+			// rows may be another relay's now. Leave them to their owner.
+			r.log.Warn("lease expired before the batch was published; handing it back", "messages", len(b.rows))
 			r.handBack(b.rows)
 			continue
 		}
@@ -546,6 +558,9 @@ func (r *Relay) waitDrained() {
 // only when nothing is in flight, so their rows are never published by two
 // relays at once because of a hand-over.
 func (r *Relay) maintainLeases(ctx context.Context) error {
+	// Leases renewed now run until at least start+TTL on the database clock;
+	// count from before the round trips, less a margin for clock rate.
+	start := time.Now()
 	live, err := r.store.Heartbeat(ctx, r.db, r.cfg.InstanceID, r.cfg.LeaseTTL)
 	if err != nil {
 		return err
@@ -554,6 +569,7 @@ func (r *Relay) maintainLeases(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	r.leaseUntil.Store(start.Add(r.cfg.LeaseTTL - r.cfg.LeaseTTL/10).UnixNano())
 	live = max(live, 1)
 	share := (r.cfg.Partitions + live - 1) / live
 	switch {
