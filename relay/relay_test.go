@@ -270,3 +270,34 @@ func TestOversizedMessageParked(t *testing.T) {
 	exactlytest.CheckExactlyOnce(t, rest, got)
 	exactlytest.CheckKeyOrder(t, got)
 }
+
+// TestHooks: the metric hooks see what the relay does.
+func TestHooks(t *testing.T) {
+	t.Parallel()
+	pool, ob := pgOutbox(t)
+	msgs := keyed("t", 3, 10)
+	enqueue(t, pool, ob, msgs...)
+	var published atomic.Int64
+	var backlogCalls atomic.Int64
+	var sawLatency atomic.Bool
+	rec := &exactlytest.Recorder{}
+	rec.SetDelay(time.Millisecond)
+	r := run(t, relay.Config{Outbox: ob, DB: pool, Publisher: rec, Hooks: relay.Hooks{
+		Published: func(m []*exactly.Message, took time.Duration) {
+			published.Add(int64(len(m)))
+			if took >= time.Millisecond {
+				sawLatency.Store(true)
+			}
+		},
+		Backlog:         func(pending int64, oldest time.Duration) { backlogCalls.Add(1) },
+		BacklogInterval: 20 * time.Millisecond,
+	}})
+	waitFor(t, "all published", 10*time.Second, func() bool { return published.Load() == int64(len(msgs)) })
+	waitFor(t, "backlog reports", 10*time.Second, func() bool { return backlogCalls.Load() >= 2 })
+	if !sawLatency.Load() {
+		t.Error("the Published hook did not report the publish latency")
+	}
+	if st := r.Stats(); st.Published != int64(len(msgs)) || st.Partitions != 16 {
+		t.Errorf("stats = %+v", st)
+	}
+}

@@ -1,0 +1,58 @@
+// Package relay moves committed outbox rows to a broker: the second half of
+// the transactional outbox.
+//
+//	r, err := relay.New(relay.Config{Outbox: ob, DB: pool, Publisher: pub})
+//	if err != nil { ... }
+//	err = r.Run(ctx) // until ctx is cancelled
+//
+// # Guarantees
+//
+// At least once, never lost: a row is deleted (or marked sent, with
+// Retention) only after the Publisher reported the broker's confirmation. A
+// relay that dies between the confirmation and the mark publishes the rows
+// again after restart, with the same ids; the consumer's inbox absorbs the
+// copy.
+//
+// No skipped rows: the relay keeps no cursor. Every read takes the pending
+// rows in sequence order, so a transaction that took a low sequence number
+// and committed late is picked up by the next read.
+//
+// Per-key order: rows of one Key are handed to the broker in sequence order,
+// and a row whose predecessor of the same key failed waits for it (it is
+// published again after it if the broker had already taken it). Keys are
+// independent: a failing message holds back only its own key. StrictOrder
+// keeps a single message per key in flight, for consumers that must never
+// see a later message before an earlier one, even once.
+//
+// Several relays: rows belong to partition hash(Key) mod Partitions, and
+// each partition is leased to one relay at a time (the <table>_leases
+// table, compare-and-set on the database clock). Relays heartbeat in
+// <table>_relays, take a fair share of the partitions, hand back the excess
+// when another relay joins (only once nothing of theirs is in flight), and
+// take over the partitions of a relay that stops renewing. A relay that
+// stalls past its lease publishes nothing more (at most the batch it was in
+// the middle of, which is then a same-id copy).
+//
+// Retries and parking: a failed message backs off exponentially with
+// jitter; after MaxAttempts it is parked as dead with its last error. A
+// message the broker refuses outright (exactly.ErrUnpublishable) is parked
+// at once. A publisher error that is not per message (the broker is down)
+// retries the batch without spending attempts. Parked messages stay in the
+// table until an operator re-drives (outbox.RetryDead) or purges them.
+//
+// Wake-up: on PostgreSQL an insert trigger NOTIFYs at commit and the relay
+// LISTENs, so latency is a round trip; polling every PollInterval is the
+// fallback, and the mechanism on MySQL and SQLite (or call Relay.Wake).
+//
+// Shutdown: when the context is cancelled the relay starts no new batch,
+// lets the one being published finish for up to ShutdownTimeout, leaves
+// everything else pending and releases its partitions.
+//
+// # Limits
+//
+// Order across keys is not kept (it is not meant to be). Order within a key
+// assumes the application does not write one key from two concurrent
+// transactions. A relay that stalls inside Publish for longer than its lease
+// may publish that one batch after another relay already did: copies, same
+// ids, possibly after later messages of their keys.
+package relay
