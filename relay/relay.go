@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -380,7 +379,7 @@ func (r *Relay) sleep(ctx context.Context, d time.Duration, wakeable bool) {
 // new batch: queued rows are handed back and stay pending.
 func (r *Relay) publishLoop(ctx, stopCtx context.Context, pubCh <-chan batch, markCh chan<- result) {
 	defer close(markCh)
-	outageBackoff := r.cfg.InitialBackoff
+	outages := 0 // consecutive whole-batch failures
 	for b := range pubCh {
 		if ctx.Err() != nil {
 			r.handBack(b.rows)
@@ -403,17 +402,18 @@ func (r *Relay) publishLoop(ctx, stopCtx context.Context, pubCh <-chan batch, ma
 		var be *exactly.BatchError
 		if err != nil && !errors.As(err, &be) && !(len(msgs) == 1 && errors.Is(err, exactly.ErrUnpublishable)) {
 			res.outage = true
-			r.log.Warn("publisher failed for the whole batch; retrying", "err", err, "messages", len(msgs), "in", outageBackoff)
+			outages++
+			wait := r.backoff(outages)
+			r.log.Warn("publisher failed for the whole batch; retrying", "err", err, "messages", len(msgs), "in", wait)
 			res.errs = exactly.PerMessage(err, len(msgs))
 			markCh <- res
 			select {
-			case <-time.After(jitter(outageBackoff)):
+			case <-time.After(wait):
 			case <-ctx.Done():
 			}
-			outageBackoff = min(outageBackoff*2, r.cfg.MaxBackoff)
 			continue
 		}
-		outageBackoff = r.cfg.InitialBackoff
+		outages = 0
 		res.errs = exactly.PerMessage(err, len(msgs))
 		if r.afterPublish != nil {
 			r.afterPublish(b.rows)
@@ -530,18 +530,8 @@ func (r *Relay) mark(ctx context.Context, res result) {
 	}
 }
 
-// backoff is the wait after the given failed attempt: exponential, capped,
-// with jitter so that many relays do not retry in step.
 func (r *Relay) backoff(attempt int) time.Duration {
-	d := r.cfg.InitialBackoff
-	for i := 1; i < attempt && d < r.cfg.MaxBackoff; i++ {
-		d *= 2
-	}
-	return jitter(min(d, r.cfg.MaxBackoff))
-}
-
-func jitter(d time.Duration) time.Duration {
-	return d/2 + time.Duration(rand.Int64N(int64(d/2)+1))
+	return exactly.RetryPolicy{InitialBackoff: r.cfg.InitialBackoff, MaxBackoff: r.cfg.MaxBackoff}.Backoff(attempt)
 }
 
 // waitDrained blocks until no batch is in flight.

@@ -1,0 +1,172 @@
+// Package consume is the handler policy every consumer adapter shares:
+// panics recovered as failures, retries with backoff, and after the last
+// attempt the message goes to a dead-letter destination with the reason, so
+// the consumer can acknowledge it and move on without losing it.
+package consume
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"runtime/debug"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/exactlyonce/exactly"
+)
+
+// Policy is a validated handler policy.
+type Policy struct {
+	Retry exactly.RetryPolicy
+	// DeadLetter receives messages whose handler failed MaxAttempts times.
+	DeadLetter exactly.Publisher
+	// DeadLetterTopic names the destination; default msg.Topic + ".dlq".
+	DeadLetterTopic func(msg *exactly.Message) string
+	Logger          *slog.Logger
+	Hooks           Hooks
+}
+
+// Hooks report outcomes for metrics; all optional, called synchronously.
+type Hooks struct {
+	Handled      func(msg *exactly.Message, took time.Duration)
+	Failed       func(msg *exactly.Message, attempt int, err error)
+	DeadLettered func(msg *exactly.Message, err error)
+}
+
+// Stats are running totals.
+type Stats struct {
+	Handled, Failed, DeadLettered atomic.Int64
+}
+
+// New validates p and fills in defaults.
+func New(p Policy) (*Policy, error) {
+	r, err := p.Retry.WithDefaults()
+	if err != nil {
+		return nil, err
+	}
+	p.Retry = r
+	if p.DeadLetter == nil {
+		return nil, errors.New("a dead-letter publisher is required: messages that keep failing must go somewhere, never be dropped")
+	}
+	if p.DeadLetterTopic == nil {
+		p.DeadLetterTopic = func(m *exactly.Message) string { return m.Topic + ".dlq" }
+	}
+	if p.Logger == nil {
+		p.Logger = slog.Default()
+	}
+	return &p, nil
+}
+
+// Outcome says why Process let a message go.
+type Outcome int
+
+const (
+	// Handled: the handler returned nil.
+	Handled Outcome = iota + 1
+	// DeadLettered: the handler failed every attempt and the message is now
+	// in the dead-letter destination.
+	DeadLettered
+)
+
+// Call runs h and turns a panic into an error wrapping exactly.ErrPanic.
+func Call(ctx context.Context, h exactly.Handler, msg *exactly.Message) (err error) {
+	defer func() {
+		if v := recover(); v != nil {
+			err = fmt.Errorf("%w: %v\n%s", exactly.ErrPanic, v, debug.Stack())
+		}
+	}()
+	return h(ctx, msg)
+}
+
+// Process runs h for msg until it succeeds, or dead-letters msg after the
+// last attempt. A nil error means the consumer may acknowledge the message.
+// An error (the context ended) means it must not: the broker redelivers.
+// firstAttempt lets a consumer carry attempts over from earlier deliveries
+// (JetStream's delivery count); pass 1 otherwise.
+func (p *Policy) Process(ctx context.Context, h exactly.Handler, msg *exactly.Message, firstAttempt int, st *Stats) (Outcome, error) {
+	attempt := max(firstAttempt, 1)
+	for {
+		start := time.Now()
+		err := Call(ctx, h, msg)
+		if err == nil {
+			if st != nil {
+				st.Handled.Add(1)
+			}
+			if p.Hooks.Handled != nil {
+				p.Hooks.Handled(msg, time.Since(start))
+			}
+			return Handled, nil
+		}
+		if ctx.Err() != nil {
+			return 0, fmt.Errorf("message %s not handled: %w", msg.ID, ctx.Err())
+		}
+		if st != nil {
+			st.Failed.Add(1)
+		}
+		if p.Hooks.Failed != nil {
+			p.Hooks.Failed(msg, attempt, err)
+		}
+		if attempt >= p.Retry.MaxAttempts {
+			if err := p.deadLetter(ctx, msg, attempt, err); err != nil {
+				return 0, err
+			}
+			if st != nil {
+				st.DeadLettered.Add(1)
+			}
+			return DeadLettered, nil
+		}
+		p.Logger.Debug("handler failed; retrying", "id", msg.ID, "attempt", attempt, "err", err)
+		if !sleep(ctx, p.Retry.Backoff(attempt)) {
+			return 0, fmt.Errorf("message %s not handled: %w", msg.ID, ctx.Err())
+		}
+		attempt++
+	}
+}
+
+// deadLetter publishes a copy of msg with the reason to the dead-letter
+// destination, retrying until the broker confirms or ctx ends: a message is
+// acknowledged only once it is safe somewhere.
+func (p *Policy) deadLetter(ctx context.Context, msg *exactly.Message, attempts int, cause error) error {
+	dl := *msg
+	dl.Headers = maps.Clone(msg.Headers)
+	if dl.Headers == nil {
+		dl.Headers = map[string]string{}
+	}
+	reason := cause.Error()
+	if len(reason) > 2000 {
+		reason = reason[:2000]
+	}
+	dl.Headers[exactly.HeaderDeadReason] = reason
+	dl.Headers[exactly.HeaderDeadAttempts] = strconv.Itoa(attempts)
+	dl.Headers[exactly.HeaderDeadTopic] = msg.Topic
+	dl.Headers[exactly.HeaderDeadAt] = time.Now().UTC().Format(time.RFC3339Nano)
+	dl.Topic = p.DeadLetterTopic(msg)
+	for try := 1; ; try++ {
+		err := p.DeadLetter.Publish(ctx, []*exactly.Message{&dl})
+		if err == nil {
+			p.Logger.Warn("message dead-lettered", "id", msg.ID, "topic", msg.Topic, "to", dl.Topic, "attempts", attempts, "err", cause)
+			if p.Hooks.DeadLettered != nil {
+				p.Hooks.DeadLettered(msg, cause)
+			}
+			return nil
+		}
+		p.Logger.Error("dead-letter publish failed; retrying", "id", msg.ID, "to", dl.Topic, "err", err)
+		if !sleep(ctx, p.Retry.Backoff(try)) {
+			return fmt.Errorf("message %s failed %d times and could not be dead-lettered (%v): %w", msg.ID, attempts, err, ctx.Err())
+		}
+	}
+}
+
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}

@@ -1,0 +1,94 @@
+package consume_test
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/exactlytest"
+	"github.com/exactlyonce/exactly/internal/consume"
+)
+
+func policy(t *testing.T, dlq exactly.Publisher) *consume.Policy {
+	p, err := consume.New(consume.Policy{DeadLetter: dlq,
+		Retry: exactly.RetryPolicy{MaxAttempts: 3, InitialBackoff: time.Millisecond, MaxBackoff: 5 * time.Millisecond}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestRetriesThenSucceeds(t *testing.T) {
+	dlq := &exactlytest.Recorder{}
+	p := policy(t, dlq)
+	calls := 0
+	h := func(ctx context.Context, m *exactly.Message) error {
+		calls++
+		if calls == 1 {
+			panic("boom")
+		}
+		if calls == 2 {
+			return errors.New("transient")
+		}
+		return nil
+	}
+	var st consume.Stats
+	out, err := p.Process(context.Background(), h, &exactly.Message{ID: "a", Topic: "t"}, 1, &st)
+	if err != nil || out != consume.Handled || calls != 3 {
+		t.Fatalf("out %v err %v calls %d", out, err, calls)
+	}
+	if st.Failed.Load() != 2 || st.Handled.Load() != 1 || len(dlq.Delivered()) != 0 {
+		t.Fatalf("stats %d failed %d handled, dlq %d", st.Failed.Load(), st.Handled.Load(), len(dlq.Delivered()))
+	}
+}
+
+func TestDeadLettersAfterMaxAttempts(t *testing.T) {
+	dlq := &exactlytest.Recorder{}
+	p := policy(t, dlq)
+	h := func(ctx context.Context, m *exactly.Message) error { panic("always") }
+	msg := &exactly.Message{ID: "a", Topic: "orders", Payload: []byte("p"), Headers: map[string]string{"x": "y"}}
+	out, err := p.Process(context.Background(), h, msg, 1, nil)
+	if err != nil || out != consume.DeadLettered {
+		t.Fatalf("out %v err %v", out, err)
+	}
+	got := dlq.Delivered()
+	if len(got) != 1 {
+		t.Fatalf("dead-lettered %d", len(got))
+	}
+	d := got[0]
+	if d.ID != "a" || d.Topic != "orders.dlq" || string(d.Payload) != "p" || d.Headers["x"] != "y" ||
+		d.Headers[exactly.HeaderDeadAttempts] != "3" || d.Headers[exactly.HeaderDeadTopic] != "orders" ||
+		!strings.Contains(d.Headers[exactly.HeaderDeadReason], "handler panicked: always") {
+		t.Fatalf("dead letter = %+v", d)
+	}
+	if msg.Headers[exactly.HeaderDeadReason] != "" {
+		t.Fatal("the original message was modified")
+	}
+}
+
+// A dead-letter destination that is down keeps the message unacknowledged:
+// Process returns an error when the context ends, never success.
+func TestDeadLetterDownIsNotSuccess(t *testing.T) {
+	dlq := &exactlytest.Recorder{}
+	dlq.FailCalls(-1, errors.New("dlq down"))
+	p := policy(t, dlq)
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	_, err := p.Process(ctx, func(context.Context, *exactly.Message) error { return errors.New("no") },
+		&exactly.Message{ID: "a", Topic: "t"}, 1, nil)
+	if err == nil || !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "could not be dead-lettered") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestPolicyNeedsDeadLetter(t *testing.T) {
+	if _, err := consume.New(consume.Policy{}); err == nil || !strings.Contains(err.Error(), "dead-letter") {
+		t.Fatalf("err = %v", err)
+	}
+	if _, err := consume.New(consume.Policy{DeadLetter: &exactlytest.Recorder{}, Retry: exactly.RetryPolicy{MaxAttempts: -1}}); err == nil {
+		t.Fatal("negative MaxAttempts accepted")
+	}
+}
