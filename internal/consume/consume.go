@@ -71,6 +71,11 @@ const (
 	DeadLettered
 )
 
+// ErrAbort, wrapped in a handler's error, stops Process at once without a
+// retry or a dead letter: the consumer lost the right to process the message
+// (fenced), and the message is left for its new owner.
+var ErrAbort = errors.New("processing aborted")
+
 // Call runs h and turns a panic into an error wrapping exactly.ErrPanic.
 func Call(ctx context.Context, h exactly.Handler, msg *exactly.Message) (err error) {
 	defer func() {
@@ -102,6 +107,9 @@ func (p *Policy) Process(ctx context.Context, h exactly.Handler, msg *exactly.Me
 		}
 		if ctx.Err() != nil {
 			return 0, fmt.Errorf("message %s not handled: %w", msg.ID, ctx.Err())
+		}
+		if errors.Is(err, ErrAbort) {
+			return 0, err
 		}
 		if st != nil {
 			st.Failed.Add(1)

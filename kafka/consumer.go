@@ -1,0 +1,501 @@
+package kafka
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/internal/consume"
+	"github.com/exactlyonce/exactly/internal/offsetstore"
+	"github.com/exactlyonce/exactly/internal/sqldb"
+)
+
+// ConsumerConfig configures a consumer-group Consumer. Zero values take the
+// documented defaults.
+type ConsumerConfig struct {
+	// Seeds are the bootstrap brokers. Required.
+	Seeds []string
+	// ClientOpts are applied to the consumer's client and to the default
+	// dead-letter producer: pass connection options only (TLS, SASL,
+	// dialer, client id). Group and topic options are set from this config.
+	ClientOpts []kgo.Opt
+	// Group is the consumer group. Required.
+	Group string
+	// Topics to consume. Required.
+	Topics []string
+	// StartAtEnd makes a group with no stored position start at the end of
+	// the topics instead of the start. Default false (start at the start).
+	StartAtEnd bool
+	// MaxPollRecords bounds the records handled between two offset commits.
+	// Default 500.
+	MaxPollRecords int
+
+	// Retry is the handler policy; see exactly.RetryPolicy for defaults.
+	Retry exactly.RetryPolicy
+	// DeadLetter receives messages whose handler failed Retry.MaxAttempts
+	// times, with exactly-dead-* headers. Default: a Publisher on the same
+	// brokers, to topic DeadLetterTopic(msg). The consumer moves on only
+	// once the dead letter is confirmed.
+	DeadLetter exactly.Publisher
+	// DeadLetterTopic names the dead-letter topic. Default msg.Topic+".dlq".
+	DeadLetterTopic func(msg *exactly.Message) string
+
+	// Logger receives the consumer's logs. Default slog.Default().
+	Logger *slog.Logger
+	// Hooks receive handling outcomes for metrics. All optional.
+	Hooks Hooks
+}
+
+// Hooks are called synchronously from the consumer's goroutines.
+type Hooks struct {
+	Handled      func(msg *exactly.Message, took time.Duration)
+	Failed       func(msg *exactly.Message, attempt int, err error)
+	DeadLettered func(msg *exactly.Message, err error)
+}
+
+// ConsumerStats are running totals.
+type ConsumerStats struct {
+	Handled      int64 // handler returned nil
+	Failed       int64 // failed handler attempts
+	DeadLettered int64
+	Fenced       int64 // records refused because another member owns the partition (DB offsets)
+	CommitErrors int64 // offset commits to Kafka that failed (the records come again)
+}
+
+// Consumer consumes topics as a member of a consumer group and hands each
+// record, as an exactly.Message, to a handler. Partitions are processed
+// concurrently, the records of one partition in order.
+//
+// Create it with NewConsumer (offsets committed to Kafka after the handler's
+// effect) or NewDBConsumer (offsets stored in the database, in the effect's
+// own transaction).
+type Consumer struct {
+	cfg    ConsumerConfig
+	cl     *kgo.Client
+	policy *consume.Policy
+	ownDLQ *Publisher
+	log    *slog.Logger
+
+	// process handles one record; it returns false when the rest of the
+	// partition's records in this poll must be skipped (fenced, stopping).
+	process func(ctx context.Context, rec *kgo.Record) bool
+	// commitToKafka is true in commit-after-effect mode.
+	commitToKafka bool
+
+	st      consume.Stats
+	fenced  atomic.Int64
+	commitE atomic.Int64
+	running atomic.Bool
+
+	// afterHandle, when set (tests only), runs after the handler's effect
+	// committed and before the offset is committed: the crash window.
+	afterHandle func(rec *kgo.Record)
+}
+
+// NewConsumer returns a consumer that runs handler for each record and
+// commits the group's offsets to Kafka after the handler returned: the
+// commit-after-effect mode. A crash between the effect and the offset commit
+// redelivers the record (to this member or, after a rebalance, to another):
+// wrap handler with the inbox (inbox.SQL.Handler, inbox.Redis.Handler) so the
+// redelivery is absorbed and the effect applies once.
+//
+// Rebalances wait until the records of the current poll are handled and
+// their offsets committed, so a healthy rebalance moves no work twice.
+func NewConsumer(cfg ConsumerConfig, handler exactly.Handler) (*Consumer, error) {
+	if handler == nil {
+		return nil, errors.New("kafka: NewConsumer: handler is nil")
+	}
+	c, err := newConsumer(cfg, true)
+	if err != nil {
+		return nil, err
+	}
+	c.process = func(ctx context.Context, rec *kgo.Record) bool {
+		msg := decodeRecord(rec)
+		if _, err := c.policy.Process(ctx, handler, msg, 1, &c.st); err != nil {
+			return false // stopping: leave the record uncommitted
+		}
+		if c.afterHandle != nil {
+			c.afterHandle(rec)
+		}
+		c.cl.MarkCommitRecords(rec)
+		return true
+	}
+	return c, nil
+}
+
+func newConsumer(cfg ConsumerConfig, commitToKafka bool, extra ...kgo.Opt) (*Consumer, error) {
+	switch {
+	case len(cfg.Seeds) == 0:
+		return nil, errors.New("kafka: ConsumerConfig.Seeds is required")
+	case cfg.Group == "":
+		return nil, errors.New("kafka: ConsumerConfig.Group is required")
+	case len(cfg.Topics) == 0:
+		return nil, errors.New("kafka: ConsumerConfig.Topics is required")
+	case cfg.MaxPollRecords < 0:
+		return nil, errors.New("kafka: ConsumerConfig.MaxPollRecords must not be negative")
+	}
+	if cfg.MaxPollRecords == 0 {
+		cfg.MaxPollRecords = 500
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	c := &Consumer{cfg: cfg, commitToKafka: commitToKafka,
+		log: cfg.Logger.With("component", "kafka-consumer", "group", cfg.Group)}
+	if cfg.DeadLetter == nil {
+		p, err := NewClientPublisher(cfg.Seeds, cfg.ClientOpts...)
+		if err != nil {
+			return nil, fmt.Errorf("kafka: dead-letter producer: %w", err)
+		}
+		c.ownDLQ = p
+		cfg.DeadLetter = p
+	}
+	policy, err := consume.New(consume.Policy{
+		Retry: cfg.Retry, DeadLetter: cfg.DeadLetter, DeadLetterTopic: cfg.DeadLetterTopic, Logger: c.log,
+		Hooks: consume.Hooks{Handled: cfg.Hooks.Handled, Failed: cfg.Hooks.Failed, DeadLettered: cfg.Hooks.DeadLettered},
+	})
+	if err != nil {
+		c.closeDLQ()
+		return nil, fmt.Errorf("kafka: %w", err)
+	}
+	c.policy = policy
+	reset := kgo.NewOffset().AtStart()
+	if cfg.StartAtEnd {
+		reset = kgo.NewOffset().AtEnd()
+	}
+	opts := append([]kgo.Opt{
+		kgo.SeedBrokers(cfg.Seeds...),
+		kgo.ConsumerGroup(cfg.Group),
+		kgo.ConsumeTopics(cfg.Topics...),
+		kgo.ConsumeResetOffset(reset),
+		kgo.DisableAutoCommit(),
+		kgo.FetchIsolationLevel(kgo.ReadCommitted()),
+	}, cfg.ClientOpts...)
+	opts = append(opts, extra...)
+	if commitToKafka {
+		opts = append(opts, kgo.BlockRebalanceOnPoll(), kgo.RequireStableFetchOffsets())
+	}
+	cl, err := kgo.NewClient(opts...)
+	if err != nil {
+		c.closeDLQ()
+		return nil, fmt.Errorf("kafka: consumer client: %w", err)
+	}
+	c.cl = cl
+	return c, nil
+}
+
+func (c *Consumer) closeDLQ() {
+	if c.ownDLQ != nil {
+		c.ownDLQ.Close()
+	}
+}
+
+// Stats returns the running totals.
+func (c *Consumer) Stats() ConsumerStats {
+	return ConsumerStats{
+		Handled: c.st.Handled.Load(), Failed: c.st.Failed.Load(), DeadLettered: c.st.DeadLettered.Load(),
+		Fenced: c.fenced.Load(), CommitErrors: c.commitE.Load(),
+	}
+}
+
+// Run consumes until ctx is cancelled, then finishes the record in hand,
+// commits what was handled, leaves the group and returns nil. A Consumer
+// runs once.
+func (c *Consumer) Run(ctx context.Context) error {
+	if !c.running.CompareAndSwap(false, true) {
+		return errors.New("kafka: Consumer.Run called twice")
+	}
+	defer c.closeDLQ()
+	defer c.cl.Close()
+	for ctx.Err() == nil {
+		fs := c.cl.PollRecords(ctx, c.cfg.MaxPollRecords)
+		if fs.IsClientClosed() {
+			break
+		}
+		fs.EachError(func(topic string, part int32, err error) {
+			if !errors.Is(err, context.Canceled) {
+				c.log.Warn("fetch error", "topic", topic, "partition", part, "err", err)
+			}
+		})
+		var wg sync.WaitGroup
+		fs.EachPartition(func(p kgo.FetchTopicPartition) {
+			if len(p.Records) == 0 {
+				return
+			}
+			wg.Go(func() {
+				for _, rec := range p.Records {
+					if !c.process(ctx, rec) {
+						return
+					}
+				}
+			})
+		})
+		wg.Wait()
+		if c.commitToKafka {
+			c.commit(ctx)
+		}
+		c.cl.AllowRebalance()
+	}
+	if c.commitToKafka {
+		c.commit(context.WithoutCancel(ctx))
+	}
+	return nil
+}
+
+// commit commits the offsets of the handled records. A failure is logged
+// and counted: those records are delivered again, and the inbox absorbs them.
+func (c *Consumer) commit(ctx context.Context) {
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := c.cl.CommitMarkedOffsets(cctx); err != nil {
+		c.commitE.Add(1)
+		c.log.Warn("offset commit failed; the handled records will be delivered again", "err", err)
+	}
+}
+
+// decodeRecord turns a record into a Message. A record without an
+// exactly-id header (produced outside exactly) gets a stable id from its
+// position, so its redeliveries are still recognised.
+func decodeRecord(rec *kgo.Record) *exactly.Message {
+	m := &exactly.Message{Topic: rec.Topic, Key: string(rec.Key), Payload: rec.Value, CreatedAt: rec.Timestamp}
+	for _, h := range rec.Headers {
+		switch h.Key {
+		case exactly.HeaderID:
+			m.ID = string(h.Value)
+		case exactly.HeaderCreatedAt:
+			if t, err := time.Parse(time.RFC3339Nano, string(h.Value)); err == nil {
+				m.CreatedAt = t
+			}
+		default:
+			if strings.HasPrefix(h.Key, "exactly-") && h.Key != exactly.HeaderKey {
+				// reserved names stay reserved; dead-letter headers are kept
+				if !strings.HasPrefix(h.Key, "exactly-dead-") {
+					continue
+				}
+			}
+			if m.Headers == nil {
+				m.Headers = map[string]string{}
+			}
+			m.Headers[h.Key] = string(h.Value)
+		}
+	}
+	if m.ID == "" {
+		m.ID = "kafka:" + rec.Topic + "/" + strconv.Itoa(int(rec.Partition)) + "/" + strconv.FormatInt(rec.Offset, 10)
+	}
+	return m
+}
+
+// DBConfig adds the database of the offsets-in-database mode.
+type DBConfig struct {
+	ConsumerConfig
+	// DB holds the offsets table and the handler's effects: a *sql.DB or a
+	// *pgxpool.Pool. Required.
+	DB any
+	// Dialect is "postgres", "mysql" or "sqlite". Required.
+	Dialect string
+	// OffsetsTable is the offsets table. Default "exactly_kafka_offsets".
+	OffsetsTable string
+}
+
+// TxHandler applies a message's effect inside tx; the consumer advances the
+// partition's offset in the same transaction.
+type TxHandler func(ctx context.Context, tx *sql.Tx, msg *exactly.Message) error
+
+// NewDBConsumer returns a consumer that stores the group's positions in the
+// database: for each record it opens a transaction, runs handler in it,
+// advances the partition's offset by compare-and-set (UPDATE ... WHERE
+// next_offset = expected) and commits. The effect and the position commit
+// together, so no record is applied twice and none is skipped, without a
+// dedup table. A member that lost its partition (a zombie: paused, or still
+// busy after a rebalance) fails the compare-and-set and rolls back; its new
+// owner's effect stands. On assignment the consumer seeks to the stored
+// offset. Nothing is committed to Kafka.
+//
+// Apply the offsets table's migrations first with MigrateOffsets.
+func NewDBConsumer(cfg DBConfig, handler TxHandler) (*Consumer, error) {
+	if handler == nil {
+		return nil, errors.New("kafka: NewDBConsumer: handler is nil")
+	}
+	store, err := offsetstore.New(cfg.Dialect, cfg.OffsetsTable)
+	if err != nil {
+		return nil, fmt.Errorf("kafka: %w", err)
+	}
+	db, closeDB, err := sqldb.Open(cfg.DB)
+	if err != nil {
+		return nil, fmt.Errorf("kafka: %w", err)
+	}
+	d := &dbOffsets{store: store, db: db, group: cfg.Group, next: map[tp]int64{}, owned: map[tp]bool{}}
+	c, err := newConsumer(cfg.ConsumerConfig, false,
+		kgo.AdjustFetchOffsetsFn(d.adjust),
+		kgo.OnPartitionsRevoked(d.drop), kgo.OnPartitionsLost(d.drop))
+	if err != nil {
+		closeDB()
+		return nil, err
+	}
+	d.log = c.log
+	c.process = func(ctx context.Context, rec *kgo.Record) bool {
+		return d.process(ctx, c, handler, rec)
+	}
+	go func() {
+		// closeDB when the client is closed by Run.
+		<-c.cl.Context().Done()
+		closeDB()
+	}()
+	return c, nil
+}
+
+type tp struct {
+	topic string
+	part  int32
+}
+
+// dbOffsets is the offsets-in-database mode.
+type dbOffsets struct {
+	store *offsetstore.Store
+	db    *sql.DB
+	group string
+	log   *slog.Logger
+
+	mu    sync.Mutex
+	next  map[tp]int64 // expected stored offset per owned partition; -1: none stored
+	owned map[tp]bool
+}
+
+// adjust runs on assignment: it loads the stored offsets and makes the
+// client fetch from them.
+func (d *dbOffsets) adjust(ctx context.Context, assigned map[string]map[int32]kgo.Offset) (map[string]map[int32]kgo.Offset, error) {
+	for topic, parts := range assigned {
+		for part := range parts {
+			next, err := d.store.Load(ctx, d.db, d.group, topic, part)
+			if err != nil {
+				return nil, fmt.Errorf("loading the stored offset of %s/%d: %w", topic, part, err)
+			}
+			d.mu.Lock()
+			d.next[tp{topic, part}] = next
+			d.owned[tp{topic, part}] = true
+			d.mu.Unlock()
+			if next >= 0 {
+				parts[part] = kgo.NewOffset().At(next).WithEpoch(-1)
+			}
+		}
+	}
+	return assigned, nil
+}
+
+func (d *dbOffsets) drop(_ context.Context, _ *kgo.Client, lost map[string][]int32) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for topic, parts := range lost {
+		for _, p := range parts {
+			delete(d.owned, tp{topic, p})
+		}
+	}
+}
+
+func (d *dbOffsets) expected(k tp) (int64, bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	n, ok := d.next[k]
+	return n, ok && d.owned[k]
+}
+
+func (d *dbOffsets) process(ctx context.Context, c *Consumer, handler TxHandler, rec *kgo.Record) bool {
+	k := tp{rec.Topic, rec.Partition}
+	expected, owned := d.expected(k)
+	if !owned {
+		return false // revoked: the new owner takes it from the stored offset
+	}
+	if expected >= 0 && rec.Offset < expected {
+		return true // already applied (a stale fetch after a reload)
+	}
+	msg := decodeRecord(rec)
+	// One transaction per attempt: the effect and the advance of the offset.
+	attempt := func(ctx context.Context, m *exactly.Message) error {
+		return d.inTx(ctx, k, expected, rec.Offset+1, func(tx *sql.Tx) error { return handler(ctx, tx, m) })
+	}
+	out, err := c.policy.Process(ctx, attempt, msg, 1, &c.st)
+	if err == nil && out == consume.DeadLettered {
+		// The message is safe in the dead-letter destination: advance past it.
+		err = d.inTx(ctx, k, expected, rec.Offset+1, func(*sql.Tx) error { return nil })
+	}
+	switch {
+	case err == nil:
+		d.mu.Lock()
+		d.next[k] = rec.Offset + 1
+		d.mu.Unlock()
+		return true
+	case errors.Is(err, offsetstore.ErrFenced):
+		c.fenced.Add(1)
+		d.log.Warn("fenced: another member advanced this partition; rolled back", "topic", rec.Topic, "partition", rec.Partition, "offset", rec.Offset)
+		d.reload(ctx, c, k)
+		return false
+	default:
+		return false // stopping
+	}
+}
+
+// inTx runs fn and the offset compare-and-set in one transaction.
+func (d *dbOffsets) inTx(ctx context.Context, k tp, expected, next int64, fn func(*sql.Tx) error) error {
+	tx, err := d.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	if err := fn(tx); err != nil {
+		return err
+	}
+	if err := d.store.Advance(ctx, tx, d.group, k.topic, k.part, expected, next); err != nil {
+		if errors.Is(err, offsetstore.ErrFenced) {
+			return fmt.Errorf("%w: %w", consume.ErrAbort, err)
+		}
+		return err
+	}
+	return tx.Commit()
+}
+
+// reload re-reads a fenced partition's stored offset and, if this member
+// still owns the partition, seeks there.
+func (d *dbOffsets) reload(ctx context.Context, c *Consumer, k tp) {
+	next, err := d.store.Load(ctx, d.db, d.group, k.topic, k.part)
+	if err != nil {
+		d.log.Warn("reloading a fenced partition's offset failed", "topic", k.topic, "partition", k.part, "err", err)
+		return
+	}
+	d.mu.Lock()
+	owned := d.owned[k]
+	d.next[k] = next
+	d.mu.Unlock()
+	if owned && next >= 0 {
+		c.cl.SetOffsets(map[string]map[int32]kgo.EpochOffset{k.topic: {k.part: {Epoch: -1, Offset: next}}})
+	}
+}
+
+// MigrateOffsets creates or upgrades the offsets table of NewDBConsumer.
+// db is a *sql.DB or a *pgxpool.Pool; table "" means the default.
+func MigrateOffsets(ctx context.Context, db any, dialect, table string) error {
+	store, err := offsetstore.New(dialect, table)
+	if err != nil {
+		return fmt.Errorf("kafka: %w", err)
+	}
+	sdb, done, err := sqldb.Open(db)
+	if err != nil {
+		return fmt.Errorf("kafka: %w", err)
+	}
+	defer done()
+	m, err := store.Migrator(sdb)
+	if err != nil {
+		return err
+	}
+	_, err = m.Apply(ctx)
+	return err
+}
