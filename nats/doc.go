@@ -59,4 +59,97 @@
 // Header values travel as NATS header lines: NATS trims their leading and
 // trailing whitespace and turns CR and LF into spaces. That applies to
 // exactly-key too, so keys with such characters arrive altered.
+//
+// # Consumer
+//
+// [Consumer] reads a stream through a durable pull consumer and runs an
+// exactly.Handler for each message:
+//
+//	c, err := nats.NewConsumer(js, nats.ConsumerConfig{
+//		Stream: "ORDERS", Durable: "billing", FilterSubjects: []string{"orders.events"},
+//		Handler: handle, // usually wrapped by the inbox
+//	})
+//	if err != nil { ... }
+//	err = c.Run(ctx) // until ctx ends
+//
+// Run creates the durable consumer (or updates it to the configuration),
+// fetches up to Batch messages at a time, and turns each into an
+// exactly.Message: ID from the exactly-id header, else Nats-Msg-Id; Key from
+// exactly-key; CreatedAt from exactly-created-at, else the time the stream
+// stored the message; Topic is the subject; Headers are the others, without
+// the server's Nats-* headers. The handler runs under the policy every
+// consumer of exactly shares: a panic is a failure, failures are retried
+// with backoff, and after RetryPolicy.MaxAttempts the message is
+// dead-lettered. Attempts are counted from the server's delivery count, so
+// they add up over redeliveries.
+//
+// # Consumer guarantees
+//
+// At least once, never silently dropped. A message is acknowledged only
+// after its handler returned nil or its dead letter was confirmed, and the
+// acknowledgement waits for the server's confirmation (AckSync), so a lost
+// one is seen, logged and counted (Stats().AckFailures, Hooks.AckFailed).
+// Every path that does not end in a confirmed acknowledgement leaves the
+// message with the server, which delivers it again: a crash or a lost
+// connection after the effect and before the ack (after AckWait), a
+// shutdown (handed back with a Nak, at once), a lost ack
+// (after AckWait). The redelivered copy carries the same ID; wrap the
+// handler with the inbox so its effect applies once. The server's consumer
+// never gives up on a message by itself (MaxDeliver is unlimited, and
+// NewConsumer refuses a Configure that sets it): giving up is the
+// dead-letter destination's job.
+//
+// A message with neither exactly-id nor Nats-Msg-Id is never handled: it
+// is dead-lettered at once with the reason (ErrNoMessageID) and a stand-in
+// id made of the stream name and sequence.
+//
+// Dead letters go by default to the message's subject plus ".dlq", through
+// this package's Publisher, with exactly-dead-reason, -attempts, -topic and
+// -at headers. A stream must capture that subject, and the consumer must
+// not consume it again; Run checks both before it starts. With the usual
+// layout, a stream "ORDERS" on "orders.>" and a consumer filtered on
+// "orders.events", the dead letters land in the same stream on
+// "orders.events.dlq", which the consumer does not see. They carry their own
+// Nats-Msg-Id ("dlq:<durable>:<id>"), since the stream would otherwise drop
+// them as duplicates of the original.
+//
+// Order. With Workers = 1 (the default) messages are handled one at a time
+// in stream order. With more, they are spread over the workers by Key (by
+// subject for messages without one): a key's messages are handled in
+// stream order, different keys in parallel. A redelivery breaks that order
+// where the broker does: a message whose ack was lost is handled again
+// after later messages of its key (the inbox drops the copy), and a
+// dead-lettered message leaves its key's sequence. Several processes running
+// the same Durable share its messages and keep no order between them.
+//
+// # Consumer limits
+//
+// AckWait against handler time: AckWait (default 30s) is how long the server
+// waits for an ack before it redelivers. The consumer tells the server that
+// every message it holds (handled, retrying, or queued behind another) is
+// still in progress about every AckWait/3, so a handler may run, and retry,
+// longer than AckWait. That works while the connection does: if the
+// consumer cannot reach the server for longer than AckWait, the server
+// redelivers what it held, possibly to another process while this one is
+// still handling it; the inbox makes the second run a no-op. A handler that
+// never returns holds its message, and its worker, for ever: give handlers
+// deadlines.
+//
+// Dedup window: the stream's duplicate window (StreamConfig.Duplicates,
+// 2 minutes by default) drops a re-published copy with the same
+// Nats-Msg-Id, and only within that window. The consumer does not
+// deduplicate at all: redeliveries, and copies stored apart (outside the
+// window, or under other Nats-Msg-Ids), all reach the handler with their
+// exactly-id. Deduplication by ID is the inbox's job, and its retention
+// must outlive every redelivery and re-publish that can still happen.
+//
+// Batch: up to Batch messages are held at a time. If the process dies, the
+// ones it held return to other processes only after AckWait; on a graceful
+// stop (Run's context ends) they are handed back at once, which takes Run
+// up to 2 seconds beyond the handlers.
+//
+// Server restarts and lost connections are retried for ever (with logs);
+// Run returns an error only for what needs an operator or a new
+// connection: the stream or consumer deleted, the connection closed, or a
+// dead-letter route that cannot work.
 package nats
