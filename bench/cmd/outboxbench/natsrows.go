@@ -1,0 +1,136 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/exactlyonce/exactly"
+	exnats "github.com/exactlyonce/exactly/nats"
+	"github.com/exactlyonce/exactly/relay"
+)
+
+// runRelayNATS drains the outbox to JetStream through the nats publisher,
+// with its defaults, on the row's own stream.
+func runRelayNATS(ctx context.Context, b *bench) (result, error) {
+	const id = "relay-nats"
+	br, closeBroker, err := b.freshStream(ctx, id)
+	if err != nil {
+		return result{}, err
+	}
+	defer closeBroker()
+	pub, err := exnats.NewPublisher(br.js)
+	if err != nil {
+		return result{}, err
+	}
+	return b.drainRelay(ctx, id, br.subject, pub, br)
+}
+
+// runLatencyRelay writes one message per transaction with outbox.Enqueue at
+// a steady rate while the relay, woken by LISTEN/NOTIFY, moves them to
+// JetStream, and measures commit → PubAck (the time the nats publisher's
+// Publish returned with the message confirmed).
+func runLatencyRelay(ctx context.Context, b *bench) (result, error) {
+	const id = "lat-relay"
+	schema, drop, err := b.freshSchema(ctx, id)
+	if err != nil {
+		return result{}, err
+	}
+	defer drop()
+	ob, err := b.newOutbox(ctx, schema)
+	if err != nil {
+		return result{}, err
+	}
+	br, closeBroker, err := b.freshStream(ctx, id)
+	if err != nil {
+		return result{}, err
+	}
+	defer closeBroker()
+	inner, err := exnats.NewPublisher(br.js)
+	if err != nil {
+		return result{}, err
+	}
+	probe := newLatencyProbe()
+	recording := exactly.PublisherFunc(func(ctx context.Context, msgs []*exactly.Message) error {
+		handed := time.Now()
+		all := make([]string, len(msgs))
+		for i, m := range msgs {
+			all[i] = m.ID
+		}
+		probe.hand(handed, all...)
+		err := inner.Publish(ctx, msgs)
+		now := time.Now()
+		errs := exactly.PerMessage(err, len(msgs))
+		ids := make([]string, 0, len(msgs))
+		for i, m := range msgs {
+			if errs[i] == nil {
+				ids = append(ids, m.ID)
+			}
+		}
+		probe.ack(now, ids...)
+		return err
+	})
+	pool, closePool, err := b.relayPool(ctx)
+	if err != nil {
+		return result{}, err
+	}
+	defer closePool()
+	r, err := relay.New(relay.Config{Outbox: ob, DB: pool, Publisher: recording, BatchSize: b.cfg.batch, Logger: b.quiet})
+	if err != nil {
+		return result{}, err
+	}
+	rctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	runErr := make(chan error, 1)
+	go func() { runErr <- r.Run(rctx) }()
+	// Ready once it holds its partitions; then give LISTEN a moment.
+	for r.Stats().Partitions == 0 {
+		select {
+		case err := <-runErr:
+			return result{}, fmt.Errorf("relay stopped at start: %v", err)
+		case <-ctx.Done():
+			return result{}, ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	time.Sleep(500 * time.Millisecond)
+
+	prod, err := b.producerPool(ctx)
+	if err != nil {
+		return result{}, err
+	}
+	defer prod.Close()
+	gen := b.messages(br.subject)
+	tm := b.startTimer(id)
+	sent, took, err := b.produce(ctx, probe, func(ctx context.Context, i int) (string, error) {
+		tx, err := prod.Begin(ctx)
+		if err != nil {
+			return "", err
+		}
+		m := gen.get(i)
+		if err := ob.Enqueue(ctx, tx, m); err != nil {
+			tx.Rollback(ctx)
+			return "", err
+		}
+		return m.ID, tx.Commit(ctx)
+	})
+	if err != nil {
+		tm.stop()
+		return result{}, err
+	}
+	err = probe.waitAcked(ctx, 30*time.Second)
+	tm.stop()
+	if err != nil {
+		return result{}, err
+	}
+	cancel()
+	if err := <-runErr; err != nil {
+		return result{}, err
+	}
+	if err := br.checkStream(ctx, sent); err != nil {
+		return result{}, err
+	}
+	st := r.Stats()
+	return latencyResult(probe, sent, took, fmt.Sprintf("one tx per message via outbox.Enqueue; %d batches (avg %.1f msgs); %s",
+		st.Batches, float64(st.Published)/float64(max(st.Batches, 1)), tm.cpu())), nil
+}
