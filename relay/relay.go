@@ -310,7 +310,11 @@ func (r *Relay) admit(rows []outboxstore.Row, now time.Time) (_ []outboxstore.Ro
 			case row.Seq == b.seq:
 				b.released = true
 			case row.Seq > b.seq:
-				// The held row is no longer pending (parked or re-driven by an
+				if _, busy := r.inflight[b.seq]; busy {
+					// The held row's failure is still being recorded.
+					continue
+				}
+				// The held row is no longer pending (parked, or purged by an
 				// operator): the key is free again.
 				delete(r.blocks, key)
 			default: // row.Seq < b.seq: an earlier row is due first
