@@ -27,6 +27,34 @@
 // Feature flags in the harness (NativeDedup) state what the broker adds on
 // top of that baseline; the suite then checks it too.
 //
+// # Outbox suite
+//
+// [RunOutboxSuite] checks an outbox dialect and driver together with the
+// relay, through an [OutboxHarness] (a database handle and a way to begin a
+// transaction): commit publishes exactly the committed messages with their
+// ids and rollback leaves no trace; migrations are idempotent; bad input
+// (nil transaction, empty topic, unsafe table name, unknown dialect) is
+// refused with a clear error; two relays share 10,000 messages over 100 keys
+// with per-key order and no duplicates; a relay stalled past its lease loses
+// its partitions; a late commit with a lower sequence is not skipped;
+// retries keep key order; messages are parked after MaxAttempts and
+// re-driven; a broker outage parks nothing; retention keeps and then deletes
+// sent rows; shutdown and restart lose nothing.
+//
+// # Inbox suite
+//
+// [RunInboxSuite] checks an inbox store by counting real effects per
+// message id: five deliveries (in a row and concurrent) give one effect; a
+// failing or panicking handler is retried and never marked done; 1,000
+// messages redelivered at random from 8 goroutines give exactly one effect
+// each; two consumers of one message each apply it once; an empty id is
+// refused; retention removes old records and keeps recent ones.
+//
+// # Checks
+//
+// [CheckExactlyOnce], [CheckExactlyOnceDedup], [CheckKeyOrder] and
+// [CheckLastDeliveryOrder] judge what a broker or a Recorder received.
+//
 // # Recorder
 //
 // [Recorder] is an in-memory [exactly.Publisher] that records every message
