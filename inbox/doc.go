@@ -64,14 +64,24 @@
 // [Redis] is for handlers whose effect is not in a database the inbox can
 // share a transaction with: a call to another service, an e-mail, a
 // message published elsewhere, or an effect that is idempotent anyway. For
-// each delivery it takes a lease on the message key (SET NX PX), runs the
-// handler, then replaces the lease with a done marker that lives for a TTL.
-// A copy that arrives while the lease is held is refused with
-// [ErrInProgress] and retried later; a copy that finds the done marker is a
-// duplicate. A handler that fails or panics releases its lease (only if it
-// still holds it) so the retry runs at once; it is never marked done.
-// Unlike a deduplicator that marks a message before handling it, a failed
-// handler never loses the message.
+// each delivery it takes a lease on the message key, runs the handler, then
+// replaces the lease with a done marker that lives for a TTL. A copy that
+// arrives while the lease is held is refused with [ErrInProgress] and
+// retried later; a copy that finds the done marker is a duplicate. A
+// handler that fails or panics releases its lease (only if it still holds
+// it) so the retry runs at once; it is never marked done. Unlike a
+// deduplicator that marks a message before handling it, a failed handler
+// never loses the message.
+//
+// It costs two plain commands per message: SET key token NX PX lease GET to
+// take the lease (the reply says whether the key was free, done or leased
+// by another runner) and SET key done PX ttl GET to write the marker (the
+// reply says whether the lease was still this runner's). [Redis.HandleBatch]
+// pipelines each step for the whole batch. Only the release after a failure
+// is a Lua script (compare the token, then delete). SET with both NX and GET
+// needs Redis 7.0 or later; on an older server the inbox notices the first
+// refused SET and from then on takes leases and writes markers with Lua
+// scripts, with the same outcomes and more Redis CPU per message.
 //
 // Its limits, stated plainly:
 //

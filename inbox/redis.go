@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -69,11 +70,20 @@ type Redis struct {
 	leaseDur time.Duration
 	leaseMs  int64
 	ttlMs    int64
+	// lua is set once the server has refused SET with both NX and GET
+	// (Redis before 7.0): leases and done markers are then taken and
+	// written by Lua scripts instead, which tell the same cases.
+	lua atomic.Bool
 }
 
 // NewRedis validates cfg. client is a *redis.Client, *redis.ClusterClient,
 // a failover client or a ring; single-key commands and scripts only are
 // used, so any of them works.
+//
+// The inbox needs Redis 7.0 or later for its native path (SET with both NX
+// and GET). On an older server (6.2 and earlier refuse that SET with a
+// syntax error, and write nothing) it switches, the first time a SET is
+// refused, to Lua scripts that do the same, at some cost in Redis CPU.
 func NewRedis(client redis.UniversalClient, cfg RedisConfig) (*Redis, error) {
 	if isNil(client) {
 		return nil, errors.New("inbox: nil Redis client")
@@ -131,9 +141,42 @@ const (
 
 func newToken() string { return leasePrefix + rand.Text() }
 
+// The hot path uses native commands, one per message and step:
+//
+//   - claim: SET key token NX PX lease GET. It writes only when the key is
+//     free, and its reply is what the key held: nil when the lease is now
+//     ours, the done marker when the message is a duplicate, anything else
+//     (another runner's token) when it is in progress elsewhere; a PTTL then
+//     tells how long that lease has left, for the error.
+//   - done: SET key done PX ttl GET. It writes the marker whatever the key
+//     held, and its reply tells what that was: our token (the normal case),
+//     nil (our lease expired and nobody claimed the message since), another
+//     token (another runner claimed it: overlap) or the done marker (another
+//     runner finished first: overlap).
+//
+// Redis accepts NX together with GET since 7.0. Lua remains for the release
+// of a lease on failure (compare the token, then delete), which no native
+// command of Redis 7 does atomically, and as the fallback for older servers:
+// claimScript and doneScript answer with the codes below.
+
+// Claim outcomes, as claimScript returns them.
+const (
+	claimDone  = 0  // the message is done: a duplicate
+	claimTaken = 1  // the lease is ours
+	claimBusy  = -1 // another runner holds the lease
+)
+
+// Done outcomes, as doneScript returns them.
+const (
+	doneAlready  = 0 // another runner had marked it done (overlap)
+	doneOurs     = 1 // our lease was still there
+	doneExpired  = 2 // our lease had expired, nobody claimed it since
+	doneReplaced = 3 // another runner's lease was replaced (overlap)
+)
+
 // claimScript takes the lease when the key is free. It returns {1, 0} when
 // it did, {0, 0} when the message is done, {-1, pttl} when another runner
-// holds it.
+// holds it. It is the fallback for servers before 7.0.
 var claimScript = redis.NewScript(`
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {1, 0}
@@ -147,7 +190,11 @@ return {-1, redis.call('PTTL', KEYS[1])}
 // doneScript records that the effect is applied. It returns 1 when the
 // runner still held its lease, 2 when the lease had expired and nobody had
 // claimed the message since, 3 when another runner's lease was replaced
-// and 0 when another runner had already marked it done.
+// and 0 when another runner had already marked it done. It is the fallback
+// for servers before 7.0; the native SET ... GET tells the same four cases,
+// and differs only in the last one, where it rewrites the marker (the same
+// value) and so restarts its TTL from this runner's finish: a later expiry,
+// never an earlier one.
 //
 // It writes the marker whenever the message is not already done, not only
 // when the lease is still ours: the effect is applied, which is what the
@@ -178,10 +225,179 @@ end
 return 0
 `)
 
+// claim is what the claim of one key came to.
+type claim struct {
+	code    int64 // claimTaken, claimDone or claimBusy
+	pttl    int64 // claimBusy: what PTTL said of the other runner's lease
+	pttlErr error // claimBusy: PTTL failed, the lease's remaining time is unknown
+	err     error // the claim itself failed
+}
+
+// mark is what writing the done marker of one key came to.
+type mark struct {
+	code int64 // doneOurs, doneExpired, doneReplaced or doneAlready
+	err  error
+}
+
+// claimAll tries to take the lease on each of keys for token, in one round
+// trip (a pipeline when there are several), plus one more for the PTTL of
+// the keys found in progress.
+func (r *Redis) claimAll(ctx context.Context, keys []string, token string) []claim {
+	res := make([]claim, len(keys))
+	var viaLua, busy []int
+	if r.lua.Load() {
+		viaLua = allIndexes(len(keys))
+	} else {
+		cmds := r.doEach(ctx, keys, func(c doer, key string) *redis.Cmd {
+			return c.Do(ctx, "set", key, token, "nx", "px", r.leaseMs, "get")
+		})
+		for i, c := range cmds {
+			v, err := c.Text()
+			switch {
+			case err == redis.Nil:
+				res[i].code = claimTaken
+			case r.unsupported(err):
+				viaLua = append(viaLua, i)
+			case err != nil:
+				res[i].err = err
+			case v == doneMarker:
+				res[i].code = claimDone
+			default:
+				res[i].code = claimBusy
+				busy = append(busy, i)
+			}
+		}
+	}
+	if len(busy) > 0 {
+		// Only for the messages in progress elsewhere: how long their lease
+		// has left, for the error. Not atomic with the claim (the lease may
+		// have expired or turned into the done marker in between), which
+		// only affects the figure in the message.
+		bkeys := pick(keys, busy)
+		cmds := r.doEach(ctx, bkeys, func(c doer, key string) *redis.Cmd { return c.Do(ctx, "pttl", key) })
+		for j, i := range busy {
+			res[i].pttl, res[i].pttlErr = cmds[j].Int64()
+		}
+	}
+	if len(viaLua) > 0 {
+		for j, c := range r.runEach(ctx, claimScript, pick(keys, viaLua), token, r.leaseMs, doneMarker) {
+			i := viaLua[j]
+			v, err := c.Int64Slice()
+			if err == nil && (len(v) != 2 || v[0] < claimBusy || v[0] > claimTaken) {
+				err = fmt.Errorf("unexpected reply %v", v)
+			}
+			if err != nil {
+				res[i].err = err
+				continue
+			}
+			res[i].code, res[i].pttl = v[0], v[1]
+		}
+	}
+	return res
+}
+
+// markAll writes the done marker on each of keys, held by token's leases,
+// in one round trip (a pipeline when there are several).
+func (r *Redis) markAll(ctx context.Context, keys []string, token string) []mark {
+	res := make([]mark, len(keys))
+	var viaLua []int
+	if r.lua.Load() {
+		viaLua = allIndexes(len(keys))
+	} else {
+		cmds := r.doEach(ctx, keys, func(c doer, key string) *redis.Cmd {
+			return c.Do(ctx, "set", key, doneMarker, "px", r.ttlMs, "get")
+		})
+		for i, c := range cmds {
+			v, err := c.Text()
+			switch {
+			case err == redis.Nil:
+				res[i].code = doneExpired
+			case r.unsupported(err):
+				viaLua = append(viaLua, i)
+			case err != nil:
+				res[i].err = err
+			case v == token:
+				res[i].code = doneOurs
+			case v == doneMarker:
+				res[i].code = doneAlready
+			default:
+				res[i].code = doneReplaced
+			}
+		}
+	}
+	if len(viaLua) > 0 {
+		for j, c := range r.runEach(ctx, doneScript, pick(keys, viaLua), token, doneMarker, r.ttlMs) {
+			i := viaLua[j]
+			res[i].code, res[i].err = c.Int64()
+		}
+	}
+	return res
+}
+
+// unsupported reports whether err is the server refusing SET with both NX
+// and GET (or with GET at all): Redis before 7.0 (before 6.2) answers "ERR
+// syntax error" and writes nothing. The inbox then switches to the Lua
+// scripts for good.
+func (r *Redis) unsupported(err error) bool {
+	var rerr redis.Error
+	if err == nil || !errors.As(err, &rerr) || !strings.Contains(strings.ToLower(rerr.Error()), "syntax error") {
+		return false
+	}
+	r.lua.Store(true)
+	return true
+}
+
+// doer is a client or a pipeline.
+type doer interface {
+	Do(ctx context.Context, args ...any) *redis.Cmd
+}
+
+// doEach sends one command per key: directly for a single key, in one
+// pipeline otherwise. Each command carries its own error.
+func (r *Redis) doEach(ctx context.Context, keys []string, cmd func(c doer, key string) *redis.Cmd) []*redis.Cmd {
+	cmds := make([]*redis.Cmd, len(keys))
+	if len(keys) == 1 {
+		cmds[0] = cmd(r.client, keys[0])
+		return cmds
+	}
+	_, _ = r.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, k := range keys {
+			cmds[i] = cmd(p, k)
+		}
+		return nil
+	})
+	return cmds
+}
+
+// runEach runs script once per key: directly for a single key, with
+// evalEach otherwise.
+func (r *Redis) runEach(ctx context.Context, script *redis.Script, keys []string, args ...any) []*redis.Cmd {
+	if len(keys) == 1 {
+		return []*redis.Cmd{script.Run(ctx, r.client, keys, args...)}
+	}
+	return r.evalEach(ctx, script, keys, args...)
+}
+
+func allIndexes(n int) []int {
+	idx := make([]int, n)
+	for i := range idx {
+		idx[i] = i
+	}
+	return idx
+}
+
+func pick(keys []string, idx []int) []string {
+	out := make([]string, len(idx))
+	for j, i := range idx {
+		out[j] = keys[i]
+	}
+	return out
+}
+
 // Handle runs h for msg at most once at a time and, once it succeeded,
 // never again for the same ID and consumer while the done marker lives.
 //
-//   - It takes a lease on the message (SET NX PX Lease). A message already
+//   - It takes a lease on the message (SET NX PX Lease GET). A message already
 //     done is a Duplicate: h does not run and the error is nil. A message
 //     leased by another runner is refused with an error wrapping
 //     ErrInProgress: retry it later, never acknowledge it.
@@ -209,22 +425,19 @@ func (r *Redis) Handle(ctx context.Context, msg *exactly.Message, h exactly.Hand
 	}
 	key, token := r.Key(msg.ID), newToken()
 	start := time.Now()
-	res, err := claimScript.Run(ctx, r.client, []string{key}, token, r.leaseMs, doneMarker).Int64Slice()
-	if err == nil && len(res) != 2 {
-		err = fmt.Errorf("unexpected reply %v", res)
-	}
-	if err != nil {
-		err = fmt.Errorf("inbox: claim message %s in Redis: %w", msg.ID, err)
+	c := r.claimAll(ctx, []string{key}, token)[0]
+	if c.err != nil {
+		err := fmt.Errorf("inbox: claim message %s in Redis: %w", msg.ID, c.err)
 		r.failed(msg, err)
 		return Retry, err
 	}
-	switch res[0] {
-	case 0:
+	switch c.code {
+	case claimDone:
 		r.duplicate(msg)
 		return Duplicate, nil
-	case -1:
+	case claimBusy:
 		r.inProgress(msg)
-		return Retry, inProgressError(msg.ID, res[1])
+		return Retry, inProgressError(msg.ID, c)
 	}
 
 	hctx, cancel := context.WithDeadline(ctx, start.Add(r.leaseDur))
@@ -240,7 +453,7 @@ func (r *Redis) Handle(ctx context.Context, msg *exactly.Message, h exactly.Hand
 			panic(v)
 		}
 	}()
-	err = h(hctx, msg)
+	err := h(hctx, msg)
 	running = false
 	if err != nil {
 		r.failed(msg, err)
@@ -249,8 +462,8 @@ func (r *Redis) Handle(ctx context.Context, msg *exactly.Message, h exactly.Hand
 		}
 		return Retry, err
 	}
-	code, err := doneScript.Run(context.WithoutCancel(ctx), r.client, []string{key}, token, doneMarker, r.ttlMs).Int64()
-	r.markedDone(msg, code, err, time.Since(start))
+	m := r.markAll(context.WithoutCancel(ctx), []string{key}, token)[0]
+	r.markedDone(msg, m, time.Since(start))
 	return Processed, nil
 }
 
@@ -267,7 +480,8 @@ func (r *Redis) Handler(h exactly.Handler) exactly.Handler {
 // HandleBatch is the pipelined form of Handle, for throughput: it takes the
 // leases of all of msgs in one round trip, runs fn once with the fresh ones
 // (each ID once, in input order) and writes their done markers in one more
-// round trip. fn's context ends when the leases do.
+// round trip (plus one to read the remaining leases of messages found in
+// progress, if any). fn's context ends when the leases do.
 //
 // The batch succeeds or fails as a whole: when fn fails or panics, the
 // leases of every fresh message are released and none is marked done, so
@@ -309,25 +523,21 @@ func (r *Redis) HandleBatch(ctx context.Context, msgs []*exactly.Message, fn fun
 	}
 	token := newToken()
 	start := time.Now()
-	claims := r.evalEach(ctx, claimScript, keys, token, r.leaseMs, doneMarker)
+	claims := r.claimAll(ctx, keys, token)
 	var fresh []*exactly.Message
 	var freshKeys []string
 	var freshIdx []int
 	for j, i := range uniq {
-		m := msgs[i]
-		res, err := claims[j].Int64Slice()
-		if err == nil && len(res) != 2 {
-			err = fmt.Errorf("unexpected reply %v", res)
-		}
+		m, c := msgs[i], claims[j]
 		switch {
-		case err != nil:
-			errs[i] = fmt.Errorf("inbox: claim message %s in Redis: %w", m.ID, err)
+		case c.err != nil:
+			errs[i] = fmt.Errorf("inbox: claim message %s in Redis: %w", m.ID, c.err)
 			r.failed(m, errs[i])
-		case res[0] == 0:
+		case c.code == claimDone:
 			out[i] = Duplicate
 			r.duplicate(m)
-		case res[0] == -1:
-			errs[i] = inProgressError(m.ID, res[1])
+		case c.code == claimBusy:
+			errs[i] = inProgressError(m.ID, c)
 			r.inProgress(m)
 		default:
 			fresh = append(fresh, m)
@@ -341,11 +551,10 @@ func (r *Redis) HandleBatch(ctx context.Context, msgs []*exactly.Message, fn fun
 				errs[i] = err
 			}
 		} else {
-			dones := r.evalEach(context.WithoutCancel(ctx), doneScript, freshKeys, token, doneMarker, r.ttlMs)
+			marks := r.markAll(context.WithoutCancel(ctx), freshKeys, token)
 			took := time.Since(start)
 			for k, i := range freshIdx {
-				code, err := dones[k].Int64()
-				r.markedDone(msgs[i], code, err, took)
+				r.markedDone(msgs[i], marks[k], took)
 				out[i] = Processed
 			}
 		}
@@ -423,14 +632,10 @@ func (r *Redis) evalEach(ctx context.Context, script *redis.Script, keys []strin
 func (r *Redis) release(ctx context.Context, keys []string, token string) error {
 	ctx = context.WithoutCancel(ctx)
 	var err error
-	if len(keys) == 1 {
-		err = releaseScript.Run(ctx, r.client, keys, token).Err()
-	} else {
-		for _, c := range r.evalEach(ctx, releaseScript, keys, token) {
-			if c.Err() != nil {
-				err = c.Err()
-				break
-			}
+	for _, c := range r.runEach(ctx, releaseScript, keys, token) {
+		if c.Err() != nil {
+			err = c.Err()
+			break
 		}
 	}
 	if err != nil {
@@ -439,16 +644,16 @@ func (r *Redis) release(ctx context.Context, keys []string, token string) error 
 	return nil
 }
 
-// markedDone reports the result of doneScript for one message.
-func (r *Redis) markedDone(msg *exactly.Message, code int64, err error, took time.Duration) {
+// markedDone reports what writing the done marker of one message came to.
+func (r *Redis) markedDone(msg *exactly.Message, m mark, took time.Duration) {
 	switch {
-	case err != nil:
+	case m.err != nil:
 		r.stats.mfd.Add(1)
 		if r.hooks.MarkFailed != nil {
-			r.hooks.MarkFailed(msg, fmt.Errorf("inbox: mark message %s done in Redis: %w", msg.ID, err))
+			r.hooks.MarkFailed(msg, fmt.Errorf("inbox: mark message %s done in Redis: %w", msg.ID, m.err))
 		}
-	case code == 2, code == 3, code == 0:
-		overlapped := code != 2
+	case m.code == doneExpired, m.code == doneReplaced, m.code == doneAlready:
+		overlapped := m.code != doneExpired
 		r.stats.leaseExpired.Add(1)
 		if overlapped {
 			r.stats.overlapped.Add(1)
@@ -467,6 +672,9 @@ func (r *Redis) inProgress(msg *exactly.Message) {
 	}
 }
 
-func inProgressError(id string, pttl int64) error {
-	return fmt.Errorf("%w: message %s (its lease expires in %s)", ErrInProgress, id, time.Duration(max(pttl, 0))*time.Millisecond)
+func inProgressError(id string, c claim) error {
+	if c.pttlErr != nil {
+		return fmt.Errorf("%w: message %s (its lease's remaining time is unknown: %v)", ErrInProgress, id, c.pttlErr)
+	}
+	return fmt.Errorf("%w: message %s (its lease expires in %s)", ErrInProgress, id, time.Duration(max(c.pttl, 0))*time.Millisecond)
 }

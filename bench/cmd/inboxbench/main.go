@@ -56,6 +56,9 @@ type row struct {
 	// base is the row this one is compared with: its baseline (the same
 	// handler without dedup) or the ceiling that bounds it.
 	base string
+	// redisOnly rows touch Redis alone: no schema is set up for them, and
+	// -redis-only runs just them, without PostgreSQL.
+	redisOnly bool
 }
 
 // result is what one run of a row measured.
@@ -75,9 +78,14 @@ func (r result) rate() float64 {
 
 // bench holds what every row shares.
 type bench struct {
-	cfg        config
-	pool       *pgxpool.Pool
-	rdb        *redis.Client
+	cfg  config
+	pool *pgxpool.Pool
+	rdb  *redis.Client
+	// rdbOld is a second client whose hook refuses SET with NX and GET as
+	// Redis before 7.0 does, so that the inbox falls back to its Lua
+	// scripts: the Redis inbox as it was before it used native commands.
+	rdbOld     *redis.Client
+	old        *oldServer
 	log        *slog.Logger
 	msgs       []*exactly.Message
 	pgBackends backends
@@ -95,16 +103,18 @@ var rows = []row{
 	{id: "tx-batch", num: "3b", name: "baseline batched: BEGIN; INSERT -batch effects; COMMIT, no dedup", run: runTxBatch, base: "insert-batch"},
 	{id: "sql-batch", num: "3", name: "SQL inbox batched: HandleBatchPgx of -batch (claim + same INSERT in one tx)", run: runSQLInboxBatch, base: "tx-batch"},
 	{id: "redis-batch-tx", num: "5t", name: "Redis inbox batched: HandleBatch of -batch around the row-3b transaction", run: runRedisBatchTx, base: "tx-batch"},
-	{id: "setnx", num: "C3", name: "ceiling: SET key val NX EX 3600, one round trip per message (go-redis)", run: runSetNX},
-	{id: "redis-mem", num: "4m", name: "Redis inbox per message: Handle, effect = in-memory counter", run: runRedisMem, base: "setnx"},
-	{id: "setnx-pipe", num: "C4", name: "ceiling: SET NX EX 3600 in pipelines of -batch (go-redis)", run: runSetNXPipe},
-	{id: "redis-batch", num: "5", name: "Redis inbox batched: HandleBatch of -batch, effect = in-memory counter", run: runRedisBatchMem, base: "setnx-pipe"},
-	{id: "redis-native", num: "5n", name: "what-if: HandleBatch's two pipelines with native SET NX PX GET / SET PX GET instead of Lua, effect = counter", run: runNativeWhatIf, base: "setnx-pipe"},
+	{id: "setnx", num: "C3", name: "ceiling: SET key val NX EX 3600, one round trip per message (go-redis)", run: runSetNX, redisOnly: true},
+	{id: "redis-mem", num: "4m", name: "Redis inbox per message: Handle, effect = in-memory counter", run: runRedisMem, base: "setnx", redisOnly: true},
+	{id: "redis-mem-lua", num: "4l", name: "row 4m on the Lua fallback (client refuses SET NX GET, as Redis < 7.0): the inbox before native commands", run: runRedisMemLua, base: "redis-mem", redisOnly: true},
+	{id: "setnx-pipe", num: "C4", name: "ceiling: SET NX EX 3600 in pipelines of -batch (go-redis)", run: runSetNXPipe, redisOnly: true},
+	{id: "redis-batch", num: "5", name: "Redis inbox batched: HandleBatch of -batch, effect = in-memory counter", run: runRedisBatchMem, base: "setnx-pipe", redisOnly: true},
+	{id: "redis-batch-lua", num: "5l", name: "row 5 on the Lua fallback (client refuses SET NX GET, as Redis < 7.0): the inbox before native commands", run: runRedisBatchMemLua, base: "redis-batch", redisOnly: true},
 }
 
 func main() {
 	var cfg config
 	var only string
+	var redisOnly bool
 	flag.StringVar(&cfg.pgDSN, "pg", "postgres://postgres@127.0.0.1:5432/test?sslmode=disable", "PostgreSQL DSN")
 	flag.StringVar(&cfg.redisAddr, "redis", "127.0.0.1:6379", "Redis address")
 	flag.IntVar(&cfg.n, "n", 20000, "messages per row")
@@ -116,6 +126,7 @@ func main() {
 	flag.DurationVar(&cfg.timeout, "row-timeout", 3*time.Minute, "give up on a row after this long")
 	flag.StringVar(&cfg.profileDir, "cpuprofile", "", "write a CPU profile of each row's timed section (last round) to `DIR`/<row>.pprof")
 	flag.StringVar(&only, "rows", "all", "rows to run, comma-separated ids or numbers: "+rowIDs())
+	flag.BoolVar(&redisOnly, "redis-only", false, "run only the rows that use Redis alone (of those -rows selects), without connecting to PostgreSQL")
 	flag.Parse()
 
 	if err := validate(cfg); err != nil {
@@ -126,6 +137,13 @@ func main() {
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "inboxbench:", err)
 		os.Exit(2)
+	}
+	if redisOnly {
+		selected = slices.DeleteFunc(selected, func(r row) bool { return !r.redisOnly })
+		if len(selected) == 0 {
+			fmt.Fprintln(os.Stderr, "inboxbench: -redis-only leaves no row of -rows to run")
+			os.Exit(2)
+		}
 	}
 	if cfg.profileDir != "" {
 		if err := os.MkdirAll(cfg.profileDir, 0o755); err != nil {
@@ -196,34 +214,53 @@ func selectRows(spec string) ([]row, error) {
 }
 
 func run(ctx context.Context, cfg config, selected []row, out io.Writer) error {
-	pcfg, err := pgxpool.ParseConfig(cfg.pgDSN)
-	if err != nil {
-		return fmt.Errorf("-pg: %w", err)
-	}
-	pcfg.MaxConns = int32(cfg.workers) + 1
 	b := &bench{
 		cfg:     cfg,
 		log:     slog.New(slog.NewTextHandler(os.Stderr, nil)),
 		results: map[string]result{},
 		runs:    map[string][]result{},
 	}
-	pcfg.AfterConnect = func(_ context.Context, c *pgx.Conn) error {
-		b.pgBackends.add(int(c.PgConn().PID()))
-		return nil
+	if slices.ContainsFunc(selected, func(r row) bool { return !r.redisOnly }) {
+		pcfg, err := pgxpool.ParseConfig(cfg.pgDSN)
+		if err != nil {
+			return fmt.Errorf("-pg: %w", err)
+		}
+		pcfg.MaxConns = int32(cfg.workers) + 1
+		pcfg.AfterConnect = func(_ context.Context, c *pgx.Conn) error {
+			b.pgBackends.add(int(c.PgConn().PID()))
+			return nil
+		}
+		pool, err := pgxpool.NewWithConfig(ctx, pcfg)
+		if err != nil {
+			return err
+		}
+		defer pool.Close()
+		if err := pool.Ping(ctx); err != nil {
+			return fmt.Errorf("PostgreSQL at %s: %w", cfg.pgDSN, err)
+		}
+		b.pool = pool
 	}
-	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
-	if err != nil {
-		return err
-	}
-	defer pool.Close()
-	if err := pool.Ping(ctx); err != nil {
-		return fmt.Errorf("PostgreSQL at %s: %w", cfg.pgDSN, err)
-	}
-	b.pool = pool
-	b.rdb = redis.NewClient(&redis.Options{Addr: cfg.redisAddr, PoolSize: cfg.workers + 2, MinIdleConns: cfg.workers})
+	ropts := &redis.Options{Addr: cfg.redisAddr, PoolSize: cfg.workers + 2, MinIdleConns: cfg.workers}
+	b.rdb = redis.NewClient(ropts)
 	defer b.rdb.Close()
 	if err := b.rdb.Ping(ctx).Err(); err != nil {
 		return fmt.Errorf("Redis at %s: %w", cfg.redisAddr, err)
+	}
+	if v, err := b.rdb.Info(ctx, "server").Result(); err == nil {
+		for _, l := range strings.Split(v, "\n") {
+			if strings.HasPrefix(l, "redis_version:") {
+				b.log.Info("Redis", "version", strings.TrimSpace(strings.TrimPrefix(l, "redis_version:")))
+			}
+		}
+	}
+	if slices.ContainsFunc(selected, func(r row) bool { return strings.HasSuffix(r.id, "-lua") }) {
+		b.rdbOld = redis.NewClient(ropts)
+		defer b.rdbOld.Close()
+		b.old = &oldServer{}
+		b.rdbOld.AddHook(b.old)
+		if err := b.rdbOld.Ping(ctx).Err(); err != nil {
+			return fmt.Errorf("Redis at %s: %w", cfg.redisAddr, err)
+		}
 	}
 	// Leftovers of an interrupted run.
 	if err := b.cleanupRedis(ctx, keyRoot+"*"); err != nil {
@@ -287,6 +324,7 @@ func (b *bench) runOnce(ctx context.Context, r row, round int) (result, error) {
 	defer cancel()
 	rc := &rowCtx{
 		id:      r.id,
+		noPG:    r.redisOnly,
 		schema:  "exactly_inboxbench_" + strings.ReplaceAll(r.id, "-", "_"),
 		prefix:  fmt.Sprintf("%s%s:r%d:", keyRoot, r.id, round),
 		profile: b.cfg.profileDir != "" && round == b.cfg.repeat-1,

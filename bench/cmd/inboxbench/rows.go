@@ -2,13 +2,13 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"runtime"
 	"runtime/pprof"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -33,6 +33,11 @@ type rowCtx struct {
 	schema  string // holds the effect table and the inbox table
 	prefix  string // every Redis key of the run starts with it
 	profile bool
+	noPG    bool // a Redis-only row: no schema
+	lua     bool // the inbox runs on the client that refuses SET NX GET
+	// refused0 is how many SETs that client had refused when the row's
+	// inbox was made.
+	refused0 int64
 }
 
 func (rc *rowCtx) effect() string     { return rc.schema + ".effect" }
@@ -47,6 +52,9 @@ func (rc *rowCtx) redisKey(id string) string { return rc.prefix + consumer + ":"
 // inbox's own migrations. Then a CHECKPOINT, so that no row pays for the
 // previous row's dirty pages.
 func (b *bench) setup(ctx context.Context, rc *rowCtx) error {
+	if rc.noPG {
+		return b.cleanupRedis(ctx, rc.prefix+"*")
+	}
 	stmts := []string{
 		"DROP SCHEMA IF EXISTS " + rc.schema + " CASCADE",
 		"CREATE SCHEMA " + rc.schema,
@@ -77,6 +85,9 @@ func (b *bench) setup(ctx context.Context, rc *rowCtx) error {
 }
 
 func (b *bench) cleanup(ctx context.Context, rc *rowCtx) error {
+	if rc.noPG {
+		return b.cleanupRedis(ctx, rc.prefix+"*")
+	}
 	_, err := b.pool.Exec(ctx, "DROP SCHEMA IF EXISTS "+rc.schema+" CASCADE")
 	return errors.Join(err, b.cleanupRedis(ctx, rc.prefix+"*"))
 }
@@ -120,7 +131,69 @@ func (b *bench) sqlInbox(rc *rowCtx) (*inbox.SQL, error) {
 func (b *bench) redisInbox(rc *rowCtx) (*inbox.Redis, error) {
 	// The prefix makes the keys of each run fresh; the TTL matches the
 	// ceiling's EX 3600.
-	return inbox.NewRedis(b.rdb, inbox.RedisConfig{Prefix: rc.prefix, Consumer: consumer, TTL: time.Hour})
+	client := b.rdb
+	if rc.lua {
+		client = b.rdbOld
+		rc.refused0 = b.old.refused.Load()
+	}
+	return inbox.NewRedis(client, inbox.RedisConfig{Prefix: rc.prefix, Consumer: consumer, TTL: time.Hour})
+}
+
+// oldServer is a client hook that answers "ERR syntax error" to SET with
+// both NX and GET, without sending it, as Redis before 7.0 does (and
+// writes nothing): the Redis inbox then falls back to its Lua scripts.
+type oldServer struct {
+	refused atomic.Int64
+}
+
+type syntaxError struct{}
+
+func (syntaxError) Error() string { return "ERR syntax error" }
+func (syntaxError) RedisError()   {}
+
+func (o *oldServer) refuse(cmd redis.Cmder) bool {
+	if cmd.Name() != "set" {
+		return false
+	}
+	var nx, get bool
+	for _, a := range cmd.Args()[1:] {
+		if s, ok := a.(string); ok {
+			nx = nx || strings.EqualFold(s, "nx")
+			get = get || strings.EqualFold(s, "get")
+		}
+	}
+	if nx && get {
+		o.refused.Add(1)
+		cmd.SetErr(syntaxError{})
+		return true
+	}
+	return false
+}
+
+func (o *oldServer) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (o *oldServer) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if o.refuse(cmd) {
+			return cmd.Err()
+		}
+		return next(ctx, cmd)
+	}
+}
+
+func (o *oldServer) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		pass := cmds[:0:0]
+		for _, c := range cmds {
+			if !o.refuse(c) {
+				pass = append(pass, c)
+			}
+		}
+		if len(pass) == 0 {
+			return nil
+		}
+		return next(ctx, pass)
+	}
 }
 
 // timed runs the measured section: CPU meter around it, and a CPU profile
@@ -508,6 +581,16 @@ func runRedisBatchMem(ctx context.Context, b *bench, rc *rowCtx) (result, error)
 	return res, err
 }
 
+func runRedisMemLua(ctx context.Context, b *bench, rc *rowCtx) (result, error) {
+	rc.lua = true
+	return runRedisMem(ctx, b, rc)
+}
+
+func runRedisBatchMemLua(ctx context.Context, b *bench, rc *rowCtx) (result, error) {
+	rc.lua = true
+	return runRedisBatchMem(ctx, b, rc)
+}
+
 func runRedisBatchTx(ctx context.Context, b *bench, rc *rowCtx) (result, error) {
 	return b.redisBatch(ctx, rc, func(ctx context.Context, fresh []*exactly.Message) error {
 		return b.txMany(ctx, rc, fresh)
@@ -572,54 +655,12 @@ func (b *bench) redisInboxNote(ctx context.Context, rc *rowCtx, ib *inbox.Redis,
 	if inSQL {
 		what = "effect rows"
 	}
-	return fmt.Sprintf("checked: %d %s, %d done markers; %d redelivered (untimed): all duplicates, no effect applied twice",
-		len(b.msgs), what, keys, again), nil
-}
-
-// runNativeWhatIf is a what-if, not the inbox: the same two pipelined round
-// trips per batch as HandleBatch (take the leases, then write the done
-// markers), with native commands instead of Lua scripts. SET NX PX GET
-// returns the old value (nil: the lease is ours; "done": a duplicate;
-// anything else: in progress), and SET PX GET replaces the lease with the
-// marker and returns what it replaced, which tells the same four cases the
-// done script tells. It measures what the Lua costs on the server.
-func runNativeWhatIf(ctx context.Context, b *bench, rc *rowCtx) (result, error) {
-	var counter atomic.Int64
-	el, cpu, err := b.timed(ctx, rc, func(ctx context.Context) error {
-		return b.eachBatch(ctx, b.msgs, func(ctx context.Context, ms []*exactly.Message) error {
-			token := "lease:" + rand.Text()
-			claims := make([]*redis.StatusCmd, len(ms))
-			_, _ = b.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
-				for i, m := range ms {
-					claims[i] = p.SetArgs(ctx, rc.redisKey(m.ID), token, redis.SetArgs{Mode: "NX", TTL: inbox.DefaultLease, Get: true})
-				}
-				return nil
-			})
-			fresh := make([]*exactly.Message, 0, len(ms))
-			for i, c := range claims {
-				if err := c.Err(); err != redis.Nil {
-					return fmt.Errorf("claim of fresh message %s: old value %q, %v", ms[i].ID, c.Val(), err)
-				}
-				fresh = append(fresh, ms[i])
-			}
-			counter.Add(int64(len(fresh))) // the effect
-			dones := make([]*redis.StatusCmd, len(fresh))
-			_, _ = b.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
-				for i, m := range fresh {
-					dones[i] = p.SetArgs(ctx, rc.redisKey(m.ID), "done", redis.SetArgs{TTL: time.Hour, Get: true})
-				}
-				return nil
-			})
-			for i, c := range dones {
-				if c.Err() != nil || c.Val() != token {
-					return fmt.Errorf("done marker of %s: replaced %q, %v", fresh[i].ID, c.Val(), c.Err())
-				}
-			}
-			return nil
-		})
-	})
-	if err == nil && counter.Load() != int64(len(b.msgs)) {
-		err = fmt.Errorf("counter is %d, want %d", counter.Load(), len(b.msgs))
+	path := "native SET NX PX GET / SET PX GET"
+	if rc.lua {
+		// The inbox's first calls (one per worker at most) are refused,
+		// then it uses the scripts.
+		path = fmt.Sprintf("Lua fallback (%d SET NX GET commands refused in this run, all before the switch)", b.old.refused.Load()-rc.refused0)
 	}
-	return b.redisResult(ctx, rc, el, fmt.Sprintf("what-if, not the inbox's code; %d workers, batches of %d; %s", b.cfg.workers, b.cfg.batch, cpu), err)
+	return fmt.Sprintf("%s; checked: %d %s, %d done markers; %d redelivered (untimed): all duplicates, no effect applied twice",
+		path, len(b.msgs), what, keys, again), nil
 }
