@@ -22,8 +22,10 @@ type Config struct {
 	// Publisher receives the messages. Required.
 	Publisher exactly.Publisher
 
-	// BatchSize is the most rows fetched and published at once. Default 500.
-	// Larger batches raise throughput and the latency of each batch.
+	// BatchSize is the most rows fetched and published at once. Default
+	// 2000. Larger batches raise throughput and the latency of each batch
+	// under a backlog; at low rates a batch holds what committed since the
+	// last read, so the size does not matter there.
 	BatchSize int
 	// PollInterval is how often the table is read when nothing woke the
 	// relay. On PostgreSQL a NOTIFY from the insert trigger wakes it at once,
@@ -124,7 +126,7 @@ func (c *Config) withDefaults() (Config, error) {
 		}
 	}
 	if cfg.BatchSize == 0 {
-		cfg.BatchSize = 500
+		cfg.BatchSize = 2000
 	}
 	if cfg.BatchSize > 10000 {
 		return cfg, fmt.Errorf("relay: Config.BatchSize %d is above the limit of 10000", cfg.BatchSize)

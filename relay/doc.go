@@ -13,9 +13,28 @@
 // again after restart, with the same ids; the consumer's inbox absorbs the
 // copy.
 //
-// No skipped rows: the relay keeps no cursor. Every read takes the pending
-// rows in sequence order, so a transaction that took a low sequence number
-// and committed late is picked up by the next read.
+// No skipped rows: reads take the pending rows in sequence order, leaving
+// out only the rows in flight, so a transaction that took a low sequence
+// number and committed late is picked up by the next read. While working
+// through a backlog (the last read was a full batch) the relay reads the
+// rows above the highest sequence it has seen, which is cheaper than
+// excluding thousands of rows in flight; a full read still comes whenever it
+// is caught up or nothing is in flight, after any failure or held-back row,
+// and at least every 500ms, so a late commit waits at most that long during
+// a backlog and not at all otherwise.
+//
+// Marking: the outcomes of the batches confirmed since the last mark are
+// recorded together, one statement for all their confirmed rows, in batch
+// order. On PostgreSQL that transaction commits with synchronous_commit off:
+// it does not wait for the WAL flush, which takes the flush off the relay's
+// path at low rates. A database crash can then lose the last marks (never a
+// row: the rows were committed by the application with its own settings);
+// those messages are published again with the same ids, which is the
+// at-least-once contract, and the consumer's inbox absorbs the copies.
+//
+// Pipelining: the next batches are read while one is published, and the
+// outcome of a batch is recorded while the next one is published; Publish
+// is called for one batch at a time.
 //
 // Per-key order: rows of one Key are handed to the broker in sequence order,
 // and a row whose predecessor of the same key failed waits for it (it is

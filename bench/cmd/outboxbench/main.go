@@ -106,7 +106,7 @@ func main() {
 	flag.IntVar(&cfg.n, "n", 100000, "messages per drain row")
 	flag.IntVar(&cfg.payload, "payload", 200, "payload size in bytes")
 	flag.IntVar(&cfg.keys, "keys", 1000, "number of distinct ordering keys")
-	flag.IntVar(&cfg.batch, "batch", 500, "batch size of the relay and of the raw SQL drain")
+	flag.IntVar(&cfg.batch, "batch", 2000, "batch size of the relay (its default) and of the raw SQL drain")
 	flag.BoolVar(&cfg.headers, "headers", true, "give every message a W3C traceparent header (stored as JSON in the outbox)")
 	flag.IntVar(&cfg.latRate, "lat-rate", 1000, "messages per second in the latency rows")
 	flag.DurationVar(&cfg.latFor, "lat-duration", 10*time.Second, "how long the latency rows produce")

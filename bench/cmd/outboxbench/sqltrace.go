@@ -48,8 +48,10 @@ func (t *sqlTracer) TraceQueryEnd(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQ
 	if !ok || !t.on.Load() {
 		return
 	}
-	d := time.Since(s.start)
-	kind := classify(s.sql)
+	t.record(classify(s.sql), time.Since(s.start))
+}
+
+func (t *sqlTracer) record(kind string, d time.Duration) {
 	t.mu.Lock()
 	k := t.kinds[kind]
 	if k == nil {
@@ -62,10 +64,45 @@ func (t *sqlTracer) TraceQueryEnd(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQ
 	t.mu.Unlock()
 }
 
+// batchTrace times a pgx batch (the relay marks rows with one: BEGIN, SET
+// LOCAL, the statement, COMMIT in a single round trip); the batch counts as
+// one statement of the kind of its main query.
+type batchTrace struct {
+	start time.Time
+	kind  string
+}
+
+func (t *sqlTracer) TraceBatchStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceBatchStartData) context.Context {
+	if !t.on.Load() {
+		return ctx
+	}
+	return context.WithValue(ctx, traceKey{}, &batchTrace{start: time.Now(), kind: "other"})
+}
+
+func (t *sqlTracer) TraceBatchQuery(ctx context.Context, _ *pgx.Conn, data pgx.TraceBatchQueryData) {
+	if b, ok := ctx.Value(traceKey{}).(*batchTrace); ok {
+		switch k := classify(data.SQL); k {
+		case "begin", "commit", "other":
+		default:
+			b.kind = k
+		}
+	}
+}
+
+func (t *sqlTracer) TraceBatchEnd(ctx context.Context, _ *pgx.Conn, _ pgx.TraceBatchEndData) {
+	b, ok := ctx.Value(traceKey{}).(*batchTrace)
+	if !ok || !t.on.Load() {
+		return
+	}
+	t.record(b.kind, time.Since(b.start))
+}
+
 // classify names a statement by what it does for the relay or Watermill.
 func classify(sql string) string {
 	s := strings.TrimSpace(sql)
 	switch {
+	case strings.HasPrefix(s, "SELECT seq, id, topic") && strings.Contains(s, "status = 0 AND seq >"):
+		return "fetch-next"
 	case strings.HasPrefix(s, "SELECT seq, id, topic"):
 		return "fetch"
 	case strings.HasPrefix(s, "DELETE FROM") && strings.Contains(s, "WHERE seq IN (SELECT"):
