@@ -75,6 +75,7 @@ type faultyPublisher struct {
 	lostAcks  atomic.Int64
 	crashes   atomic.Int64
 	published atomic.Int64 // records confirmed by the broker, copies included
+	calls     atomic.Int64
 }
 
 func (p *faultyPublisher) roll() float64 {
@@ -89,8 +90,11 @@ func (p *faultyPublisher) Publish(ctx context.Context, msgs []*exactly.Message) 
 		return err
 	}
 	p.published.Add(int64(len(msgs)))
+	// Random faults, plus fixed ones early on so every kind happens in
+	// every run, however short.
+	n := p.calls.Add(1)
 	switch x := p.roll(); {
-	case x < 0.03:
+	case x < 0.03 || n == 6 || n == 20:
 		// The relay dies after the broker confirmed, before it marks the
 		// rows sent: they go out again from the next relay.
 		p.crashes.Add(1)
@@ -100,7 +104,7 @@ func (p *faultyPublisher) Publish(ctx context.Context, msgs []*exactly.Message) 
 		}
 		<-ctx.Done()
 		return fmt.Errorf("relay killed after the broker confirmed: %w", ctx.Err())
-	case x < 0.08:
+	case x < 0.08 || n == 3 || n == 12:
 		// The acknowledgement is lost on the way back (a timeout after the
 		// broker accepted): the relay retries the batch.
 		p.lostAcks.Add(1)
@@ -383,6 +387,9 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) error {
 
 	if ctx.Err() != nil && written.Load() < int64(o.orders) {
 		return &exitError{1, fmt.Sprintf("timed out after %s with %d of %d orders written", o.timeout, written.Load(), o.orders)}
+	}
+	if pub.lostAcks.Load() == 0 || pub.crashes.Load() == 0 {
+		return &exitError{1, "a fault kind was never injected: the run proved less than it should"}
 	}
 	if lost > 0 || got.altered > 0 || unknown > 0 || st.Pending > 0 || st.Dead > 0 {
 		return &exitError{1, fmt.Sprintf("FAILED: %d lost, %d altered, %d unknown, %d pending, %d dead", lost, got.altered, unknown, st.Pending, st.Dead)}
