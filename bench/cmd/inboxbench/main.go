@@ -17,6 +17,7 @@ import (
 	"crypto/rand"
 	"flag"
 	"fmt"
+	"github.com/exactlyonce/exactly/bench/internal/cpumeter"
 	"io"
 	"log/slog"
 	"os"
@@ -88,7 +89,7 @@ type bench struct {
 	old        *oldServer
 	log        *slog.Logger
 	msgs       []*exactly.Message
-	pgBackends backends
+	pgBackends cpumeter.Backends
 	results    map[string]result
 	runs       map[string][]result // one per round, in order
 }
@@ -227,7 +228,7 @@ func run(ctx context.Context, cfg config, selected []row, out io.Writer) error {
 		}
 		pcfg.MaxConns = int32(cfg.workers) + 1
 		pcfg.AfterConnect = func(_ context.Context, c *pgx.Conn) error {
-			b.pgBackends.add(int(c.PgConn().PID()))
+			b.pgBackends.Add(int(c.PgConn().PID()))
 			return nil
 		}
 		pool, err := pgxpool.NewWithConfig(ctx, pcfg)

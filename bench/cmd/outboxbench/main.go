@@ -11,6 +11,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"github.com/exactlyonce/exactly/bench/internal/cpumeter"
 	"io"
 	"log/slog"
 	"os"
@@ -81,7 +82,7 @@ type bench struct {
 	runs    map[string][]result // the rounds of the short drains, in order
 	// pgBackends are the server pids of every connection the benchmark
 	// opens, for the CPU meter.
-	pgBackends backends
+	pgBackends cpumeter.Backends
 	// sqlTrace times the statements on the pool during a measured section.
 	sqlTrace sqlTracer
 }
@@ -313,7 +314,7 @@ func median(all []result) result {
 
 // trackBackend records the server pid of each new connection.
 func (b *bench) trackBackend(ctx context.Context, conn *pgx.Conn) error {
-	b.pgBackends.add(int(conn.PgConn().PID()))
+	b.pgBackends.Add(int(conn.PgConn().PID()))
 	return nil
 }
 

@@ -346,7 +346,7 @@ func (b *bench) watchOtherTransactions(ctx context.Context) (stop func() time.Du
 		defer close(done)
 		for {
 			var age float64
-			ours := b.pgBackends.list()
+			ours := b.pgBackends.List()
 			pids := make([]int32, len(ours))
 			for i, p := range ours {
 				pids[i] = int32(p)
