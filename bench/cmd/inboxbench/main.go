@@ -18,6 +18,7 @@ import (
 	"flag"
 	"fmt"
 	"github.com/exactlyonce/exactly/bench/internal/cpumeter"
+	"github.com/exactlyonce/exactly/bench/internal/report"
 	"io"
 	"log/slog"
 	"os"
@@ -319,7 +320,7 @@ func makeMessages(n, payload int) []*exactly.Message {
 // runOnce runs a row once, with its own schema and key prefix, and removes
 // them afterwards.
 func (b *bench) runOnce(ctx context.Context, r row, round int) (result, error) {
-	load := loadAvg()
+	load := report.LoadAvg()
 	b.log.Info("row start", "row", r.num, "id", r.id, "round", fmt.Sprintf("%d of %d", round+1, b.cfg.repeat), "loadavg", load)
 	rctx, cancel := context.WithTimeout(ctx, b.cfg.timeout)
 	defer cancel()
@@ -359,20 +360,16 @@ func median(all []result) result {
 	return med
 }
 
-// pairedRatio is the spread of rate(a[i]) / rate(b[i]) over the rounds.
 func pairedRatio(a, b []result) (lo, med, hi float64, ok bool) {
-	if len(a) == 0 || len(a) != len(b) {
-		return 0, 0, 0, false
+	return report.PairedRatio(rates(a), rates(b), 1)
+}
+
+func rates(rs []result) []float64 {
+	out := make([]float64, len(rs))
+	for i, r := range rs {
+		out[i] = r.rate()
 	}
-	rs := make([]float64, len(a))
-	for i := range a {
-		if b[i].rate() == 0 {
-			return 0, 0, 0, false
-		}
-		rs[i] = a[i].rate() / b[i].rate()
-	}
-	slices.Sort(rs)
-	return rs[0], rs[len(rs)/2], rs[len(rs)-1], true
+	return out
 }
 
 // target is a goal the brief sets for a row, against its base.
@@ -400,7 +397,7 @@ func printTable(w io.Writer, b *bench, selected []row) {
 			continue
 		}
 		if res.err != nil {
-			fmt.Fprintf(w, "| %s | %s | | | | | | FAILED: %s |\n", r.num, r.name, oneLine(res.err.Error()))
+			fmt.Fprintf(w, "| %s | %s | | | | | | FAILED: %s |\n", r.num, r.name, report.OneLine(res.err.Error()))
 			continue
 		}
 		ratio, verdict := "", ""
@@ -443,19 +440,6 @@ func rowNum(id string) string {
 	return id
 }
 
-// loadAvg is the 1-minute load average, noted so that a noisy run shows.
-func loadAvg() string {
-	raw, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return "?"
-	}
-	f := strings.Fields(string(raw))
-	if len(f) == 0 {
-		return "?"
-	}
-	return f[0]
-}
-
 func fmtRate(v float64) string {
 	s := fmt.Sprintf("%.0f", v)
 	var sb strings.Builder
@@ -476,13 +460,4 @@ func fmtDur(d time.Duration) string {
 		return fmt.Sprintf("%.2f ms", float64(d)/float64(time.Millisecond))
 	}
 	return fmt.Sprintf("%.2f s", d.Seconds())
-}
-
-func oneLine(s string) string {
-	s = strings.ReplaceAll(s, "\n", " ")
-	s = strings.ReplaceAll(s, "|", "/")
-	if len(s) > 200 {
-		s = s[:200] + "…"
-	}
-	return s
 }

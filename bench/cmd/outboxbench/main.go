@@ -12,6 +12,7 @@ import (
 	"flag"
 	"fmt"
 	"github.com/exactlyonce/exactly/bench/internal/cpumeter"
+	"github.com/exactlyonce/exactly/bench/internal/report"
 	"io"
 	"log/slog"
 	"os"
@@ -284,7 +285,7 @@ func run(ctx context.Context, cfg config, selected []row, out io.Writer) error {
 
 // runOnce runs a row once and notes the load average at its start.
 func (b *bench) runOnce(ctx context.Context, r row, round string) (result, error) {
-	load := loadAvg()
+	load := report.LoadAvg()
 	b.log.Info("row start", "row", r.num, "id", r.id, "round", round, "loadavg", load)
 	rctx, cancel := context.WithTimeout(ctx, b.cfg.timeout)
 	defer cancel()
@@ -318,19 +319,6 @@ func (b *bench) trackBackend(ctx context.Context, conn *pgx.Conn) error {
 	return nil
 }
 
-// loadAvg is the 1-minute load average, logged so that a noisy run shows.
-func loadAvg() string {
-	raw, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return "?"
-	}
-	f := strings.Fields(string(raw))
-	if len(f) == 0 {
-		return "?"
-	}
-	return f[0]
-}
-
 func needsNATS(selected []row) bool {
 	return slices.ContainsFunc(selected, func(r row) bool { return r.id != "sql" && r.id != "relay-null" })
 }
@@ -346,7 +334,7 @@ func printTable(w io.Writer, b *bench, selected []row) {
 	for _, r := range selected {
 		res := b.results[r.id]
 		if res.err != nil {
-			fmt.Fprintf(w, "| %s | %s | | | | | | | | FAILED: %s |\n", r.num, r.name, oneLine(res.err.Error()))
+			fmt.Fprintf(w, "| %s | %s | | | | | | | | FAILED: %s |\n", r.num, r.name, report.OneLine(res.err.Error()))
 			continue
 		}
 		p50, p99 := "", ""
@@ -388,20 +376,16 @@ func ratioText(b *bench, id string) string {
 	return fmt.Sprintf("%.2f× row %s (same-round ratios %.2f–%.2f)", med, rowNum(c), lo, hi)
 }
 
-// pairedRatio is the spread of rate(a[i]) / rate(b[i]) over rounds.
 func pairedRatio(a, b []result) (lo, med, hi float64, ok bool) {
-	if len(a) < 2 || len(a) != len(b) {
-		return 0, 0, 0, false
+	return report.PairedRatio(rates(a), rates(b), 2)
+}
+
+func rates(rs []result) []float64 {
+	out := make([]float64, len(rs))
+	for i, r := range rs {
+		out[i] = r.rate()
 	}
-	rs := make([]float64, len(a))
-	for i := range a {
-		if b[i].rate() == 0 {
-			return 0, 0, 0, false
-		}
-		rs[i] = a[i].rate() / b[i].rate()
-	}
-	slices.Sort(rs)
-	return rs[0], rs[len(rs)/2], rs[len(rs)-1], true
+	return out
 }
 
 // ratioOf is the number ratioText shows.
@@ -479,13 +463,4 @@ func fmtDur(d time.Duration) string {
 		return fmt.Sprintf("%.2f ms", float64(d)/float64(time.Millisecond))
 	}
 	return fmt.Sprintf("%.2f s", d.Seconds())
-}
-
-func oneLine(s string) string {
-	s = strings.ReplaceAll(s, "\n", " ")
-	s = strings.ReplaceAll(s, "|", "/")
-	if len(s) > 200 {
-		s = s[:200] + "…"
-	}
-	return s
 }
