@@ -119,7 +119,7 @@ type deliveries struct {
 	count    map[string]int
 	payload  map[string]string
 	altered  int
-	received int64
+	received atomic.Int64
 }
 
 func (d *deliveries) add(r *kgo.Record) {
@@ -129,9 +129,9 @@ func (d *deliveries) add(r *kgo.Record) {
 			id = string(h.Value)
 		}
 	}
+	d.received.Add(1)
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.received++
 	if prev, ok := d.payload[id]; ok && prev != string(r.Value) {
 		d.altered++
 	}
@@ -310,7 +310,7 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) error {
 		<-tick.C
 		if tty || time.Since(lastLine) > 5*time.Second {
 			line := fmt.Sprintf("  %5.1fs  written %d  published %d  delivered %d  lost acks %d  relay crashes %d  rebalances %d",
-				time.Since(start).Seconds(), written.Load(), pub.published.Load(), got.received, pub.lostAcks.Load(), pub.crashes.Load(), rebalances.Load())
+				time.Since(start).Seconds(), written.Load(), pub.published.Load(), got.received.Load(), pub.lostAcks.Load(), pub.crashes.Load(), rebalances.Load())
 			if tty {
 				fmt.Fprintf(out, "\r%-110s", line)
 			} else {
@@ -324,11 +324,11 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) error {
 	}
 	writers.Wait()
 	stopWork()
+	wg.Wait() // the relay and the fault injector (which starts members) are done
 	for _, c := range memberCancels {
 		c()
 	}
 	members.Wait()
-	wg.Wait()
 	if v := writeErr.Load(); v != nil {
 		return fmt.Errorf("order service: %w", v.(error))
 	}
@@ -374,7 +374,7 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) error {
 	row("orders written", written.Load(), "each with its order.created event, in one SQLite transaction")
 	row("events in the outbox", len(ids), "")
 	row("records on the topic", onTopic, fmt.Sprintf("%d copies of already published events", onTopic-int64(len(ids))))
-	row("delivered to the group", got.received, "copies and rebalance redeliveries included")
+	row("delivered to the group", got.received.Load(), "copies and rebalance redeliveries included")
 	row("distinct events delivered", len(got.count), "")
 	row("events delivered twice+", dupIDs, "each copy carries its original's id (the inbox absorbs them)")
 	row("copies with other content", got.altered, "must be 0")
