@@ -1,4 +1,5 @@
-// Command exactly is the toolkit's CLI: the demo and the schema migrations.
+// Command exactly is the toolkit's CLI: the demo, the schema migrations and
+// the operator commands for the outbox and the inbox.
 package main
 
 import (
@@ -29,7 +30,7 @@ func main() {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(demoCmd(), migrateCmd())
+	root.AddCommand(demoCmd(), migrateCmd(), outboxCmd(), inboxCmd())
 	if err := root.ExecuteContext(ctx); err != nil {
 		fmt.Fprintln(os.Stderr, "exactly:", err)
 		var ee *exitError
