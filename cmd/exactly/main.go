@@ -30,7 +30,7 @@ func main() {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(demoCmd(), migrateCmd(), outboxCmd(), inboxCmd())
+	root.AddCommand(demoCmd(), migrateCmd(), outboxCmd(), inboxCmd(), relayCmd())
 	if err := root.ExecuteContext(ctx); err != nil {
 		fmt.Fprintln(os.Stderr, "exactly:", err)
 		var ee *exitError

@@ -1,0 +1,394 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	natsgo "github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/internal/testenv"
+	"github.com/exactlyonce/exactly/outbox"
+)
+
+// buildExactly builds the command into a temporary directory.
+func buildExactly(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "exactly")
+	out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// relayEnvCleared is the environment without any EXACTLY_* variable, so the
+// caller's shell does not configure the relay under test.
+func relayEnvCleared() []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "EXACTLY_") {
+			env = append(env, kv)
+		}
+	}
+	return env
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
+}
+
+// syncBuffer collects a subprocess's output for the test to read.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func TestRelayCommand(t *testing.T) {
+	bin := buildExactly(t)
+	t.Run("BadFlags", func(t *testing.T) { testRelayBadFlags(t, bin) })
+	t.Run("PostgresNATS", func(t *testing.T) { testRelayPostgresNATS(t, bin) })
+}
+
+func testRelayBadFlags(t *testing.T, bin string) {
+	const dsn = "postgres://u:secret@127.0.0.1:1/db"
+	for _, tc := range []struct {
+		args []string
+		env  []string
+		want string
+	}{
+		{[]string{"--broker", "nats", "--nats-url", "nats://127.0.0.1:1"}, nil, "--db is required"},
+		{[]string{"--db", dsn, "--broker", "rabbit"}, nil, `--broker: unknown broker "rabbit"`},
+		{[]string{"--db", dsn}, nil, "--broker is required"},
+		{[]string{"--db", dsn}, []string{"EXACTLY_BROKER=sqs"}, `--broker: unknown broker "sqs"`},
+		{[]string{"--db", dsn, "--broker", "kafka"}, nil, "--kafka-brokers is required"},
+		{[]string{"--db", dsn, "--broker", "nats"}, nil, "--nats-url is required"},
+		{[]string{"--db", dsn, "--broker", "nats", "--nats-url", "nats://x", "--poll-interval", "soon"}, nil, `invalid argument "soon" for "--poll-interval"`},
+		{[]string{"--db", dsn, "--broker", "nats", "--nats-url", "nats://x", "--retention", "-1h"}, nil, "--retention must not be negative"},
+		{[]string{"--db", dsn, "--broker", "nats", "--nats-url", "nats://x", "--batch-size", "-5"}, nil, "--batch-size must not be negative"},
+		{[]string{"--db", dsn, "--broker", "nats", "--nats-url", "nats://x"}, []string{"EXACTLY_POLL_INTERVAL=often"}, "EXACTLY_POLL_INTERVAL (for --poll-interval)"},
+		{[]string{"--db", dsn, "--broker", "nats", "--nats-url", "nats://x", "--log-format", "xml"}, nil, "--log-format"},
+		{[]string{"--db", dsn, "--broker", "nats", "--nats-url", "nats://x", "--log-level", "loud"}, nil, "--log-level"},
+		{[]string{"--db", dsn, "--broker", "nats", "--nats-url", "nats://x", "--admin-addr", "nowhere"}, nil, "--admin-addr"},
+		{[]string{"--db", "oracle://u:secret@x/db", "--broker", "nats", "--nats-url", "nats://x"}, nil, "unrecognised database DSN"},
+		{[]string{"--broker", "nats", "--nats-url", "nats://x"}, []string{"EXACTLY_DB=" + dsn}, "cannot reach the database"},
+		{[]string{"--db", dsn, "--broker", "nats", "--nats-url", "nats://x"}, nil, "cannot reach the database"},
+	} {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		cmd := exec.CommandContext(ctx, bin, append([]string{"relay"}, tc.args...)...)
+		cmd.Env = append(relayEnvCleared(), tc.env...)
+		out, err := cmd.CombinedOutput()
+		cancel()
+		var ee *exec.ExitError
+		switch {
+		case !errors.As(err, &ee):
+			t.Errorf("%v %v: want a non-zero exit, got %v\n%s", tc.env, tc.args, err, out)
+		case ee.ExitCode() <= 0:
+			t.Errorf("%v %v: exit code %d\n%s", tc.env, tc.args, ee.ExitCode(), out)
+		}
+		s := string(out)
+		if !strings.Contains(s, tc.want) {
+			t.Errorf("%v %v: output lacks %q:\n%s", tc.env, tc.args, tc.want, s)
+		}
+		if strings.Contains(s, "secret") {
+			t.Errorf("%v %v: the password leaked:\n%s", tc.env, tc.args, s)
+		}
+		if strings.Contains(s, "panic") || strings.Contains(s, "goroutine ") {
+			t.Errorf("%v %v: panicked:\n%s", tc.env, tc.args, s)
+		}
+	}
+}
+
+// relayProc is a running `exactly relay`.
+type relayProc struct {
+	cmd   *exec.Cmd
+	out   *syncBuffer
+	admin string
+	done  chan struct{} // closed when the process exited
+	err   error         // its exit status, once done is closed
+}
+
+func startRelay(t *testing.T, bin, admin string, args ...string) *relayProc {
+	t.Helper()
+	p := &relayProc{out: &syncBuffer{}, admin: admin, done: make(chan struct{})}
+	p.cmd = exec.Command(bin, append([]string{"relay", "--admin-addr", admin}, args...)...)
+	p.cmd.Env = relayEnvCleared()
+	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { p.err = p.cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() {
+		select {
+		case <-p.done:
+		default:
+			p.cmd.Process.Kill()
+			<-p.done
+		}
+	})
+	return p
+}
+
+// stop sends SIGTERM and requires a clean exit within 10s.
+func (p *relayProc) stop(t *testing.T) {
+	t.Helper()
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-p.done:
+		if p.err != nil {
+			t.Fatalf("relay exited with %v after SIGTERM\n%s", p.err, p.out)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("relay did not exit within 10s of SIGTERM\n%s", p.out)
+	}
+	if strings.Contains(p.out.String(), "secret") {
+		t.Errorf("the log shows the password:\n%s", p.out)
+	}
+}
+
+func (p *relayProc) get(path string) (int, string, error) {
+	c := http.Client{Timeout: 3 * time.Second}
+	resp, err := c.Get("http://" + p.admin + path)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), err
+}
+
+// metric returns the value of an unlabelled metric in a /metrics scrape.
+func metric(body, name string) (float64, bool) {
+	sc := bufio.NewScanner(strings.NewReader(body))
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) == 2 && f[0] == name {
+			v, err := strconv.ParseFloat(f[1], 64)
+			return v, err == nil
+		}
+	}
+	return 0, false
+}
+
+// waitFor polls cond until it holds or the timeout passes.
+func waitFor(t *testing.T, p *relayProc, what string, timeout time.Duration, cond func() (bool, string)) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	var last string
+	for time.Now().Before(deadline) {
+		var ok bool
+		if ok, last = cond(); ok {
+			return
+		}
+		select {
+		case <-p.done:
+			t.Fatalf("%s: the relay exited (%v)\n%s", what, p.err, p.out)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	t.Fatalf("%s: timed out (%s)\n%s", what, last, p.out)
+}
+
+func testRelayPostgresNATS(t *testing.T, bin string) {
+	testenv.Need(t, testenv.Postgres)
+	testenv.Need(t, testenv.NATS)
+	db := pgDB(t)
+	ctx := context.Background()
+
+	table := uniqueName("relay_cmd_ob")
+	ob, err := outbox.New(outbox.Config{Dialect: outbox.Postgres, Table: table})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ob.Migrate(ctx, db); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for _, s := range []string{"", "_leases", "_relays"} {
+			db.Exec("DROP TABLE IF EXISTS " + table + s)
+		}
+		db.Exec("DROP FUNCTION IF EXISTS " + table + "_notify()")
+		db.Exec("DELETE FROM exactly_migrations WHERE scope = $1", "outbox:"+table)
+	})
+
+	nc, err := natsgo.Connect(testenv.NATSURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	streamName := strings.ToUpper(uniqueName("RELAY_CMD"))
+	subject := "exactlytest." + strings.ToLower(streamName)
+	stream, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: streamName, Subjects: []string{subject}, Storage: jetstream.MemoryStorage})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { js.DeleteStream(context.Background(), streamName) })
+
+	enqueue := func(from, n int) []string {
+		t.Helper()
+		msgs := make([]*exactly.Message, n)
+		for i := range msgs {
+			msgs[i] = &exactly.Message{Topic: subject, Key: fmt.Sprintf("k-%d", (from+i)%7), Payload: fmt.Appendf(nil, "m-%d", from+i)}
+		}
+		tx, err := db.BeginTx(ctx, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := ob.Enqueue(ctx, tx, msgs...); err != nil {
+			tx.Rollback()
+			t.Fatal(err)
+		}
+		if err := tx.Commit(); err != nil {
+			t.Fatal(err)
+		}
+		ids := make([]string, n)
+		for i, m := range msgs {
+			ids[i] = m.ID
+		}
+		return ids
+	}
+	streamMsgs := func() (bool, uint64, string) {
+		info, err := stream.Info(ctx)
+		if err != nil {
+			return false, 0, err.Error()
+		}
+		return true, info.State.Msgs, fmt.Sprintf("stream holds %d", info.State.Msgs)
+	}
+	// checkStream requires the stream to hold exactly the messages of ids,
+	// each once, with its Nats-Msg-Id.
+	checkStream := func(ids []string) {
+		t.Helper()
+		want := map[string]bool{}
+		for _, id := range ids {
+			want[id] = true
+		}
+		info, err := stream.Info(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.State.Msgs != uint64(len(ids)) {
+			t.Fatalf("stream holds %d messages, want %d", info.State.Msgs, len(ids))
+		}
+		seen := map[string]bool{}
+		for seq := info.State.FirstSeq; seq <= info.State.LastSeq; seq++ {
+			m, err := stream.GetMsg(ctx, seq)
+			if err != nil {
+				t.Fatalf("message %d: %v", seq, err)
+			}
+			id := m.Header.Get(natsgo.MsgIdHdr)
+			if !want[id] {
+				t.Errorf("message %d has Nats-Msg-Id %q, not one enqueued", seq, id)
+			}
+			if seen[id] {
+				t.Errorf("message %s stored twice", id)
+			}
+			seen[id] = true
+		}
+		if len(seen) != len(want) {
+			t.Errorf("%d distinct messages in the stream, want %d", len(seen), len(want))
+		}
+	}
+
+	ids := enqueue(0, 200)
+	args := []string{"--db", testenv.PostgresDSN(), "--table", table, "--broker", "nats", "--nats-url", testenv.NATSURL(),
+		"--partitions", "4", "--poll-interval", "200ms", "--log-format", "json"}
+	p := startRelay(t, bin, freeAddr(t), args...)
+	waitFor(t, p, "200 messages in the stream", 30*time.Second, func() (bool, string) {
+		ok, n, s := streamMsgs()
+		return ok && n >= 200, s
+	})
+	waitFor(t, p, "metrics show 200 published", 10*time.Second, func() (bool, string) {
+		code, body, err := p.get("/metrics")
+		if err != nil || code != 200 {
+			return false, fmt.Sprintf("/metrics: %d %v", code, err)
+		}
+		v, ok := metric(body, "exactly_relay_published_total")
+		held, _ := metric(body, "exactly_relay_partitions_held")
+		return ok && v == 200 && held == 4, fmt.Sprintf("published %v, partitions held %v", v, held)
+	})
+	_, body, _ := p.get("/metrics")
+	for _, name := range []string{"exactly_relay_failed_total", "exactly_relay_dead_total", "exactly_relay_publish_seconds_count",
+		"exactly_outbox_pending", "exactly_outbox_oldest_pending_seconds"} {
+		if _, ok := metric(body, name); !ok {
+			t.Errorf("/metrics lacks %s:\n%s", name, body)
+		}
+	}
+	waitFor(t, p, "/readyz 200", 10*time.Second, func() (bool, string) {
+		code, body, err := p.get("/readyz")
+		return err == nil && code == 200, fmt.Sprintf("/readyz: %d %q %v", code, body, err)
+	})
+	if code, _, err := p.get("/healthz"); err != nil || code != 200 {
+		t.Errorf("/healthz: %d %v", code, err)
+	}
+	checkStream(ids)
+	p.stop(t)
+	if !strings.Contains(p.out.String(), `"msg":"relay started"`) {
+		t.Errorf("no JSON start log:\n%s", p.out)
+	}
+
+	// Written while no relay runs: the next one publishes them.
+	ids = append(ids, enqueue(200, 50)...)
+	p = startRelay(t, bin, freeAddr(t), args...)
+	waitFor(t, p, "250 messages in the stream", 30*time.Second, func() (bool, string) {
+		ok, n, s := streamMsgs()
+		return ok && n >= 250, s
+	})
+	waitFor(t, p, "outbox drained", 10*time.Second, func() (bool, string) {
+		st, err := ob.Status(ctx, db)
+		if err != nil {
+			return false, err.Error()
+		}
+		return st.Pending == 0 && st.Dead == 0, fmt.Sprintf("pending %d dead %d", st.Pending, st.Dead)
+	})
+	waitFor(t, p, "metrics show 50 published", 10*time.Second, func() (bool, string) {
+		_, body, _ := p.get("/metrics")
+		v, ok := metric(body, "exactly_relay_published_total")
+		return ok && v == 50, fmt.Sprintf("published %v", v)
+	})
+	checkStream(ids)
+	p.stop(t)
+	if code, _, err := p.get("/healthz"); err == nil {
+		t.Errorf("/healthz still answers %d after the relay exited", code)
+	}
+}
