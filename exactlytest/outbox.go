@@ -80,20 +80,28 @@ type fixture struct {
 func (s *outboxSuite) setup(t *testing.T) *fixture {
 	t.Helper()
 	db := s.h.Open(t)
-	name := fmt.Sprintf("xt_%d_%d", time.Now().UnixNano()%1e9, tableSeq.Add(1))
-	ob, err := outbox.New(outbox.Config{Dialect: s.h.Dialect, Table: name})
+	return &fixture{t: t, h: s.h, db: db, ob: MigratedOutbox(t, db, s.h.Dialect, "xt")}
+}
+
+// MigratedOutbox creates an outbox table of the test's own (prefix plus a
+// unique suffix) in db, a *sql.DB or *pgxpool.Pool, applies its migrations,
+// and drops it when the test ends, with its lease and relay tables, its
+// trigger function and its migration record.
+func MigratedOutbox(t testing.TB, db any, dialect, prefix string) *outbox.Outbox {
+	t.Helper()
+	name := fmt.Sprintf("%s_%d_%d", prefix, time.Now().UnixNano()%1e9, tableSeq.Add(1))
+	ob, err := outbox.New(outbox.Config{Dialect: dialect, Table: name})
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx := context.Background()
-	if err := ob.Migrate(ctx, db); err != nil {
+	if err := ob.Migrate(context.Background(), db); err != nil {
 		t.Fatalf("migrate: %v", err)
 	}
 	t.Cleanup(func() { dropOutbox(t, db, ob) })
-	return &fixture{t: t, h: s.h, db: db, ob: ob}
+	return ob
 }
 
-func dropOutbox(t *testing.T, db any, ob *outbox.Outbox) {
+func dropOutbox(t testing.TB, db any, ob *outbox.Outbox) {
 	sdb, done, err := sqldb.Open(db)
 	if err != nil {
 		t.Error(err)

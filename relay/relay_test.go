@@ -36,22 +36,7 @@ func pgOutbox(t *testing.T) (*pgxpool.Pool, *outbox.Outbox) {
 		t.Fatal(err)
 	}
 	t.Cleanup(pool.Close)
-	table := fmt.Sprintf("rt_%d", time.Now().UnixNano()%1e12)
-	ob, err := outbox.New(outbox.Config{Dialect: "postgres", Table: table})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ob.Migrate(ctx, pool); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		for _, s := range []string{"", "_leases", "_relays"} {
-			pool.Exec(ctx, "DROP TABLE IF EXISTS "+table+s)
-		}
-		pool.Exec(ctx, "DROP FUNCTION IF EXISTS "+table+"_notify()")
-		pool.Exec(ctx, "DELETE FROM exactly_migrations WHERE scope = $1", "outbox:"+table)
-	})
-	return pool, ob
+	return pool, exactlytest.MigratedOutbox(t, pool, "postgres", "rt")
 }
 
 func enqueue(t *testing.T, pool *pgxpool.Pool, ob *outbox.Outbox, msgs ...*exactly.Message) {

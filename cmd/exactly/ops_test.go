@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/exactlytest"
 	"github.com/exactlyonce/exactly/inbox"
 	"github.com/exactlyonce/exactly/internal/testenv"
 	"github.com/exactlyonce/exactly/outbox"
@@ -60,21 +61,8 @@ func outboxFixture(t *testing.T) (db *sql.DB, table string, dead, pending []*exa
 	t.Helper()
 	db = pgDB(t)
 	ctx := context.Background()
-	table = uniqueName("ops_ob")
-	ob, err := outbox.New(outbox.Config{Dialect: outbox.Postgres, Table: table})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ob.Migrate(ctx, db); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		for _, s := range []string{"", "_leases", "_relays"} {
-			db.Exec("DROP TABLE IF EXISTS " + table + s)
-		}
-		db.Exec("DROP FUNCTION IF EXISTS " + table + "_notify()")
-		db.Exec("DELETE FROM exactly_migrations WHERE scope = $1", "outbox:"+table)
-	})
+	ob := exactlytest.MigratedOutbox(t, db, outbox.Postgres, "ops_ob")
+	table = ob.Table()
 	msgs := []*exactly.Message{
 		{Topic: "orders", Key: "o-1", Payload: []byte("1")},
 		{Topic: "orders", Key: "o-2", Payload: []byte("2")},

@@ -23,6 +23,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/exactlytest"
 	"github.com/exactlyonce/exactly/internal/testenv"
 	"github.com/exactlyonce/exactly/outbox"
 )
@@ -232,21 +233,8 @@ func testRelayPostgresNATS(t *testing.T, bin string) {
 	db := pgDB(t)
 	ctx := context.Background()
 
-	table := uniqueName("relay_cmd_ob")
-	ob, err := outbox.New(outbox.Config{Dialect: outbox.Postgres, Table: table})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ob.Migrate(ctx, db); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		for _, s := range []string{"", "_leases", "_relays"} {
-			db.Exec("DROP TABLE IF EXISTS " + table + s)
-		}
-		db.Exec("DROP FUNCTION IF EXISTS " + table + "_notify()")
-		db.Exec("DELETE FROM exactly_migrations WHERE scope = $1", "outbox:"+table)
-	})
+	ob := exactlytest.MigratedOutbox(t, db, outbox.Postgres, "relay_cmd_ob")
+	table := ob.Table()
 
 	nc, err := natsgo.Connect(testenv.NATSURL())
 	if err != nil {
