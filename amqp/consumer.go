@@ -55,7 +55,8 @@ type Consumer struct {
 	dlPub     exactly.Publisher
 	dlTopic   string
 
-	hooks ConsumerHooks
+	hooks  ConsumerHooks
+	tracer exactly.Tracer
 
 	running     atomic.Bool
 	stats       consume.Stats
@@ -75,6 +76,7 @@ type consumerOptions struct {
 	dlPub     exactly.Publisher
 	dlTopic   string
 	hooks     ConsumerHooks
+	tracer    exactly.Tracer
 }
 
 type consumerOption func(*consumerOptions)
@@ -156,6 +158,14 @@ func Hooks(h ConsumerHooks) ConsumerOption {
 	return consumerOption(func(o *consumerOptions) { o.hooks = h })
 }
 
+// Tracer runs each delivery's handling in a span that continues the trace
+// the message carries (its traceparent header, written by outbox.Enqueue
+// with a Tracer), so the handler's context holds that span; see
+// exactlyotel.New. By default there is none: no spans, no overhead.
+func Tracer(t exactly.Tracer) ConsumerOption {
+	return consumerOption(func(o *consumerOptions) { o.tracer = t })
+}
+
 // NewConsumer returns a Consumer of queue at url
 // (amqp://user:password@host:port/vhost) that runs h for each delivery.
 // It does not connect: Run does. The queue must exist; the Consumer does
@@ -221,6 +231,7 @@ func NewConsumer(url, queue string, h exactly.Handler, opts ...ConsumerOption) (
 		dlPub:     o.dlPub,
 		dlTopic:   o.dlTopic,
 		hooks:     o.hooks,
+		tracer:    o.tracer,
 	}
 	if c.dlPub == nil {
 		c.dlTopic = c.dlQueue
@@ -342,6 +353,7 @@ func (c *Consumer) Run(ctx context.Context) error {
 		DeadLetter:      dl,
 		DeadLetterTopic: func(*exactly.Message) string { return c.dlTopic },
 		Logger:          c.log,
+		Tracer:          c.tracer,
 		Hooks: consume.Hooks{
 			Handled:      c.hooks.Handled,
 			Failed:       c.hooks.Failed,

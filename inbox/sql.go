@@ -125,6 +125,48 @@ func (s *SQL) HandlePgx(ctx context.Context, db PgxBeginner, msg *exactly.Messag
 	return handle(ctx, s, msg, begin, fn)
 }
 
+// Claim claims msg.ID inside the caller's transaction tx (a *sql.Tx, or a
+// pgx.Tx on PostgreSQL) and reports whether the message is fresh. Use it
+// where the transaction is not the inbox's to open, for example in
+// kafka.NewDBConsumer's handler: the stored offsets absorb redeliveries of
+// a record, and Claim absorbs a message the relay sent twice (a new record
+// at a new offset, with the same id). When it returns false, commit without
+// applying the effect; the claim and the effect commit or roll back
+// together, exactly as in Handle.
+func (s *SQL) Claim(ctx context.Context, tx any, msg *exactly.Message) (fresh bool, err error) {
+	if err := checkMessage(msg, exactly.MaxIDLen); err != nil {
+		return false, err
+	}
+	var q inboxstore.Tx
+	switch t := tx.(type) {
+	case *sql.Tx:
+		if t == nil {
+			return false, errors.New("inbox: Claim needs a transaction, got a nil *sql.Tx")
+		}
+		q = inboxstore.SQLTx(t)
+	case pgx.Tx:
+		if isNil(t) {
+			return false, errors.New("inbox: Claim needs a transaction, got a nil pgx.Tx")
+		}
+		if s.store.D != sqldb.Postgres {
+			return false, fmt.Errorf("inbox: a pgx.Tx is PostgreSQL, but this inbox is configured for %s", s.store.D)
+		}
+		q = inboxstore.PgxTx(t)
+	default:
+		return false, fmt.Errorf("inbox: Claim needs a *sql.Tx or a pgx.Tx, got %T", tx)
+	}
+	claimed, err := s.store.Claim(ctx, q, s.consumer, msg.ID)
+	if err != nil {
+		err = fmt.Errorf("inbox: claim message %s in %s: %w", msg.ID, s.store.Table, err)
+		s.failed(msg, err)
+		return false, err
+	}
+	if !claimed {
+		s.duplicate(msg)
+	}
+	return claimed, nil
+}
+
 // Handler wraps fn into an exactly.Handler for a consumer: each delivery
 // goes through Handle with msg's effect applied in tx. A duplicate returns
 // nil, so the consumer acknowledges it; an error means retry.

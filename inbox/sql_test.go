@@ -551,3 +551,109 @@ func TestOutcome(t *testing.T) {
 		}
 	}
 }
+
+// TestClaimInCallersTx: Claim in a transaction the caller opened (sql.Tx on
+// SQLite and PostgreSQL, pgx.Tx on PostgreSQL) reports a fresh message once,
+// a rolled-back claim lets the message through again, and bad input is
+// refused with an error naming it.
+func TestClaimInCallersTx(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	check := func(t *testing.T, f *sqlFixture, begin func() (any, func(commit bool) error)) {
+		ib := f.inbox(t, "ledger")
+		msg := &exactly.Message{ID: exactly.NewID(), Topic: "t"}
+		// A claim whose transaction rolls back leaves nothing behind.
+		tx, end := begin()
+		if fresh, err := ib.Claim(ctx, tx, msg); err != nil || !fresh {
+			t.Fatalf("first claim: fresh=%v err=%v", fresh, err)
+		}
+		if err := end(false); err != nil {
+			t.Fatal(err)
+		}
+		applied := 0
+		for i := range 3 {
+			tx, end := begin()
+			fresh, err := ib.Claim(ctx, tx, msg)
+			if err != nil {
+				t.Fatalf("delivery %d: %v", i+1, err)
+			}
+			if fresh {
+				applied++
+			}
+			if err := end(true); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if applied != 1 {
+			t.Errorf("fresh %d times after a rollback and 3 deliveries, want 1", applied)
+		}
+		if st := ib.Stats(); st.Duplicates != 2 {
+			t.Errorf("stats %+v, want 2 duplicates", st)
+		}
+		tx, end = begin()
+		defer end(false)
+		if _, err := ib.Claim(ctx, tx, &exactly.Message{Topic: "t"}); !errors.Is(err, inbox.ErrNoID) {
+			t.Errorf("empty id: %v, want ErrNoID", err)
+		}
+	}
+	sqlBegin := func(t *testing.T, db *sql.DB) func() (any, func(bool) error) {
+		return func() (any, func(bool) error) {
+			tx, err := db.BeginTx(ctx, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return tx, func(commit bool) error {
+				if commit {
+					return tx.Commit()
+				}
+				return tx.Rollback()
+			}
+		}
+	}
+	t.Run("sqlite", func(t *testing.T) {
+		db := openSQLite(t)
+		check(t, newSQLFixture(t, inbox.SQLite, db, nil), sqlBegin(t, db))
+		ib, _ := inbox.NewSQL(inbox.Config{Dialect: inbox.SQLite, Table: "x", Consumer: "c"})
+		msg := &exactly.Message{ID: "a", Topic: "t"}
+		for _, bad := range []any{nil, (*sql.Tx)(nil), db, "tx"} {
+			if _, err := ib.Claim(ctx, bad, msg); err == nil || !strings.Contains(err.Error(), "Claim needs") {
+				t.Errorf("Claim(%T): %v", bad, err)
+			}
+		}
+	})
+	t.Run("postgres-sql", func(t *testing.T) {
+		testenv.Need(t, testenv.Postgres)
+		db := openSQL(t, "pgx", testenv.PostgresDSN())
+		check(t, newSQLFixture(t, inbox.Postgres, db, nil), sqlBegin(t, db))
+	})
+	t.Run("postgres-pgx", func(t *testing.T) {
+		testenv.Need(t, testenv.Postgres)
+		pool, err := pgxpool.New(ctx, testenv.PostgresDSN()+"&pool_max_conns=4")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(pool.Close)
+		check(t, newSQLFixture(t, inbox.Postgres, nil, pool), func() (any, func(bool) error) {
+			tx, err := pool.Begin(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return tx, func(commit bool) error {
+				if commit {
+					return tx.Commit(ctx)
+				}
+				return tx.Rollback(ctx)
+			}
+		})
+		// A pgx.Tx on an inbox configured for another dialect is refused.
+		my, _ := inbox.NewSQL(inbox.Config{Dialect: inbox.MySQL, Table: "x", Consumer: "c"})
+		tx, err := pool.Begin(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer tx.Rollback(ctx)
+		if _, err := my.Claim(ctx, tx, &exactly.Message{ID: "a", Topic: "t"}); err == nil || !strings.Contains(err.Error(), "PostgreSQL") {
+			t.Errorf("pgx.Tx on a MySQL inbox: %v", err)
+		}
+	})
+}

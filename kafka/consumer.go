@@ -54,6 +54,11 @@ type ConsumerConfig struct {
 	Logger *slog.Logger
 	// Hooks receive handling outcomes for metrics. All optional.
 	Hooks Hooks
+	// Tracer, when set, runs each record's handling in a span that
+	// continues the trace the message carries (its traceparent header,
+	// written by outbox.Enqueue with a Tracer); the handler's context holds
+	// that span. See exactlyotel.New. Default nil: no tracing.
+	Tracer exactly.Tracer
 }
 
 // Hooks are called synchronously from the consumer's goroutines.
@@ -161,7 +166,7 @@ func newConsumer(cfg ConsumerConfig, commitToKafka bool, extra ...kgo.Opt) (*Con
 		cfg.DeadLetter = p
 	}
 	policy, err := consume.New(consume.Policy{
-		Retry: cfg.Retry, DeadLetter: cfg.DeadLetter, DeadLetterTopic: cfg.DeadLetterTopic, Logger: c.log,
+		Retry: cfg.Retry, DeadLetter: cfg.DeadLetter, DeadLetterTopic: cfg.DeadLetterTopic, Logger: c.log, Tracer: cfg.Tracer,
 		Hooks: consume.Hooks{Handled: cfg.Hooks.Handled, Failed: cfg.Hooks.Failed, DeadLettered: cfg.Hooks.DeadLettered},
 	})
 	if err != nil {

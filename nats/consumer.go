@@ -137,6 +137,12 @@ type ConsumerConfig struct {
 	// Hooks report outcomes, for metrics. All optional.
 	Hooks ConsumerHooks
 
+	// Tracer, when set, runs each message's handling in a span that
+	// continues the trace the message carries (its traceparent header,
+	// written by outbox.Enqueue with a Tracer); the Handler's context holds
+	// that span. See exactlyotel.New. Default nil: no tracing.
+	Tracer exactly.Tracer
+
 	// Configure, when set, edits the server-side consumer configuration
 	// after the fields above were applied to it and before Run creates or
 	// updates the consumer: for DeliverPolicy, Replicas, MemoryStorage,
@@ -298,6 +304,7 @@ func NewConsumer(js jetstream.JetStream, cfg ConsumerConfig) (*Consumer, error) 
 		DeadLetter:      cfg.DeadLetter,
 		DeadLetterTopic: cfg.DeadLetterSubject,
 		Logger:          log,
+		Tracer:          cfg.Tracer,
 		Hooks: consume.Hooks{
 			Handled:      cfg.Hooks.Handled,
 			Failed:       cfg.Hooks.Failed,

@@ -35,12 +35,18 @@ type Config struct {
 	// accepted; the relay's tables are named after it (<table>_leases,
 	// <table>_relays).
 	Table string
+	// Tracer, when set, stores the trace context of Enqueue's ctx in each
+	// message's headers (W3C traceparent with exactlyotel.New), so the
+	// consumer's span joins the trace of the transaction that wrote the
+	// message. Default nil: no tracing, no header added.
+	Tracer exactly.Tracer
 }
 
 // Outbox writes messages into the outbox table inside the caller's
 // transaction, and applies the table's migrations.
 type Outbox struct {
-	store *outboxstore.Store
+	store  *outboxstore.Store
+	tracer exactly.Tracer
 }
 
 // New validates cfg. An unknown dialect or an unsafe table name is an error
@@ -50,7 +56,7 @@ func New(cfg Config) (*Outbox, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Outbox{store: s}, nil
+	return &Outbox{store: s, tracer: cfg.Tracer}, nil
 }
 
 // Dialect returns the configured dialect.
@@ -68,6 +74,8 @@ func (o *Outbox) Store() *outboxstore.Store { return o.store }
 //
 // Enqueue assigns each message without an ID a fresh UUIDv7 and sets
 // CreatedAt when zero, in place, so the caller can log or return the ids.
+// With Config.Tracer set it also adds the trace context of ctx to the
+// message's headers.
 // A message that cannot be stored (empty topic, oversized key) is refused
 // before anything is written, and the error names it.
 func (o *Outbox) Enqueue(ctx context.Context, tx any, msgs ...*exactly.Message) error {
@@ -84,6 +92,9 @@ func (o *Outbox) Enqueue(ctx context.Context, tx any, msgs ...*exactly.Message) 
 		}
 		if m.CreatedAt.IsZero() {
 			m.CreatedAt = now
+		}
+		if o.tracer != nil {
+			o.tracer.Inject(ctx, m)
 		}
 	}
 	qs, args, err := o.store.InsertBatches(msgs)

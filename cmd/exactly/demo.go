@@ -2,31 +2,40 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"database/sql"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"math/rand/v2"
+	mrand "math/rand/v2"
 	"os"
-	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/spf13/cobra"
-	"github.com/twmb/franz-go/pkg/kadm"
-	"github.com/twmb/franz-go/pkg/kfake"
-	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/inbox"
 	"github.com/exactlyonce/exactly/kafka"
 	"github.com/exactlyonce/exactly/outbox"
 	"github.com/exactlyonce/exactly/relay"
 )
 
-const demoTopic = "order.created"
+// The consumer-side strategies of the demo.
+const (
+	inboxSQL      = "sql"   // commit offsets after the effect; the SQL inbox absorbs redeliveries
+	inboxRedis    = "redis" // the same with the Redis inbox
+	offsetsKafka  = "kafka" // offsets committed to Kafka after the effect (with an inbox)
+	offsetsDB     = "db"    // offsets stored in the effect's transaction (no inbox)
+	demoGroupSize = 3
+)
+
+const demoOffsetsTable = "kafka_offsets"
 
 type demoOptions struct {
 	orders  int
@@ -34,109 +43,149 @@ type demoOptions struct {
 	timeout time.Duration
 	seed    uint64
 	verbose bool
+
+	db      string // "" for the embedded SQLite
+	kafka   string // "" for the in-process kfake (unless nats is set)
+	nats    string
+	redis   string
+	relay   string // poll or cdc
+	inbox   string // sql or redis
+	offsets string // kafka or db
 }
 
 func demoCmd() *cobra.Command {
-	var o demoOptions
+	o := demoOptions{}
 	cmd := &cobra.Command{
 		Use:   "demo",
-		Short: "Run an order service, the outbox relay and a consumer group on embedded SQLite and an in-process Kafka, with faults injected",
-		Long: `demo runs an order service that writes orders and their order.created events
-through the transactional outbox into SQLite, the polling relay that publishes
-them to an in-process Kafka-protocol broker (franz-go's kfake), and a consumer
-group of three members. While it runs it injects the faults that make brokers
-deliver twice: lost publish acknowledgements, relay crashes between the broker's
-confirm and the mark-sent, consumer-group rebalances. At the end it checks every
-event: none lost, every copy carries its original's id. It exits 1 if any was
-lost or altered.
+		Short: "Run an order service, the relay and a consumer group with faults injected, and prove nothing was lost or applied twice",
+		Long: `demo runs, in one process, an order service that writes orders and their
+order.created events through the transactional outbox, the relay that
+publishes them, and a consumer group of three members that applies a
+promotion per order through the inbox. While it runs it injects the faults
+that make brokers deliver twice: publish acknowledgements lost after the
+broker accepted, relay crashes after the broker confirmed and before the rows
+were marked sent, consumer crashes after the effect and before the offset
+commit, and rebalances (members leaving and joining). At the end it reads the
+database and prints what was written, published, delivered and applied. It
+exits 1 if any order's promotion was lost or applied twice, or if a fault
+kind was never injected.
 
-This is the foundation demo (outbox + relay). Consumers count what they receive;
-deduplicating effects with the inbox is not part of it yet.`,
+By default it needs no server: SQLite in a temporary directory and an
+in-process Kafka-protocol broker (franz-go's kfake). The flags point it at
+real services and pick the strategy:
+
+  --db postgres://... | mysql://...   the database (a schema or database of the run's own, dropped at the end)
+  --kafka host:port,...               a real Kafka (topics of the run's own, deleted at the end)
+  --nats nats://host:4222             NATS JetStream instead of Kafka
+  --redis redis://host:6379           the Redis inbox instead of the SQL one
+  --offsets db                        Kafka offsets stored in the effect's transaction, no inbox
+  --relay poll|cdc                    the outbox source`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := o.validate(); err != nil {
+				return err
+			}
 			return runDemo(cmd.Context(), cmd.OutOrStdout(), o)
 		},
 	}
 	f := cmd.Flags()
 	f.IntVar(&o.orders, "orders", 10000, "orders to write")
 	f.IntVar(&o.writers, "writers", 4, "concurrent order-service writers")
-	f.DurationVar(&o.timeout, "timeout", 50*time.Second, "give up after this long")
+	f.DurationVar(&o.timeout, "timeout", 55*time.Second, "give up after this long")
 	f.Uint64Var(&o.seed, "seed", 0, "seed for the fault schedule (0 picks one and prints it)")
-	f.BoolVar(&o.verbose, "verbose", false, "log the relay's warnings")
+	f.BoolVar(&o.verbose, "verbose", false, "log the relay's and the consumers' warnings")
+	f.StringVar(&o.db, "db", "", "database: postgres://... or mysql://...; default an embedded SQLite")
+	f.StringVar(&o.kafka, "kafka", "", "comma-separated Kafka seed brokers; default an in-process Kafka (kfake)")
+	f.StringVar(&o.nats, "nats", "", "NATS URL (nats://host:4222): use JetStream instead of Kafka")
+	f.StringVar(&o.redis, "redis", "", "Redis address (redis://host:6379/0 or host:port) for the Redis inbox")
+	f.StringVar(&o.relay, "relay", sourcePoll, "outbox source of the relay: poll or cdc")
+	f.StringVar(&o.inbox, "inbox", "", "inbox: sql or redis (default redis when --redis is given, else sql)")
+	f.StringVar(&o.offsets, "offsets", offsetsKafka, "Kafka consumer positions: kafka (committed after the effect, with the inbox) or db (stored in the effect's transaction, no inbox)")
 	return cmd
 }
 
-// faultyPublisher wraps the Kafka publisher and injects the duplicate causes
-// on the producing side, always after the broker confirmed the batch.
-type faultyPublisher struct {
-	inner     exactly.Publisher
-	rnd       *rand.Rand
-	mu        sync.Mutex
-	crash     chan struct{} // tells the supervisor to kill the relay
-	lostAcks  atomic.Int64
-	crashes   atomic.Int64
-	published atomic.Int64 // records confirmed by the broker, copies included
-	calls     atomic.Int64
-}
-
-func (p *faultyPublisher) roll() float64 {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.rnd.Float64()
-}
-
-func (p *faultyPublisher) Publish(ctx context.Context, msgs []*exactly.Message) error {
-	err := p.inner.Publish(ctx, msgs)
-	if err != nil {
-		return err
+// validate checks the options and fills in the derived defaults.
+func (o *demoOptions) validate() error {
+	switch {
+	case o.orders < 100 || o.orders > 1_000_000:
+		return fmt.Errorf("--orders %d: want 100 to 1000000 (fewer leaves no room for the faults)", o.orders)
+	case o.writers < 1 || o.writers > 64:
+		return fmt.Errorf("--writers %d: want 1 to 64", o.writers)
+	case o.timeout <= 0:
+		return fmt.Errorf("--timeout must be positive, got %s", o.timeout)
+	case o.kafka != "" && o.nats != "":
+		return errors.New("--kafka and --nats both given: the demo uses one broker")
 	}
-	p.published.Add(int64(len(msgs)))
-	// Random faults, plus fixed ones early on so every kind happens in
-	// every run, however short.
-	n := p.calls.Add(1)
-	switch x := p.roll(); {
-	case x < 0.03 || n == 6 || n == 20:
-		// The relay dies after the broker confirmed, before it marks the
-		// rows sent: they go out again from the next relay.
-		p.crashes.Add(1)
-		select {
-		case p.crash <- struct{}{}:
-		default:
+	if o.kafka != "" && len(splitList(o.kafka)) == 0 {
+		return fmt.Errorf("--kafka %q: want host:port[,host:port...]", o.kafka)
+	}
+	dialect := ""
+	switch {
+	case o.db == "":
+		dialect = outbox.SQLite
+	case strings.HasPrefix(o.db, "postgres://"), strings.HasPrefix(o.db, "postgresql://"):
+		dialect = outbox.Postgres
+	case strings.HasPrefix(o.db, "mysql://"):
+		dialect = outbox.MySQL
+	default:
+		return fmt.Errorf("--db: unrecognised database DSN (want postgres://... or mysql://...; leave it out for the embedded SQLite): %s", redact(o.db))
+	}
+	if err := checkSource(o.relay, dialect); err != nil {
+		return fmt.Errorf("--relay: %w", err)
+	}
+	if o.inbox == "" {
+		o.inbox = inboxSQL
+		if o.redis != "" {
+			o.inbox = inboxRedis
 		}
-		<-ctx.Done()
-		return fmt.Errorf("relay killed after the broker confirmed: %w", ctx.Err())
-	case x < 0.08 || n == 3 || n == 12:
-		// The acknowledgement is lost on the way back (a timeout after the
-		// broker accepted): the relay retries the batch.
-		p.lostAcks.Add(1)
-		return errors.New("publish acknowledgement lost (injected timeout)")
+	}
+	switch o.inbox {
+	case inboxSQL:
+	case inboxRedis:
+		if o.redis == "" {
+			return errors.New("--inbox redis needs --redis redis://host:6379")
+		}
+	default:
+		return fmt.Errorf("--inbox: unknown inbox %q (want sql or redis)", o.inbox)
+	}
+	switch o.offsets {
+	case offsetsKafka:
+	case offsetsDB:
+		if o.nats != "" {
+			return errors.New("--offsets db is for Kafka; NATS tracks its consumers' positions itself")
+		}
+		if o.redis != "" || o.inbox != inboxSQL {
+			return errors.New("--offsets db takes no inbox: the stored offset deduplicates; leave out --redis and --inbox")
+		}
+	default:
+		return fmt.Errorf("--offsets: unknown value %q (want kafka or db)", o.offsets)
 	}
 	return nil
 }
 
-// deliveries counts what the consumer group receives, per message id.
-type deliveries struct {
-	mu       sync.Mutex
-	count    map[string]int
-	payload  map[string]string
-	altered  int
-	received atomic.Int64
+// strategy describes the consumer side in a few words.
+func (o *demoOptions) strategy() string {
+	switch {
+	case o.offsets == offsetsDB:
+		return "offsets and id claims stored in the effect's transaction"
+	case o.inbox == inboxRedis:
+		return "Redis inbox"
+	}
+	return "SQL inbox"
 }
 
-func (d *deliveries) add(r *kgo.Record) {
-	var id string
-	for _, h := range r.Headers {
-		if h.Key == exactly.HeaderID {
-			id = string(h.Value)
-		}
-	}
-	d.received.Add(1)
+// deliveries counts what the consumer group's handlers receive, per id.
+type deliveries struct {
+	mu    sync.Mutex
+	count map[string]int
+	total atomic.Int64
+}
+
+func (d *deliveries) add(id string) {
+	d.total.Add(1)
 	d.mu.Lock()
-	defer d.mu.Unlock()
-	if prev, ok := d.payload[id]; ok && prev != string(r.Value) {
-		d.altered++
-	}
-	d.payload[id] = string(r.Value)
 	d.count[id]++
+	d.mu.Unlock()
 }
 
 func (d *deliveries) distinct() int {
@@ -145,13 +194,152 @@ func (d *deliveries) distinct() int {
 	return len(d.count)
 }
 
-func runDemo(ctx context.Context, out io.Writer, o demoOptions) error {
-	if o.orders <= 0 || o.writers <= 0 {
-		return errors.New("--orders and --writers must be positive")
+// faults are the duplicate causes the demo injects, and its dice.
+type faults struct {
+	lostAcks, relayCrashes, relayStarts, consumerCrashes, rebalances atomic.Int64
+
+	mu  sync.Mutex
+	rnd *mrand.Rand
+	// fresh counts effects applied (not duplicates); the consumer-side
+	// faults fire at fixed counts, so every run has them mid-stream.
+	fresh        atomic.Int64
+	crashAt      []int64
+	rebalanceAt  []int64
+	rebalanceFn  func()
+	rebalancesWG sync.WaitGroup
+}
+
+func newFaults(seed uint64, orders int) *faults {
+	at := func(fracs ...float64) []int64 {
+		out := make([]int64, len(fracs))
+		for i, fr := range fracs {
+			out[i] = max(1, int64(fr*float64(orders)))
+		}
+		return out
+	}
+	return &faults{rnd: mrand.New(mrand.NewPCG(seed, 1)), crashAt: at(0.1, 0.4, 0.7), rebalanceAt: at(0.2, 0.5, 0.8)}
+}
+
+func (f *faults) roll() float64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.rnd.Float64()
+}
+
+// applied is called after a member applied an effect, before it
+// acknowledges the delivery. It starts the rebalances that are due, and
+// reports whether the member crashes now: at the fixed points, or on a rare
+// roll of the dice.
+func (f *faults) applied() (crash bool) {
+	n := f.fresh.Add(1)
+	if slices.Contains(f.rebalanceAt, n) {
+		f.rebalances.Add(1)
+		f.rebalancesWG.Go(f.rebalanceFn)
+	}
+	return slices.Contains(f.crashAt, n) || f.roll() < 0.0004
+}
+
+// faultyPublisher wraps the broker's publisher and injects the producing
+// side's duplicate causes, always after the broker confirmed the batch.
+type faultyPublisher struct {
+	inner     exactly.Publisher
+	f         *faults
+	crash     chan struct{} // tells the relay's supervisor to kill it
+	published atomic.Int64  // records confirmed by the broker, re-sends included
+	calls     atomic.Int64
+}
+
+func (p *faultyPublisher) Publish(ctx context.Context, msgs []*exactly.Message) error {
+	if err := p.inner.Publish(ctx, msgs); err != nil {
+		return err
+	}
+	p.published.Add(int64(len(msgs)))
+	// Random faults, plus fixed ones from the first calls on, so every
+	// kind happens in every run, however short: a lost ack makes the next
+	// call a re-send, which the next fault then hits.
+	n := p.calls.Add(1)
+	switch x := p.f.roll(); {
+	case x < 0.02 || n == 2 || n == 15:
+		// The relay dies after the broker confirmed, before it marks the
+		// rows sent: the next relay publishes them again, same ids.
+		p.f.relayCrashes.Add(1)
+		select {
+		case p.crash <- struct{}{}:
+		default:
+		}
+		<-ctx.Done()
+		return fmt.Errorf("relay killed after the broker confirmed: %w", ctx.Err())
+	case x < 0.06 || n == 1 || n == 9:
+		// The acknowledgement is lost on the way back (a timeout after the
+		// broker accepted): the relay publishes the batch again.
+		p.f.lostAcks.Add(1)
+		return errors.New("publish acknowledgement lost (injected timeout)")
+	}
+	return nil
+}
+
+var errCrashed = errors.New("member crashed (injected) after the effect, before acknowledging")
+
+// group runs the consumer group: demoGroupSize member slots, each running
+// one member incarnation after the other. Cancelling an incarnation makes
+// it leave the group; its slot then starts the next, which joins.
+type group struct {
+	ctx     context.Context
+	run     func(ctx context.Context, crash context.CancelFunc, name string) error
+	wg      sync.WaitGroup
+	mu      sync.Mutex
+	cancels [demoGroupSize]context.CancelFunc
+	err     atomic.Pointer[error]
+}
+
+func (g *group) start() {
+	for i := range demoGroupSize {
+		g.wg.Go(func() {
+			for n := 1; g.ctx.Err() == nil; n++ {
+				ctx, cancel := context.WithCancel(g.ctx)
+				g.mu.Lock()
+				g.cancels[i] = cancel
+				g.mu.Unlock()
+				err := g.run(ctx, cancel, fmt.Sprintf("member-%d.%d", i+1, n))
+				cancel()
+				if err != nil && g.ctx.Err() == nil {
+					g.err.CompareAndSwap(nil, &err)
+					return
+				}
+			}
+		})
+	}
+}
+
+// bounce makes member slot i leave the group and join again.
+func (g *group) bounce(i int) {
+	g.mu.Lock()
+	c := g.cancels[i]
+	g.mu.Unlock()
+	if c != nil {
+		c()
+	}
+}
+
+func newRunID() string {
+	const digits = "abcdefghijklmnopqrstuvwxyz0123456789"
+	b := make([]byte, 8)
+	rand.Read(b)
+	for i := range b {
+		b[i] = digits[int(b[i])%len(digits)]
+	}
+	return string(b)
+}
+
+func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
+	if err := o.validate(); err != nil {
+		return err
 	}
 	if o.seed == 0 {
-		o.seed = rand.Uint64()
+		o.seed = mrand.Uint64()
 	}
+	start := time.Now()
+	parent := ctx
 	ctx, cancel := context.WithTimeout(ctx, o.timeout)
 	defer cancel()
 	logLevel := slog.LevelError + 4
@@ -159,134 +347,220 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) error {
 		logLevel = slog.LevelWarn
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: logLevel}))
-	fmt.Fprintf(out, "exactly demo: %d orders, SQLite outbox -> polling relay -> in-process Kafka (kfake) -> consumer group of 3; seed %d\n", o.orders, o.seed)
+	run := newRunID()
 
-	// The database: SQLite in a temporary directory.
-	dir, err := os.MkdirTemp("", "exactly-demo-")
+	setupCtx, cancelSetup := context.WithTimeout(ctx, 20*time.Second)
+	defer cancelSetup()
+	db, err := openDemoDB(setupCtx, o.db, run)
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
-	db, _, err := openDB("sqlite:" + filepath.Join(dir, "demo.db"))
+	defer func() {
+		if cerr := db.close(); cerr != nil && err == nil {
+			err = fmt.Errorf("removing the demo's tables: %w", cerr)
+		}
+	}()
+	ob, err := outbox.New(outbox.Config{Dialect: db.dialect, Table: db.table("outbox")})
 	if err != nil {
 		return err
 	}
-	defer db.Close()
-	ob, err := outbox.New(outbox.Config{Dialect: outbox.SQLite})
-	if err != nil {
-		return err
-	}
-	if err := ob.Migrate(ctx, db); err != nil {
-		return err
-	}
-	if _, err := db.ExecContext(ctx, `CREATE TABLE orders (id TEXT PRIMARY KEY, customer TEXT NOT NULL, amount_cents INTEGER NOT NULL, event_id TEXT NOT NULL)`); err != nil {
-		return err
+	if err := ob.Migrate(setupCtx, db.db); err != nil {
+		return fmt.Errorf("migrating the outbox: %w", err)
 	}
 
-	// The broker: kfake speaks the Kafka protocol in this process.
-	cluster, err := kfake.NewCluster(kfake.NumBrokers(3), kfake.SeedTopics(6, demoTopic))
-	if err != nil {
-		return fmt.Errorf("starting the in-process Kafka: %w", err)
+	var broker demoBroker
+	var kb *kafkaBroker
+	if o.nats != "" {
+		if broker, err = newNATSBroker(setupCtx, o.nats, run, logger); err != nil {
+			return err
+		}
+	} else {
+		if kb, err = newKafkaBroker(setupCtx, splitList(o.kafka), run, logger); err != nil {
+			return err
+		}
+		broker = kb
 	}
-	defer cluster.Close()
-	seeds := cluster.ListenAddrs()
-	kpub, err := kafka.NewClientPublisher(seeds)
-	if err != nil {
-		return err
+	defer broker.close()
+
+	// The consumer side: the effect, and what makes it apply once.
+	var sqlIn *inbox.SQL
+	var redisIn *inbox.Redis
+	var claims *inbox.SQL // offsets in the database: claims in the effect's transaction
+	var claimDuplicates atomic.Int64
+	switch {
+	case o.offsets == offsetsDB:
+		if err := kafka.MigrateOffsets(setupCtx, db.db, db.dialect, db.table(demoOffsetsTable)); err != nil {
+			return fmt.Errorf("migrating the offsets table: %w", err)
+		}
+		kb.offsets = db
+		// The stored offsets make redeliveries harmless, but a re-send by
+		// the relay is a new record at a new offset: the message id is
+		// claimed in the same transaction to absorb those.
+		if claims, err = inbox.NewSQL(inbox.Config{Dialect: db.dialect, Table: db.table("inbox"), Consumer: "promotions"}); err != nil {
+			return err
+		}
+		if err := claims.Migrate(setupCtx, db.db); err != nil {
+			return fmt.Errorf("migrating the inbox: %w", err)
+		}
+	case o.inbox == inboxRedis:
+		rc, err := openRedis(setupCtx, o.redis)
+		if err != nil {
+			return err
+		}
+		defer rc.Close()
+		prefix := "exactly:demo:" + run + ":"
+		defer deleteRedisKeys(rc, prefix)
+		if redisIn, err = inbox.NewRedis(rc, inbox.RedisConfig{Prefix: prefix, Consumer: "promotions",
+			Lease: 10 * time.Second, TTL: 10 * time.Minute}); err != nil {
+			return err
+		}
+	default:
+		if sqlIn, err = inbox.NewSQL(inbox.Config{Dialect: db.dialect, Table: db.table("inbox"), Consumer: "promotions"}); err != nil {
+			return err
+		}
+		if err := sqlIn.Migrate(setupCtx, db.db); err != nil {
+			return fmt.Errorf("migrating the inbox: %w", err)
+		}
 	}
-	defer kpub.Close()
-	pub := &faultyPublisher{inner: kpub, rnd: rand.New(rand.NewPCG(o.seed, 1)), crash: make(chan struct{}, 1)}
+	cancelSetup()
+
+	fmt.Fprintf(out, "exactly demo: %d orders; %s outbox -> %s relay -> %s -> consumer group of %d -> %s; seed %d\n",
+		o.orders, db.label, o.relay, broker.label(), demoGroupSize, o.strategy(), o.seed)
+
+	f := newFaults(o.seed, o.orders)
+	pub := &faultyPublisher{inner: broker.publisher(), f: f, crash: make(chan struct{}, 1)}
+	got := &deliveries{count: map[string]int{}}
+	var deadLettered atomic.Int64
 
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	workCtx, stopWork := context.WithCancel(ctx)
 	defer stopWork()
+	var relayErr atomic.Pointer[error]
 
 	// The relay, restarted whenever the fault injector kills it.
-	var relayStarts atomic.Int64
 	wg.Go(func() {
-		for i := 0; workCtx.Err() == nil; i++ {
-			r, err := relay.New(relay.Config{
-				Outbox: ob, DB: db, Publisher: pub, BatchSize: 200, PollInterval: 20 * time.Millisecond,
+		for i := 1; workCtx.Err() == nil; i++ {
+			r, err := newRelayRunner(o.relay, relay.Config{
+				Outbox: ob, DB: db.db, Publisher: pub, BatchSize: 200, PollInterval: 20 * time.Millisecond,
 				InitialBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond,
-				ShutdownTimeout: 50 * time.Millisecond, LeaseTTL: 2 * time.Second,
+				ShutdownTimeout: 50 * time.Millisecond, LeaseTTL: 2 * time.Second, Partitions: 8,
 				InstanceID: fmt.Sprintf("demo-relay-%d", i), Logger: logger,
 			})
 			if err != nil {
-				logger.Error("relay", "err", err)
+				relayErr.Store(&err)
+				stopWork()
 				return
 			}
-			relayStarts.Add(1)
+			f.relayStarts.Add(1)
 			rctx, kill := context.WithCancel(workCtx)
 			done := make(chan error, 1)
 			go func() { done <- r.Run(rctx) }()
+			var runErr error
+			stopped := false
 			select {
 			case <-pub.crash:
 			case <-workCtx.Done():
+			case runErr = <-done:
+				stopped = true
 			}
 			kill()
-			if err := <-done; err != nil {
-				logger.Error("relay", "err", err)
+			if !stopped {
+				runErr = <-done
+			}
+			if stopped && workCtx.Err() == nil {
+				if runErr == nil {
+					runErr = errors.New("the relay stopped by itself")
+				}
+				relayErr.Store(&runErr)
+				stopWork()
+				return
 			}
 		}
 	})
 
-	// The consumer group: three members; the injector makes members leave
-	// and join, which rebalances partitions mid-stream.
-	got := &deliveries{count: map[string]int{}, payload: map[string]string{}}
-	var rebalances atomic.Int64
-	member := func(mctx context.Context) {
-		cl, err := kgo.NewClient(kgo.SeedBrokers(seeds...), kgo.ConsumerGroup("demo-promotions"),
-			kgo.ConsumeTopics(demoTopic), kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
-			kgo.OnPartitionsRevoked(func(context.Context, *kgo.Client, map[string][]int32) { rebalances.Add(1) }))
-		if err != nil {
-			logger.Error("consumer", "err", err)
-			return
+	// The consumer group.
+	g := &group{ctx: workCtx}
+	g.run = func(ctx context.Context, crash context.CancelFunc, name string) error {
+		spec := memberSpec{name: name, deadLettered: func(*exactly.Message, error) { deadLettered.Add(1) }}
+		// crashed reports an injected crash: the member dies, the
+		// delivery stays unacknowledged and comes again.
+		crashed := func() error {
+			f.consumerCrashes.Add(1)
+			crash()
+			return errCrashed
 		}
-		defer cl.Close()
-		for mctx.Err() == nil {
-			cl.PollFetches(mctx).EachRecord(got.add)
-		}
-	}
-	var members sync.WaitGroup
-	memberCancels := make([]context.CancelFunc, 3)
-	for i := range memberCancels {
-		mctx, c := context.WithCancel(workCtx)
-		memberCancels[i] = c
-		members.Go(func() { member(mctx) })
-	}
-	defer members.Wait()
-	wg.Go(func() {
-		rnd := rand.New(rand.NewPCG(o.seed, 2))
-		for round := 0; round < 3; round++ {
-			select {
-			case <-workCtx.Done():
-				return
-			case <-time.After(time.Duration(500+rnd.IntN(1500)) * time.Millisecond):
+		switch {
+		case o.offsets == offsetsDB:
+			spec.txHandler = func(ctx context.Context, tx *sql.Tx, m *exactly.Message) error {
+				got.add(m.ID)
+				fresh, err := claims.Claim(ctx, tx, m)
+				if err != nil {
+					return err
+				}
+				if !fresh {
+					claimDuplicates.Add(1) // a re-send: the offset advances, nothing else
+					return nil
+				}
+				if err := db.applyPromotion(ctx, tx, m, name); err != nil {
+					return err
+				}
+				if f.applied() {
+					return crashed() // the effect and the offset roll back together
+				}
+				return nil
 			}
-			i := rnd.IntN(len(memberCancels))
-			memberCancels[i]() // leave
-			mctx, c := context.WithCancel(workCtx)
-			memberCancels[i] = c
-			members.Go(func() { member(mctx) }) // and join again
+		default:
+			// apply runs the effect through the inbox and reports what became of it.
+			apply := func(ctx context.Context, m *exactly.Message) (inbox.Outcome, error) {
+				if sqlIn != nil {
+					return sqlIn.Handle(ctx, db.db, m, func(ctx context.Context, tx *sql.Tx) error {
+						return db.applyPromotion(ctx, tx, m, name)
+					})
+				}
+				return redisIn.Handle(ctx, m, func(ctx context.Context, m *exactly.Message) error {
+					return db.inTx(ctx, func(tx *sql.Tx) error { return db.applyPromotion(ctx, tx, m, name) })
+				})
+			}
+			spec.handler = func(ctx context.Context, m *exactly.Message) error {
+				got.add(m.ID)
+				out, err := apply(ctx, m)
+				if err != nil {
+					return err
+				}
+				if out == inbox.Processed && f.applied() {
+					return crashed() // the effect is committed, the offset or ack is not
+				}
+				return nil
+			}
 		}
-	})
+		return broker.member(ctx, spec)
+	}
+	bounce := mrand.New(mrand.NewPCG(o.seed, 2))
+	var bounceMu sync.Mutex
+	f.rebalanceFn = func() {
+		bounceMu.Lock()
+		i := bounce.IntN(demoGroupSize)
+		bounceMu.Unlock()
+		g.bounce(i)
+	}
+	g.start()
+	defer g.wg.Wait()
 
 	// The order service.
-	var written atomic.Int64
-	next := atomic.Int64{}
-	var writeErr atomic.Value
+	var written, next atomic.Int64
+	var writeErr atomic.Pointer[error]
 	var writers sync.WaitGroup
-	for w := range o.writers {
+	for range o.writers {
 		writers.Go(func() {
 			for workCtx.Err() == nil {
 				n := next.Add(1)
 				if n > int64(o.orders) {
 					return
 				}
-				if err := placeOrder(workCtx, db, ob, n, w); err != nil {
+				if err := db.placeOrder(workCtx, ob, broker.topic(), n); err != nil {
 					if workCtx.Err() == nil {
-						writeErr.Store(err)
+						writeErr.Store(&err)
 						stopWork()
 					}
 					return
@@ -296,164 +570,189 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) error {
 		})
 	}
 
-	// Progress until every order's event reached the consumers.
+	// Progress, until every order's promotion is applied and the outbox is empty.
 	tty := isTerminal(out)
-	tick := time.NewTicker(250 * time.Millisecond)
+	tick := time.NewTicker(200 * time.Millisecond)
 	defer tick.Stop()
-	start := time.Now()
-	lastLine := time.Time{}
-	for {
-		done := written.Load() == int64(o.orders) && got.distinct() >= o.orders
-		if done || ctx.Err() != nil || writeErr.Load() != nil {
-			break
+	var lastLine time.Time
+	var applied int64
+	progress := func() string {
+		return fmt.Sprintf("  %5.1fs  written %d  published %d  delivered %d  applied %d  |  faults: %d lost acks, %d relay crashes, %d consumer crashes, %d rebalances",
+			time.Since(start).Seconds(), written.Load(), pub.published.Load(), got.total.Load(), applied,
+			f.lostAcks.Load(), f.relayCrashes.Load(), f.consumerCrashes.Load(), f.rebalances.Load())
+	}
+	finished := false
+	for !finished && workCtx.Err() == nil {
+		select {
+		case <-workCtx.Done():
+			continue
+		case <-tick.C:
 		}
-		<-tick.C
-		if tty || time.Since(lastLine) > 5*time.Second {
-			line := fmt.Sprintf("  %5.1fs  written %d  published %d  delivered %d  lost acks %d  relay crashes %d  rebalances %d",
-				time.Since(start).Seconds(), written.Load(), pub.published.Load(), got.received.Load(), pub.lostAcks.Load(), pub.crashes.Load(), rebalances.Load())
-			if tty {
-				fmt.Fprintf(out, "\r%-110s", line)
-			} else {
-				fmt.Fprintln(out, line)
+		if n, err := db.applied(workCtx); err == nil {
+			applied = n
+		}
+		if written.Load() == int64(o.orders) && applied == int64(o.orders) {
+			if st, err := ob.Status(workCtx, db.db); err == nil && st.Pending == 0 {
+				finished = true
 			}
+		}
+		if tty {
+			fmt.Fprintf(out, "\r%-150s", progress())
+		} else if time.Since(lastLine) > 5*time.Second || finished {
+			fmt.Fprintln(out, progress())
 			lastLine = time.Now()
 		}
 	}
 	if tty {
 		fmt.Fprintln(out)
 	}
-	writers.Wait()
 	stopWork()
-	wg.Wait() // the relay and the fault injector (which starts members) are done
-	for _, c := range memberCancels {
-		c()
+	writers.Wait()
+	wg.Wait()
+	f.rebalancesWG.Wait()
+	g.wg.Wait()
+	for _, p := range []*atomic.Pointer[error]{&writeErr, &relayErr, &g.err} {
+		if e := p.Load(); e != nil {
+			return fmt.Errorf("the demo could not run: %w", *e)
+		}
 	}
-	members.Wait()
-	if v := writeErr.Load(); v != nil {
-		return fmt.Errorf("order service: %w", v.(error))
+	if !finished && parent.Err() != nil {
+		return &exitError{130, "interrupted"}
 	}
 
-	// Verify: every order in the database has its event, once or more, with
-	// its id; records on the topic beyond the orders are copies.
-	ids, err := orderEventIDs(context.Background(), db)
+	// The verdict, from the database.
+	vctx, cancelVerify := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancelVerify()
+	v, err := db.verify(vctx)
 	if err != nil {
 		return err
 	}
-	onTopic, err := topicRecords(context.Background(), seeds)
+	st, err := ob.Status(vctx, db.db)
 	if err != nil {
 		return err
 	}
-	st, err := ob.Status(context.Background(), db)
+	onBroker, err := broker.stored(vctx)
 	if err != nil {
-		return err
+		return fmt.Errorf("counting the records on %s: %w", broker.topic(), err)
 	}
-	got.mu.Lock()
-	defer got.mu.Unlock()
-	lost, dupIDs := 0, 0
-	for _, id := range ids {
-		switch n := got.count[id]; {
-		case n == 0:
-			lost++
-		case n > 1:
-			dupIDs++
-		}
-	}
-	unknown := 0
-	known := make(map[string]bool, len(ids))
-	for _, id := range ids {
-		known[id] = true
-	}
-	for id := range got.count {
-		if !known[id] {
-			unknown++
-		}
+	total := got.total.Load()
+	distinct := int64(got.distinct())
+	absorbed := claimDuplicates.Load()
+	absorbedBy := "re-sends, by the id's claim; redeliveries never pass the stored offset"
+	switch {
+	case sqlIn != nil:
+		absorbed, absorbedBy = sqlIn.Stats().Duplicates, "by the SQL inbox: the id's claim commits with the effect"
+	case redisIn != nil:
+		absorbed, absorbedBy = redisIn.Stats().Duplicates, "by the Redis inbox: done marker after the effect"
 	}
 
 	fmt.Fprintln(out)
-	row := func(name string, v any, note string) { fmt.Fprintf(out, "  %-27s %8v   %s\n", name, v, note) }
-	row("orders written", written.Load(), "each with its order.created event, in one SQLite transaction")
-	row("events in the outbox", len(ids), "")
-	row("records on the topic", onTopic, fmt.Sprintf("%d copies of already published events", onTopic-int64(len(ids))))
-	row("delivered to the group", got.received.Load(), "copies and rebalance redeliveries included")
-	row("distinct events delivered", len(got.count), "")
-	row("events delivered twice+", dupIDs, "each copy carries its original's id (the inbox absorbs them)")
-	row("copies with other content", got.altered, "must be 0")
-	row("unknown ids", unknown, "must be 0")
-	row("still pending / dead", fmt.Sprintf("%d / %d", st.Pending, st.Dead), "must be 0 / 0")
-	row("LOST", lost, "must be 0")
-	fmt.Fprintf(out, "\nfaults injected: %d lost publish acks, %d relay crashes between broker confirm and mark-sent (%d relay starts), %d consumer rebalances\n",
-		pub.lostAcks.Load(), pub.crashes.Load(), relayStarts.Load(), rebalances.Load())
-	fmt.Fprintf(out, "took %s\n", time.Since(start).Round(time.Millisecond))
-
-	if ctx.Err() != nil && written.Load() < int64(o.orders) {
-		return &exitError{1, fmt.Sprintf("timed out after %s with %d of %d orders written", o.timeout, written.Load(), o.orders)}
+	row := func(name string, val any, note string) { fmt.Fprintf(out, "  %-24s %15v   %s\n", name, val, note) }
+	row("orders written", v.orders, "each with its order.created event, in one transaction")
+	row("events published", pub.published.Load(), fmt.Sprintf("confirmed by the broker; %d re-sends of events already published", pub.published.Load()-v.orders))
+	row("records on the broker", onBroker, map[bool]string{true: "the stream dropped re-sends within its duplicate window", false: "re-sends included"}[o.nats != ""])
+	row("deliveries", total, fmt.Sprintf("%d duplicates: re-sends, redeliveries after crashes and rebalances", total-distinct))
+	row("duplicates absorbed", absorbed, absorbedBy)
+	row("effects applied", v.applied, "one promotion per order")
+	row("lost", v.lost, "must be 0")
+	row("applied twice", v.appliedTwice, "must be 0")
+	row("customer points", fmt.Sprintf("%d/%d", v.pointsGot, v.pointsWant), "applied / owed: must be equal")
+	row("outbox pending / dead", fmt.Sprintf("%d/%d", st.Pending, st.Dead), "must be 0/0")
+	row("dead-lettered", deadLettered.Load(), "must be 0")
+	fmt.Fprintln(out)
+	fmt.Fprintln(out, "  faults injected")
+	crashNote := "consumer crash after the effect, before the offset commit"
+	if o.nats != "" {
+		crashNote = "consumer crash after the effect, before the ack"
+	} else if o.offsets == offsetsDB {
+		crashNote = "consumer crash after the effect, before the commit"
 	}
-	if pub.lostAcks.Load() == 0 || pub.crashes.Load() == 0 {
+	frow := func(name string, n int64) { fmt.Fprintf(out, "    %-58s %7d\n", name, n) }
+	frow("publish ack lost (a timeout after the broker accepted)", f.lostAcks.Load())
+	frow("relay crash after the broker confirmed, before mark-sent", f.relayCrashes.Load())
+	frow(crashNote, f.consumerCrashes.Load())
+	frow("rebalance (a member left the group, another joined)", f.rebalances.Load())
+	fmt.Fprintf(out, "\ntook %s\n", time.Since(start).Round(time.Millisecond))
+
+	var problems []string
+	if !finished {
+		problems = append(problems, fmt.Sprintf("timed out after %s with %d of %d orders written and %d applied", o.timeout, written.Load(), o.orders, v.applied))
+	}
+	for _, c := range []struct {
+		bad  bool
+		what string
+	}{
+		{v.lost > 0, fmt.Sprintf("%d lost", v.lost)},
+		{v.appliedTwice > 0, fmt.Sprintf("%d applied twice", v.appliedTwice)},
+		{v.strangers > 0, fmt.Sprintf("%d promotions of unknown events", v.strangers)},
+		{v.pointsGot != v.pointsWant, fmt.Sprintf("customer points %d, owed %d", v.pointsGot, v.pointsWant)},
+		{st.Pending > 0 || st.Dead > 0, fmt.Sprintf("outbox still holds %d pending and %d dead", st.Pending, st.Dead)},
+		{deadLettered.Load() > 0, fmt.Sprintf("%d dead-lettered", deadLettered.Load())},
+	} {
+		if c.bad {
+			problems = append(problems, c.what)
+		}
+	}
+	if len(problems) > 0 {
+		return &exitError{1, "FAILED: " + strings.Join(problems, "; ")}
+	}
+	if f.lostAcks.Load() == 0 || f.relayCrashes.Load() == 0 || f.consumerCrashes.Load() == 0 || f.rebalances.Load() == 0 {
 		return &exitError{1, "a fault kind was never injected: the run proved less than it should"}
 	}
-	if lost > 0 || got.altered > 0 || unknown > 0 || st.Pending > 0 || st.Dead > 0 {
-		return &exitError{1, fmt.Sprintf("FAILED: %d lost, %d altered, %d unknown, %d pending, %d dead", lost, got.altered, unknown, st.Pending, st.Dead)}
-	}
-	fmt.Fprintln(out, "OK: nothing lost; every duplicate is a same-id copy")
+	fmt.Fprintln(out, "OK: every order's promotion applied exactly once, through every fault")
 	return nil
 }
 
-// placeOrder is the order service's business transaction: the order row and
-// its event commit together or not at all.
-func placeOrder(ctx context.Context, db *sql.DB, ob *outbox.Outbox, n int64, writer int) error {
-	tx, err := db.BeginTx(ctx, nil)
+// inTx runs fn in a transaction of its own and commits it.
+func (d *demoDB) inTx(ctx context.Context, fn func(*sql.Tx) error) error {
+	tx, err := d.db.BeginTx(ctx, nil)
 	if err != nil {
 		return err
 	}
 	defer tx.Rollback()
-	orderID := fmt.Sprintf("order-%06d", n)
-	customer := fmt.Sprintf("customer-%03d", n%97)
-	amount := 500 + n%10000
-	payload, _ := json.Marshal(map[string]any{"order_id": orderID, "customer": customer, "amount_cents": amount, "writer": writer})
-	msg := &exactly.Message{Topic: demoTopic, Key: customer, Payload: payload}
-	if err := ob.Enqueue(ctx, tx, msg); err != nil { // assigns msg.ID
-		return err
-	}
-	if _, err := tx.ExecContext(ctx, "INSERT INTO orders (id, customer, amount_cents, event_id) VALUES (?, ?, ?, ?)",
-		orderID, customer, amount, msg.ID); err != nil {
+	if err := fn(tx); err != nil {
 		return err
 	}
 	return tx.Commit()
 }
 
-// orderEventIDs lists the event ids of the committed orders: the ground
-// truth the deliveries are checked against (the relay deletes sent outbox
-// rows, the orders stay).
-func orderEventIDs(ctx context.Context, db *sql.DB) ([]string, error) {
-	rows, err := db.QueryContext(ctx, "SELECT event_id FROM orders")
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	var ids []string
-	for rows.Next() {
-		var id string
-		if err := rows.Scan(&id); err != nil {
-			return nil, err
+// openRedis connects to redis://... or host:port and pings it.
+func openRedis(ctx context.Context, addr string) (*redis.Client, error) {
+	var opts *redis.Options
+	if strings.Contains(addr, "://") {
+		var err error
+		if opts, err = redis.ParseURL(addr); err != nil {
+			return nil, fmt.Errorf("--redis: invalid URL %s: %s", redact(addr), scrub(err, addr))
 		}
-		ids = append(ids, id)
+	} else {
+		opts = &redis.Options{Addr: addr}
 	}
-	return ids, rows.Err()
+	opts.DialTimeout = 5 * time.Second
+	opts.MaxRetries = 1
+	rc := redis.NewClient(opts)
+	if err := rc.Ping(ctx).Err(); err != nil {
+		rc.Close()
+		return nil, fmt.Errorf("--redis: cannot reach Redis at %s: %s", redact(addr), scrub(err, addr))
+	}
+	return rc, nil
 }
 
-func topicRecords(ctx context.Context, seeds []string) (int64, error) {
-	cl, err := kgo.NewClient(kgo.SeedBrokers(seeds...))
-	if err != nil {
-		return 0, err
+// deleteRedisKeys removes the run's inbox markers.
+func deleteRedisKeys(rc *redis.Client, prefix string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	iter := rc.Scan(ctx, 0, prefix+"*", 1000).Iterator()
+	var keys []string
+	for iter.Next(ctx) {
+		keys = append(keys, iter.Val())
+		if len(keys) == 500 {
+			rc.Unlink(ctx, keys...)
+			keys = keys[:0]
+		}
 	}
-	defer cl.Close()
-	ends, err := kadm.NewClient(cl).ListEndOffsets(ctx, demoTopic)
-	if err != nil {
-		return 0, err
+	if len(keys) > 0 {
+		rc.Unlink(ctx, keys...)
 	}
-	var n int64
-	ends.Each(func(o kadm.ListedOffset) { n += o.Offset })
-	return n, nil
 }
 
 func isTerminal(w io.Writer) bool {

@@ -1,5 +1,6 @@
-// Command exactly is the toolkit's CLI: the demo, the schema migrations and
-// the operator commands for the outbox and the inbox.
+// Command exactly is the toolkit's CLI and daemon: the demo, the relay
+// service, the schema migrations and the operator commands for the outbox
+// and the inbox.
 package main
 
 import (

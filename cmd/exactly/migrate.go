@@ -3,6 +3,7 @@ package main
 import (
 	"database/sql"
 	"fmt"
+	"slices"
 	"strings"
 
 	_ "github.com/go-sql-driver/mysql"
@@ -10,6 +11,10 @@ import (
 	"github.com/spf13/cobra"
 	_ "modernc.org/sqlite"
 
+	"github.com/exactlyonce/exactly/inbox"
+	"github.com/exactlyonce/exactly/internal/inboxstore"
+	"github.com/exactlyonce/exactly/internal/migrate"
+	"github.com/exactlyonce/exactly/internal/offsetstore"
 	"github.com/exactlyonce/exactly/outbox"
 )
 
@@ -57,51 +62,151 @@ func redact(dsn string) string {
 	return dsn
 }
 
+// The parts of the schema `exactly migrate` manages.
+const (
+	partOutbox  = "outbox"
+	partInbox   = "inbox"
+	partOffsets = "offsets"
+)
+
+var allParts = []string{partOutbox, partInbox, partOffsets}
+
+var migrateEnv = map[string]string{
+	"db":            "EXACTLY_DB",
+	"table":         "EXACTLY_TABLE",
+	"inbox-table":   "EXACTLY_INBOX_TABLE",
+	"offsets-table": "EXACTLY_OFFSETS_TABLE",
+	"only":          "EXACTLY_MIGRATE_ONLY",
+}
+
+type migrateFlags struct {
+	dsn, table, inboxTable, offsetsTable string
+	only                                 []string
+	dryRun                               bool
+}
+
+// migrators returns the migrator of each selected part, in order, with the
+// name of its table. Names are validated before anything is opened.
+func (f *migrateFlags) migrators(db *sql.DB, dialect string) ([]*migrate.Migrator, []string, error) {
+	var ms []*migrate.Migrator
+	var names []string
+	for _, part := range allParts {
+		if !slices.Contains(f.only, part) {
+			continue
+		}
+		var m *migrate.Migrator
+		var err error
+		var name string
+		switch part {
+		case partOutbox:
+			var ob *outbox.Outbox
+			if ob, err = outbox.New(outbox.Config{Dialect: dialect, Table: f.table}); err != nil {
+				return nil, nil, fmt.Errorf("--table: %w", err)
+			}
+			name = "outbox table " + ob.Table()
+			m, err = ob.Store().Migrator(db)
+		case partInbox:
+			var st *inboxstore.Store
+			if st, err = inboxstore.New(dialect, f.inboxTable); err != nil {
+				return nil, nil, fmt.Errorf("--inbox-table: %w", err)
+			}
+			name = "inbox table " + st.Table.String()
+			m, err = st.Migrator(db)
+		case partOffsets:
+			var st *offsetstore.Store
+			if st, err = offsetstore.New(dialect, f.offsetsTable); err != nil {
+				return nil, nil, fmt.Errorf("--offsets-table: %w", err)
+			}
+			name = "Kafka offsets table " + st.Table.String()
+			m, err = st.Migrator(db)
+		}
+		if err != nil {
+			return nil, nil, err
+		}
+		ms, names = append(ms, m), append(names, name)
+	}
+	return ms, names, nil
+}
+
 func migrateCmd() *cobra.Command {
-	var dsn, table string
-	var dryRun bool
+	var f migrateFlags
 	cmd := &cobra.Command{
 		Use:   "migrate",
-		Short: "Create or upgrade the outbox tables (idempotent)",
+		Short: "Create or upgrade the outbox, inbox and Kafka offsets tables (idempotent)",
+		Long: `migrate applies the same versioned, embedded migrations as the library's
+Migrate functions (outbox.Migrate, inbox.SQL.Migrate, kafka.MigrateOffsets)
+and records them in exactly_migrations. Running it again applies nothing;
+several processes may run it at once. --dry-run prints the SQL it would run
+and changes nothing. Every flag falls back to an EXACTLY_* environment
+variable (EXACTLY_DB, EXACTLY_TABLE, EXACTLY_INBOX_TABLE,
+EXACTLY_OFFSETS_TABLE, EXACTLY_MIGRATE_ONLY).`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			db, dialect, err := openDB(dsn)
+			if err := applyEnv(cmd.Flags(), migrateEnv); err != nil {
+				return err
+			}
+			for _, p := range f.only {
+				if !slices.Contains(allParts, p) {
+					return fmt.Errorf("--only: unknown part %q (want outbox, inbox or offsets)", p)
+				}
+			}
+			if len(f.only) == 0 {
+				return fmt.Errorf("--only: name at least one of outbox, inbox, offsets")
+			}
+			db, dialect, err := openDB(f.dsn)
 			if err != nil {
 				return err
 			}
 			defer db.Close()
-			ob, err := outbox.New(outbox.Config{Dialect: dialect, Table: table})
+			ms, names, err := f.migrators(db, dialect)
 			if err != nil {
 				return err
 			}
 			ctx := cmd.Context()
 			if err := db.PingContext(ctx); err != nil {
-				return fmt.Errorf("cannot reach the database %s: %w", redact(dsn), err)
+				return fmt.Errorf("cannot reach the database %s: %s", redact(f.dsn), scrub(err, f.dsn))
 			}
-			if dryRun {
-				script, err := ob.MigrationSQL(ctx, db)
+			out := cmd.OutOrStdout()
+			for i, m := range ms {
+				if f.dryRun {
+					steps, err := m.Pending(ctx)
+					if err != nil {
+						return fmt.Errorf("%s: %w", names[i], err)
+					}
+					if len(steps) == 0 {
+						fmt.Fprintf(out, "-- %s: up to date, nothing to apply\n", names[i])
+						continue
+					}
+					fmt.Fprintf(out, "-- %s\n%s", names[i], migrate.Script(steps))
+					continue
+				}
+				applied, err := m.Apply(ctx)
 				if err != nil {
-					return err
+					return fmt.Errorf("%s: %w", names[i], err)
 				}
-				if strings.TrimSpace(script) == "" {
-					fmt.Fprintln(cmd.OutOrStdout(), "-- up to date: nothing to apply")
+				if len(applied) == 0 {
+					fmt.Fprintf(out, "%s is up to date\n", names[i])
+				} else {
+					fmt.Fprintf(out, "%s: applied version(s) %s\n", names[i], joinInts(applied))
 				}
-				fmt.Fprint(cmd.OutOrStdout(), script)
-				return nil
 			}
-			if err := ob.Migrate(ctx, db); err != nil {
-				return err
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "outbox table %s is up to date\n", ob.Table())
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&dsn, "db", "", "database: postgres://..., mysql://user@tcp(host:3306)/db or sqlite:path (env EXACTLY_DB)")
-	cmd.Flags().StringVar(&table, "table", outbox.DefaultTable, "outbox table name, optionally schema-qualified")
-	cmd.Flags().BoolVar(&dryRun, "dry-run", false, "print the SQL that would run, change nothing")
-	cmd.PreRun = func(*cobra.Command, []string) {
-		if dsn == "" {
-			dsn = envDefault("EXACTLY_DB", "")
-		}
-	}
+	fl := cmd.Flags()
+	fl.StringVar(&f.dsn, "db", "", "database: postgres://..., mysql://user@tcp(host:3306)/db or sqlite:path (env EXACTLY_DB)")
+	fl.StringVar(&f.table, "table", outbox.DefaultTable, "outbox table name, optionally schema-qualified (env EXACTLY_TABLE)")
+	fl.StringVar(&f.inboxTable, "inbox-table", inbox.DefaultTable, "inbox table name, optionally schema-qualified (env EXACTLY_INBOX_TABLE)")
+	fl.StringVar(&f.offsetsTable, "offsets-table", offsetstore.DefaultTable, "Kafka offsets table name, optionally schema-qualified (env EXACTLY_OFFSETS_TABLE)")
+	fl.StringSliceVar(&f.only, "only", allParts, "the parts to migrate: outbox, inbox, offsets (env EXACTLY_MIGRATE_ONLY)")
+	fl.BoolVar(&f.dryRun, "dry-run", false, "print the SQL that would run, change nothing")
 	return cmd
+}
+
+func joinInts(v []int) string {
+	s := make([]string, len(v))
+	for i, n := range v {
+		s[i] = fmt.Sprint(n)
+	}
+	return strings.Join(s, ", ")
 }

@@ -9,32 +9,34 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
-	natsgo "github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	amqp091 "github.com/rabbitmq/amqp091-go"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
 	"github.com/exactlyonce/exactly"
-	"github.com/exactlyonce/exactly/kafka"
-	"github.com/exactlyonce/exactly/nats"
 	"github.com/exactlyonce/exactly/outbox"
 	"github.com/exactlyonce/exactly/relay"
 )
 
 // relayFlags are the settings of `exactly relay`.
 type relayFlags struct {
+	config       string
 	dsn          string
 	table        string
+	source       string
 	broker       string
 	kafkaBrokers string
 	natsURL      string
+	amqpURL      string
+	amqpExchange string
 	batchSize    int
 	pollInterval time.Duration
 	maxAttempts  int
@@ -44,42 +46,89 @@ type relayFlags struct {
 	adminAddr    string
 	logFormat    string
 	logLevel     string
+
+	tls           brokerTLS
+	kafkaSASL     string
+	kafkaUser     string
+	kafkaPassword string
+	natsCreds     string
+	natsUser      string
+	natsPassword  string
 }
+
+// brokers the relay publishes to.
+var brokers = []string{"kafka", "nats", "amqp"}
 
 // relayEnv maps each flag to the environment variable used when the flag is
 // not given.
 var relayEnv = map[string]string{
-	"db":            "EXACTLY_DB",
-	"table":         "EXACTLY_TABLE",
-	"broker":        "EXACTLY_BROKER",
-	"kafka-brokers": "EXACTLY_KAFKA_BROKERS",
-	"nats-url":      "EXACTLY_NATS_URL",
-	"batch-size":    "EXACTLY_BATCH_SIZE",
-	"poll-interval": "EXACTLY_POLL_INTERVAL",
-	"max-attempts":  "EXACTLY_MAX_ATTEMPTS",
-	"retention":     "EXACTLY_RETENTION",
-	"partitions":    "EXACTLY_PARTITIONS",
-	"instance-id":   "EXACTLY_INSTANCE_ID",
-	"admin-addr":    "EXACTLY_ADMIN_ADDR",
-	"log-format":    "EXACTLY_LOG_FORMAT",
-	"log-level":     "EXACTLY_LOG_LEVEL",
+	"config":          "EXACTLY_CONFIG",
+	"db":              "EXACTLY_DB",
+	"table":           "EXACTLY_TABLE",
+	"source":          "EXACTLY_SOURCE",
+	"broker":          "EXACTLY_BROKER",
+	"kafka-brokers":   "EXACTLY_KAFKA_BROKERS",
+	"nats-url":        "EXACTLY_NATS_URL",
+	"amqp-url":        "EXACTLY_AMQP_URL",
+	"amqp-exchange":   "EXACTLY_AMQP_EXCHANGE",
+	"batch-size":      "EXACTLY_BATCH_SIZE",
+	"poll-interval":   "EXACTLY_POLL_INTERVAL",
+	"max-attempts":    "EXACTLY_MAX_ATTEMPTS",
+	"retention":       "EXACTLY_RETENTION",
+	"partitions":      "EXACTLY_PARTITIONS",
+	"instance-id":     "EXACTLY_INSTANCE_ID",
+	"admin-addr":      "EXACTLY_ADMIN_ADDR",
+	"log-format":      "EXACTLY_LOG_FORMAT",
+	"log-level":       "EXACTLY_LOG_LEVEL",
+	"tls":             "EXACTLY_TLS",
+	"tls-ca":          "EXACTLY_TLS_CA",
+	"tls-cert":        "EXACTLY_TLS_CERT",
+	"tls-key":         "EXACTLY_TLS_KEY",
+	"tls-server-name": "EXACTLY_TLS_SERVER_NAME",
+	"kafka-sasl":      "EXACTLY_KAFKA_SASL",
+	"kafka-user":      "EXACTLY_KAFKA_USER",
+	"kafka-password":  "EXACTLY_KAFKA_PASSWORD",
+	"nats-creds":      "EXACTLY_NATS_CREDS",
+	"nats-user":       "EXACTLY_NATS_USER",
+	"nats-password":   "EXACTLY_NATS_PASSWORD",
 }
+
+// secretFlags hold secrets: their values are never printed.
+var secretFlags = map[string]bool{"kafka-password": true, "nats-password": true}
 
 func relayCmd() *cobra.Command {
 	var f relayFlags
 	cmd := &cobra.Command{
 		Use:   "relay",
-		Short: "Run the outbox relay: publish committed outbox rows to Kafka or NATS",
-		Long: `Run the outbox relay until SIGTERM or SIGINT: it polls the outbox table
-(woken at once by NOTIFY on PostgreSQL) and publishes the rows to Kafka or NATS
-JetStream. Every flag falls back to an EXACTLY_* environment variable
-(--db: EXACTLY_DB, --broker: EXACTLY_BROKER, ...); a flag given wins.
+		Short: "Run the outbox relay: publish committed outbox rows to Kafka, NATS JetStream or RabbitMQ",
+		Long: `Run the outbox relay until SIGTERM or SIGINT: it reads the outbox table
+(polling, woken at once by NOTIFY on PostgreSQL) and publishes the rows to
+Kafka, NATS JetStream or an AMQP broker (RabbitMQ).
+
+Settings come from, in order of precedence: flags; EXACTLY_* environment
+variables (--db: EXACTLY_DB, --broker: EXACTLY_BROKER, ...: each flag's help
+names its variable); the config file given by --config, one "name = value"
+per line with the flags' names ("#" starts a comment); the defaults. Every
+setting is checked at start, and the broker and the database must answer,
+or the relay exits non-zero with an error naming the setting.
+
+Connection security: PostgreSQL's sslmode and sslrootcert go in the DSN;
+--tls, --tls-ca, --tls-cert and --tls-key apply to the broker connection
+(amqps:// URLs for AMQP); Kafka takes SASL with --kafka-sasl plain,
+scram-sha-256 or scram-sha-512; NATS takes --nats-creds or --nats-user.
+Passwords are never logged: pass them in the environment
+(EXACTLY_KAFKA_PASSWORD, EXACTLY_NATS_PASSWORD) rather than as flags.
 
 Admin HTTP on --admin-addr: /metrics (Prometheus), /healthz, /readyz.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := applyEnv(cmd.Flags()); err != nil {
+			if err := applyEnv(cmd.Flags(), relayEnv); err != nil {
 				return err
+			}
+			if f.config != "" {
+				if err := applyConfigFile(cmd.Flags(), f.config); err != nil {
+					return err
+				}
 			}
 			log, err := f.validate()
 			if err != nil {
@@ -89,11 +138,15 @@ Admin HTTP on --admin-addr: /metrics (Prometheus), /healthz, /readyz.`,
 		},
 	}
 	fl := cmd.Flags()
+	fl.StringVar(&f.config, "config", "", "config file of name = value lines, read for the settings neither flags nor the environment give (env EXACTLY_CONFIG)")
 	fl.StringVar(&f.dsn, "db", "", "database: postgres://..., mysql://user@tcp(host:3306)/db or sqlite:path (env EXACTLY_DB)")
 	fl.StringVar(&f.table, "table", outbox.DefaultTable, "outbox table name, optionally schema-qualified (env EXACTLY_TABLE)")
-	fl.StringVar(&f.broker, "broker", "", "broker: kafka or nats (env EXACTLY_BROKER)")
+	fl.StringVar(&f.source, "source", sourcePoll, "where the relay reads the outbox: poll, or cdc (logical replication, PostgreSQL) (env EXACTLY_SOURCE)")
+	fl.StringVar(&f.broker, "broker", "", "broker: kafka, nats or amqp (env EXACTLY_BROKER)")
 	fl.StringVar(&f.kafkaBrokers, "kafka-brokers", "", "comma-separated Kafka seed brokers host:port (env EXACTLY_KAFKA_BROKERS)")
 	fl.StringVar(&f.natsURL, "nats-url", "", "NATS server URL, e.g. nats://127.0.0.1:4222 (env EXACTLY_NATS_URL)")
+	fl.StringVar(&f.amqpURL, "amqp-url", "", "AMQP broker URL, amqp://user:password@host:5672/vhost or amqps://... (env EXACTLY_AMQP_URL)")
+	fl.StringVar(&f.amqpExchange, "amqp-exchange", "", "AMQP exchange to publish to, the topic being the routing key; default the default exchange (env EXACTLY_AMQP_EXCHANGE)")
 	fl.IntVar(&f.batchSize, "batch-size", 0, "most rows published at once, 0 for the default 2000 (env EXACTLY_BATCH_SIZE)")
 	fl.DurationVar(&f.pollInterval, "poll-interval", 0, "how often the table is read when nothing woke the relay, 0 for the default (env EXACTLY_POLL_INTERVAL)")
 	fl.IntVar(&f.maxAttempts, "max-attempts", 0, "failed publishes before a message is parked as dead, 0 for the default 25 (env EXACTLY_MAX_ATTEMPTS)")
@@ -103,15 +156,26 @@ Admin HTTP on --admin-addr: /metrics (Prometheus), /healthz, /readyz.`,
 	fl.StringVar(&f.adminAddr, "admin-addr", "127.0.0.1:9464", "address of the admin HTTP server (/metrics, /healthz, /readyz) (env EXACTLY_ADMIN_ADDR)")
 	fl.StringVar(&f.logFormat, "log-format", "text", "log format: text or json (env EXACTLY_LOG_FORMAT)")
 	fl.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error (env EXACTLY_LOG_LEVEL)")
+	fl.BoolVar(&f.tls.enabled, "tls", false, "connect to the broker over TLS, verified against the system roots (env EXACTLY_TLS)")
+	fl.StringVar(&f.tls.caFile, "tls-ca", "", "PEM file of the CA to verify the broker with; implies --tls (env EXACTLY_TLS_CA)")
+	fl.StringVar(&f.tls.certFile, "tls-cert", "", "PEM client certificate for the broker, with --tls-key; implies --tls (env EXACTLY_TLS_CERT)")
+	fl.StringVar(&f.tls.keyFile, "tls-key", "", "PEM private key of --tls-cert (env EXACTLY_TLS_KEY)")
+	fl.StringVar(&f.tls.serverName, "tls-server-name", "", "name to verify the broker's certificate against, default its host (env EXACTLY_TLS_SERVER_NAME)")
+	fl.StringVar(&f.kafkaSASL, "kafka-sasl", "", "Kafka SASL mechanism: plain, scram-sha-256 or scram-sha-512 (env EXACTLY_KAFKA_SASL)")
+	fl.StringVar(&f.kafkaUser, "kafka-user", "", "Kafka SASL user (env EXACTLY_KAFKA_USER)")
+	fl.StringVar(&f.kafkaPassword, "kafka-password", "", "Kafka SASL password; prefer the environment (env EXACTLY_KAFKA_PASSWORD)")
+	fl.StringVar(&f.natsCreds, "nats-creds", "", "NATS credentials file (JWT and NKey seed) (env EXACTLY_NATS_CREDS)")
+	fl.StringVar(&f.natsUser, "nats-user", "", "NATS user (env EXACTLY_NATS_USER)")
+	fl.StringVar(&f.natsPassword, "nats-password", "", "NATS password; prefer the environment (env EXACTLY_NATS_PASSWORD)")
 	return cmd
 }
 
 // applyEnv sets every flag not given on the command line from its
-// environment variable, if that is set.
-func applyEnv(fl *pflag.FlagSet) error {
+// environment variable in envs, if that is set.
+func applyEnv(fl *pflag.FlagSet, envs map[string]string) error {
 	var err error
 	fl.VisitAll(func(f *pflag.Flag) {
-		env, ok := relayEnv[f.Name]
+		env, ok := envs[f.Name]
 		if !ok || f.Changed || err != nil {
 			return
 		}
@@ -121,7 +185,10 @@ func applyEnv(fl *pflag.FlagSet) error {
 		}
 		if e := fl.Set(f.Name, v); e != nil {
 			shown := v
-			if f.Name == "db" {
+			switch {
+			case secretFlags[f.Name]:
+				shown = "***"
+			case strings.Contains(v, "://"):
 				shown = redact(v)
 			}
 			err = fmt.Errorf("invalid value %q in %s (for --%s): %v", shown, env, f.Name, e)
@@ -143,19 +210,57 @@ func (f *relayFlags) validate() (*slog.Logger, error) {
 	if strings.TrimSpace(f.table) == "" {
 		return nil, errors.New("--table must not be empty")
 	}
+	if err := checkSource(f.source, dialectOf(f.dsn)); err != nil {
+		return nil, fmt.Errorf("--source: %w", err)
+	}
 	switch f.broker {
 	case "kafka":
 		if len(splitList(f.kafkaBrokers)) == 0 {
 			return nil, errors.New("--kafka-brokers is required with --broker kafka (or EXACTLY_KAFKA_BROKERS): host:port[,host:port...]")
 		}
+		if f.kafkaSASL != "" {
+			if !slices.Contains(kafkaSASLMechanisms, f.kafkaSASL) {
+				return nil, fmt.Errorf("--kafka-sasl: unknown mechanism %q (want %s)", f.kafkaSASL, strings.Join(kafkaSASLMechanisms, ", "))
+			}
+			if f.kafkaUser == "" || f.kafkaPassword == "" {
+				return nil, errors.New("--kafka-sasl needs --kafka-user and --kafka-password (or EXACTLY_KAFKA_USER and EXACTLY_KAFKA_PASSWORD)")
+			}
+		} else if f.kafkaUser != "" || f.kafkaPassword != "" {
+			return nil, errors.New("--kafka-user and --kafka-password need --kafka-sasl (plain, scram-sha-256 or scram-sha-512)")
+		}
 	case "nats":
 		if f.natsURL == "" {
 			return nil, errors.New("--nats-url is required with --broker nats (or EXACTLY_NATS_URL): nats://host:4222")
 		}
+		if !strings.HasPrefix(f.natsURL, "nats://") && !strings.HasPrefix(f.natsURL, "tls://") {
+			return nil, fmt.Errorf("--nats-url: want nats://host:port or tls://host:port, got %s", redact(f.natsURL))
+		}
+		if f.natsPassword != "" && f.natsUser == "" {
+			return nil, errors.New("--nats-password needs --nats-user")
+		}
+		if f.natsCreds != "" && f.natsUser != "" {
+			return nil, errors.New("--nats-creds and --nats-user both given: choose one way to authenticate")
+		}
+	case "amqp":
+		if f.amqpURL == "" {
+			return nil, errors.New("--amqp-url is required with --broker amqp (or EXACTLY_AMQP_URL): amqp://user:password@host:5672/vhost")
+		}
+		if _, err := amqp091.ParseURI(f.amqpURL); err != nil {
+			return nil, fmt.Errorf("--amqp-url: invalid URL %s: %s", redact(f.amqpURL), f.hideSecrets(err.Error()))
+		}
 	case "":
-		return nil, errors.New("--broker is required (or EXACTLY_BROKER): kafka or nats")
+		return nil, fmt.Errorf("--broker is required (or EXACTLY_BROKER): %s", strings.Join(brokers, ", "))
 	default:
-		return nil, fmt.Errorf("--broker: unknown broker %q (want kafka or nats)", f.broker)
+		return nil, fmt.Errorf("--broker: unknown broker %q (want %s)", f.broker, strings.Join(brokers, ", "))
+	}
+	if f.broker != "kafka" && (f.kafkaSASL != "" || f.kafkaUser != "" || f.kafkaPassword != "") {
+		return nil, fmt.Errorf("--kafka-sasl, --kafka-user and --kafka-password are for --broker kafka, not %s", f.broker)
+	}
+	if f.broker != "nats" && (f.natsCreds != "" || f.natsUser != "" || f.natsPassword != "") {
+		return nil, fmt.Errorf("--nats-creds, --nats-user and --nats-password are for --broker nats, not %s", f.broker)
+	}
+	if _, err := f.tls.config(); err != nil {
+		return nil, err
 	}
 	for _, c := range []struct {
 		flag string
@@ -250,6 +355,10 @@ type relayMetrics struct {
 	took      prometheus.Histogram
 	pending   prometheus.Gauge
 	oldest    prometheus.Gauge
+	// cdcSlotLag is the replication slot's lag behind the WAL, for the cdc
+	// source; registered by registerCDC, so the poll source does not
+	// export a lag that cannot exist.
+	cdcSlotLag prometheus.Gauge
 }
 
 func newRelayMetrics(partitions func() float64) *relayMetrics {
@@ -271,8 +380,14 @@ func newRelayMetrics(partitions func() float64) *relayMetrics {
 	held := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "exactly_relay_partitions_held",
 		Help: "Partitions of the outbox this relay holds."}, partitions)
 	m.reg.MustRegister(m.published, m.failed, m.dead, m.took, m.pending, m.oldest, held)
+	m.cdcSlotLag = prometheus.NewGauge(prometheus.GaugeOpts{Name: "exactly_cdc_slot_lag_bytes",
+		Help: "Bytes of WAL the replication slot holds back: the current WAL position minus the slot's confirmed flush position."})
 	return m
 }
+
+// registerCDC exports the metrics of the cdc source; the source sets
+// cdcSlotLag as it reads the slot.
+func (m *relayMetrics) registerCDC() { m.reg.MustRegister(m.cdcSlotLag) }
 
 func (m *relayMetrics) hooks() relay.Hooks {
 	return relay.Hooks{
@@ -288,41 +403,6 @@ func (m *relayMetrics) hooks() relay.Hooks {
 		},
 		BacklogInterval: 5 * time.Second,
 	}
-}
-
-// newRelayPublisher connects to the broker.
-func newRelayPublisher(f *relayFlags, log *slog.Logger) (exactly.Publisher, func(), error) {
-	switch f.broker {
-	case "kafka":
-		p, err := kafka.NewClientPublisher(splitList(f.kafkaBrokers))
-		if err != nil {
-			return nil, nil, fmt.Errorf("--kafka-brokers: %w", err)
-		}
-		return p, func() { p.Close() }, nil
-	case "nats":
-		nc, err := natsgo.Connect(f.natsURL, natsgo.Name("exactly-relay"), natsgo.MaxReconnects(-1),
-			natsgo.DisconnectErrHandler(func(_ *natsgo.Conn, err error) {
-				if err != nil {
-					log.Warn("disconnected from NATS", "err", err)
-				}
-			}),
-			natsgo.ReconnectHandler(func(c *natsgo.Conn) { log.Info("reconnected to NATS", "url", c.ConnectedUrlRedacted()) }))
-		if err != nil {
-			return nil, nil, fmt.Errorf("--nats-url: cannot connect to NATS at %s: %w", redact(f.natsURL), err)
-		}
-		js, err := jetstream.New(nc)
-		if err != nil {
-			nc.Close()
-			return nil, nil, fmt.Errorf("--nats-url: %w", err)
-		}
-		p, err := nats.NewPublisher(js)
-		if err != nil {
-			nc.Close()
-			return nil, nil, err
-		}
-		return p, func() { _ = nc.Drain(); nc.Close() }, nil
-	}
-	return nil, nil, fmt.Errorf("--broker: unknown broker %q (want kafka or nats)", f.broker)
 }
 
 func runRelay(ctx context.Context, f *relayFlags, log *slog.Logger) error {
@@ -348,21 +428,24 @@ func runRelay(ctx context.Context, f *relayFlags, log *slog.Logger) error {
 	}
 	defer ln.Close()
 
-	pub, closePub, err := newRelayPublisher(f, log)
+	pub, closePub, err := newRelayPublisher(ctx, f, log)
 	if err != nil {
 		return err
 	}
 	defer closePub()
 
-	var rl atomic.Pointer[relay.Relay]
+	var rl atomic.Pointer[relayRunner]
 	var running atomic.Bool
 	m := newRelayMetrics(func() float64 {
 		if r := rl.Load(); r != nil {
-			return float64(r.Stats().Partitions)
+			return float64((*r).Partitions())
 		}
 		return 0
 	})
-	r, err := relay.New(relay.Config{
+	if f.source == sourceCDC {
+		m.registerCDC()
+	}
+	r, err := newRelayRunner(f.source, relay.Config{
 		Outbox:       ob,
 		DB:           db.handle,
 		Publisher:    pub,
@@ -378,7 +461,7 @@ func runRelay(ctx context.Context, f *relayFlags, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	rl.Store(r)
+	rl.Store(&r)
 
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
@@ -390,7 +473,7 @@ func runRelay(ctx context.Context, f *relayFlags, log *slog.Logger) error {
 			http.Error(w, "relay not running", http.StatusServiceUnavailable)
 			return
 		}
-		if n := r.Stats().Partitions; n == 0 {
+		if r.Partitions() == 0 {
 			http.Error(w, "relay holds no partitions", http.StatusServiceUnavailable)
 			return
 		}
@@ -411,7 +494,7 @@ func runRelay(ctx context.Context, f *relayFlags, log *slog.Logger) error {
 	relayErr := make(chan error, 1)
 	running.Store(true)
 	go func() { relayErr <- r.Run(runCtx) }()
-	log.Info("relay started", "table", ob.Table(), "dialect", db.dialect, "broker", f.broker,
+	log.Info("relay started", "source", f.source, "table", ob.Table(), "dialect", db.dialect, "broker", f.broker, "tls", f.tls.wanted(),
 		"admin", ln.Addr().String(), "db", redact(f.dsn))
 
 	var runErr error
@@ -436,5 +519,65 @@ func runRelay(ctx context.Context, f *relayFlags, log *slog.Logger) error {
 		return runErr
 	}
 	log.Info("relay exited cleanly")
+	return nil
+}
+
+// dialectOf names the dialect of a DSN already checked by validate.
+func dialectOf(dsn string) string {
+	switch {
+	case strings.HasPrefix(dsn, "postgres://"), strings.HasPrefix(dsn, "postgresql://"):
+		return outbox.Postgres
+	case strings.HasPrefix(dsn, "mysql://"):
+		return outbox.MySQL
+	}
+	return outbox.SQLite
+}
+
+// urlPassword returns the password in a URL, "" when it holds none.
+func urlPassword(s string) string {
+	u, err := url.Parse(s)
+	if err != nil || u.User == nil {
+		return ""
+	}
+	pw, _ := u.User.Password()
+	return pw
+}
+
+// applyConfigFile sets, from a file of "name = value" lines, every flag
+// that neither the command line nor the environment set. Unknown names, and
+// values a flag refuses, are errors naming the file and the line.
+func applyConfigFile(fl *pflag.FlagSet, path string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("--config: %w", err)
+	}
+	for i, line := range strings.Split(string(b), "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		name, value, ok := strings.Cut(line, "=")
+		if !ok {
+			return fmt.Errorf("--config %s line %d: want name = value", path, i+1)
+		}
+		name, value = strings.TrimSpace(name), strings.Trim(strings.TrimSpace(value), `"`)
+		f := fl.Lookup(name)
+		if f == nil || name == "config" {
+			return fmt.Errorf("--config %s line %d: unknown setting %q", path, i+1, name)
+		}
+		if f.Changed {
+			continue
+		}
+		if err := fl.Set(name, value); err != nil {
+			shown := value
+			switch {
+			case secretFlags[name]:
+				shown = "***"
+			case strings.Contains(value, "://"):
+				shown = redact(value)
+			}
+			return fmt.Errorf("--config %s line %d: invalid value %q for %s: %v", path, i+1, shown, name, err)
+		}
+	}
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"io"
@@ -21,6 +22,9 @@ import (
 
 	natsgo "github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	amqp091 "github.com/rabbitmq/amqp091-go"
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/exactlytest"
@@ -84,6 +88,8 @@ func TestRelayCommand(t *testing.T) {
 	bin := buildExactly(t)
 	t.Run("BadFlags", func(t *testing.T) { testRelayBadFlags(t, bin) })
 	t.Run("PostgresNATS", func(t *testing.T) { testRelayPostgresNATS(t, bin) })
+	t.Run("PostgresKafka", func(t *testing.T) { testRelayPostgresKafka(t, bin) })
+	t.Run("PostgresAMQP", func(t *testing.T) { testRelayPostgresAMQP(t, bin) })
 }
 
 func testRelayBadFlags(t *testing.T, bin string) {
@@ -109,6 +115,23 @@ func testRelayBadFlags(t *testing.T, bin string) {
 		{[]string{"--db", "oracle://u:secret@x/db", "--broker", "nats", "--nats-url", "nats://x"}, nil, "unrecognised database DSN"},
 		{[]string{"--broker", "nats", "--nats-url", "nats://x"}, []string{"EXACTLY_DB=" + dsn}, "cannot reach the database"},
 		{[]string{"--db", dsn, "--broker", "nats", "--nats-url", "nats://x"}, nil, "cannot reach the database"},
+		{[]string{"--db", dsn, "--broker", "amqp"}, nil, "--amqp-url is required"},
+		{[]string{"--db", dsn, "--broker", "amqp", "--amqp-url", "http://u:secret@x"}, nil, "--amqp-url: invalid URL http://u:***@x"},
+		{[]string{"--db", dsn, "--broker", "nats", "--nats-url", "http://x"}, nil, "--nats-url: want nats://"},
+		{[]string{"--db", dsn, "--source", "cdc", "--broker", "nats", "--nats-url", "nats://x"}, nil, "--source: the cdc source (logical replication) is not available in this build yet"},
+		{[]string{"--db", "sqlite:x.db", "--source", "cdc", "--broker", "nats", "--nats-url", "nats://x"}, nil, "--source: the cdc source needs PostgreSQL"},
+		{[]string{"--db", dsn, "--source", "binlog", "--broker", "nats", "--nats-url", "nats://x"}, nil, `--source: unknown source "binlog"`},
+		{[]string{"--db", dsn, "--broker", "kafka", "--kafka-brokers", "k:1", "--kafka-sasl", "gssapi"}, nil, `--kafka-sasl: unknown mechanism "gssapi"`},
+		{[]string{"--db", dsn, "--broker", "kafka", "--kafka-brokers", "k:1", "--kafka-sasl", "plain", "--kafka-user", "u"}, nil, "--kafka-sasl needs --kafka-user and --kafka-password"},
+		{[]string{"--db", dsn, "--broker", "kafka", "--kafka-brokers", "k:1", "--kafka-user", "u"}, []string{"EXACTLY_KAFKA_PASSWORD=secret"}, "--kafka-user and --kafka-password need --kafka-sasl"},
+		{[]string{"--db", dsn, "--broker", "nats", "--nats-url", "nats://x", "--kafka-sasl", "plain"}, nil, "are for --broker kafka, not nats"},
+		{[]string{"--db", dsn, "--broker", "nats", "--nats-url", "nats://x", "--tls-ca", "/nonexistent/ca.pem"}, nil, "--tls-ca: open /nonexistent/ca.pem"},
+		{[]string{"--db", dsn, "--broker", "nats", "--nats-url", "nats://x", "--tls-cert", "/nonexistent/c.pem"}, nil, "--tls-cert and --tls-key go together"},
+		{[]string{"--config", "/nonexistent/relay.conf"}, nil, "--config: open /nonexistent/relay.conf"},
+		{[]string{"--config", badConfig(t, "broker = nats\nfrobnicate = 3\n")}, nil, `line 2: unknown setting "frobnicate"`},
+		{[]string{"--config", badConfig(t, "# comment\nbatch-size = lots\n")}, nil, `line 2: invalid value "lots" for batch-size`},
+		{[]string{"--config", badConfig(t, "kafka-password = secret\nmax-attempts = x\n")}, nil, "line 2: invalid value"},
+		{nil, []string{"EXACTLY_CONFIG=" + badConfig(t, "db = "+dsn+"\nbroker = nats\nnats-url = nats://127.0.0.1:1\n")}, "cannot reach the database postgres://u:***@127.0.0.1:1/db"},
 	} {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		cmd := exec.CommandContext(ctx, bin, append([]string{"relay"}, tc.args...)...)
@@ -146,9 +169,15 @@ type relayProc struct {
 
 func startRelay(t *testing.T, bin, admin string, args ...string) *relayProc {
 	t.Helper()
+	return startRelayEnv(t, bin, admin, nil, args...)
+}
+
+// startRelayEnv starts `exactly relay` with env added to a clean environment.
+func startRelayEnv(t *testing.T, bin, admin string, env []string, args ...string) *relayProc {
+	t.Helper()
 	p := &relayProc{out: &syncBuffer{}, admin: admin, done: make(chan struct{})}
 	p.cmd = exec.Command(bin, append([]string{"relay", "--admin-addr", admin}, args...)...)
-	p.cmd.Env = relayEnvCleared()
+	p.cmd.Env = append(relayEnvCleared(), env...)
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -378,5 +407,204 @@ func testRelayPostgresNATS(t *testing.T, bin string) {
 	p.stop(t)
 	if code, _, err := p.get("/healthz"); err == nil {
 		t.Errorf("/healthz still answers %d after the relay exited", code)
+	}
+}
+
+// badConfig writes a config file for the relay and returns its path.
+func badConfig(t *testing.T, content string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "relay.conf")
+	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// enqueueN writes n messages to topic in one transaction and returns their ids.
+func enqueueN(t *testing.T, db *sql.DB, ob *outbox.Outbox, topic string, from, n int) []string {
+	t.Helper()
+	ctx := context.Background()
+	msgs := make([]*exactly.Message, n)
+	for i := range msgs {
+		msgs[i] = &exactly.Message{Topic: topic, Key: fmt.Sprintf("k-%d", (from+i)%7), Payload: fmt.Appendf(nil, "m-%d", from+i)}
+	}
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ob.Enqueue(ctx, tx, msgs...); err != nil {
+		tx.Rollback()
+		t.Fatal(err)
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	ids := make([]string, n)
+	for i, m := range msgs {
+		ids[i] = m.ID
+	}
+	return ids
+}
+
+// checkDelivered requires got (the ids read from the broker) to hold each
+// of want exactly once.
+func checkDelivered(t *testing.T, got, want []string) {
+	t.Helper()
+	seen := map[string]int{}
+	for _, id := range got {
+		seen[id]++
+	}
+	for _, id := range want {
+		if seen[id] != 1 {
+			t.Errorf("message %s delivered %d times", id, seen[id])
+		}
+	}
+	if len(got) != len(want) {
+		t.Errorf("%d messages on the broker, want %d", len(got), len(want))
+	}
+}
+
+// waitPublished waits until the relay's metrics show n published and the
+// outbox is empty.
+func waitPublished(t *testing.T, p *relayProc, db *sql.DB, ob *outbox.Outbox, n float64) {
+	t.Helper()
+	waitFor(t, p, fmt.Sprintf("metrics show %v published", n), 30*time.Second, func() (bool, string) {
+		_, body, err := p.get("/metrics")
+		if err != nil {
+			return false, err.Error()
+		}
+		v, _ := metric(body, "exactly_relay_published_total")
+		return v == n, fmt.Sprintf("published %v", v)
+	})
+	st, err := ob.Status(context.Background(), db)
+	if err != nil || st.Pending != 0 || st.Dead != 0 {
+		t.Fatalf("outbox after publishing: %+v %v", st, err)
+	}
+}
+
+// Kafka (kfake in this process), configured through a config file whose
+// settings flags and the environment override.
+func testRelayPostgresKafka(t *testing.T, bin string) {
+	db := pgDB(t)
+	ob := exactlytest.MigratedOutbox(t, db, outbox.Postgres, "relay_cmd_kafka")
+	const topic = "relay-cmd-orders"
+	cluster, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(3, topic))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cluster.Close()
+	ids := enqueueN(t, db, ob, topic, 0, 120)
+
+	conf := badConfig(t, fmt.Sprintf("# the relay's settings\nbroker = kafka\nkafka-brokers = %s\ntable = %s\npartitions = 2\npoll-interval = 100ms\nlog-format = text\n",
+		strings.Join(cluster.ListenAddrs(), ","), ob.Table()))
+	p := startRelayEnv(t, bin, freeAddr(t), []string{"EXACTLY_DB=" + testenv.PostgresDSN(), "EXACTLY_LOG_FORMAT=json"},
+		"--config", conf, "--partitions", "4")
+	waitPublished(t, p, db, ob, 120)
+	_, body, _ := p.get("/metrics")
+	if held, _ := metric(body, "exactly_relay_partitions_held"); held != 4 {
+		t.Errorf("partitions held %v: the flag should win over the config file", held)
+	}
+	cl, err := kgo.NewClient(kgo.SeedBrokers(cluster.ListenAddrs()...), kgo.ConsumeTopics(topic),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	var got []string
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for len(got) < len(ids) && ctx.Err() == nil {
+		cl.PollFetches(ctx).EachRecord(func(r *kgo.Record) {
+			for _, h := range r.Headers {
+				if h.Key == exactly.HeaderID {
+					got = append(got, string(h.Value))
+				}
+			}
+		})
+	}
+	checkDelivered(t, got, ids)
+	p.stop(t)
+	if !strings.Contains(p.out.String(), `"msg":"relay started"`) || !strings.Contains(p.out.String(), `"broker":"kafka"`) {
+		t.Errorf("the environment's JSON log format should win over the config file's text:\n%s", p.out)
+	}
+}
+
+// RabbitMQ through the default exchange: the topic is the queue.
+func testRelayPostgresAMQP(t *testing.T, bin string) {
+	testenv.Need(t, testenv.RabbitMQ)
+	db := pgDB(t)
+	ob := exactlytest.MigratedOutbox(t, db, outbox.Postgres, "relay_cmd_amqp")
+	url := "amqp://guest:guest@" + testenv.RabbitMQ.Addr + "/"
+	queue := uniqueName("relay-cmd")
+	conn, err := amqp091.Dial(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ch, err := conn.Channel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ch.QueueDeclare(queue, false, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	defer ch.QueueDelete(queue, false, false, false)
+	ids := enqueueN(t, db, ob, queue, 0, 80)
+
+	p := startRelayEnv(t, bin, freeAddr(t), []string{"EXACTLY_AMQP_URL=" + url},
+		"--db", testenv.PostgresDSN(), "--table", ob.Table(), "--broker", "amqp", "--poll-interval", "100ms")
+	waitPublished(t, p, db, ob, 80)
+	var got []string
+	for {
+		d, ok, err := ch.Get(queue, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !ok {
+			break
+		}
+		got = append(got, d.MessageId)
+	}
+	checkDelivered(t, got, ids)
+	p.stop(t)
+	if strings.Contains(p.out.String(), "guest:guest") {
+		t.Errorf("the log shows the AMQP password:\n%s", p.out)
+	}
+}
+
+// A reachable database and an unreachable broker: the relay does not start.
+func TestRelayUnreachableBroker(t *testing.T) {
+	bin := buildExactly(t)
+	db := pgDB(t)
+	ob := exactlytest.MigratedOutbox(t, db, outbox.Postgres, "relay_cmd_unreach")
+	base := []string{"relay", "--db", testenv.PostgresDSN(), "--table", ob.Table(), "--admin-addr", "127.0.0.1:0"}
+	for _, tc := range []struct {
+		args []string
+		env  []string
+		want string
+	}{
+		{[]string{"--broker", "kafka", "--kafka-brokers", "127.0.0.1:1", "--kafka-sasl", "scram-sha-512", "--kafka-user", "u"},
+			[]string{"EXACTLY_KAFKA_PASSWORD=secret"}, "cannot reach Kafka at 127.0.0.1:1"},
+		{[]string{"--broker", "nats", "--nats-url", "nats://u:secret@127.0.0.1:1"}, nil, "cannot connect to NATS at nats://u:***@127.0.0.1:1"},
+		{[]string{"--broker", "nats", "--nats-url", "nats://127.0.0.1:1", "--nats-user", "u"}, []string{"EXACTLY_NATS_PASSWORD=secret"}, "cannot connect to NATS"},
+		{[]string{"--broker", "amqp", "--amqp-url", "amqp://u:secret@127.0.0.1:1/"}, nil, "cannot connect to AMQP at amqp://u:***@127.0.0.1:1/"},
+		{[]string{"--broker", "amqp", "--amqp-url", "amqp://guest:secret@" + testenv.RabbitMQ.Addr + "/"}, nil, "cannot connect to AMQP"},
+	} {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		cmd := exec.CommandContext(ctx, bin, append(base, tc.args...)...)
+		cmd.Env = append(relayEnvCleared(), tc.env...)
+		out, err := cmd.CombinedOutput()
+		cancel()
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() <= 0 {
+			t.Errorf("%v: want a non-zero exit, got %v\n%s", tc.args, err, out)
+		}
+		s := string(out)
+		if !strings.Contains(s, tc.want) {
+			t.Errorf("%v: output lacks %q:\n%s", tc.args, tc.want, s)
+		}
+		if strings.Contains(s, "secret") || strings.Contains(s, "panic") {
+			t.Errorf("%v: a secret leaked or it panicked:\n%s", tc.args, s)
+		}
 	}
 }

@@ -27,6 +27,10 @@ type Policy struct {
 	DeadLetterTopic func(msg *exactly.Message) string
 	Logger          *slog.Logger
 	Hooks           Hooks
+	// Tracer, when set, runs each message's handling (every attempt, and
+	// the dead letter if it comes to that) in a span that continues the
+	// trace carried by the message's headers. Nil: no tracing.
+	Tracer exactly.Tracer
 }
 
 // Hooks report outcomes for metrics; all optional, called synchronously.
@@ -91,7 +95,22 @@ func Call(ctx context.Context, h exactly.Handler, msg *exactly.Message) (err err
 // An error (the context ended) means it must not: the broker redelivers.
 // firstAttempt lets a consumer carry attempts over from earlier deliveries
 // (JetStream's delivery count); pass 1 otherwise.
-func (p *Policy) Process(ctx context.Context, h exactly.Handler, msg *exactly.Message, firstAttempt int, st *Stats) (Outcome, error) {
+func (p *Policy) Process(ctx context.Context, h exactly.Handler, msg *exactly.Message, firstAttempt int, st *Stats) (out Outcome, err error) {
+	if p.Tracer != nil {
+		var end func(error)
+		ctx, end = p.Tracer.StartHandle(ctx, msg)
+		defer func() {
+			if err == nil && out == DeadLettered {
+				end(fmt.Errorf("message %s dead-lettered after %d attempts", msg.ID, p.Retry.MaxAttempts))
+				return
+			}
+			end(err)
+		}()
+	}
+	return p.process(ctx, h, msg, firstAttempt, st)
+}
+
+func (p *Policy) process(ctx context.Context, h exactly.Handler, msg *exactly.Message, firstAttempt int, st *Stats) (Outcome, error) {
 	attempt := max(firstAttempt, 1)
 	for {
 		start := time.Now()

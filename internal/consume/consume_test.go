@@ -92,3 +92,52 @@ func TestPolicyNeedsDeadLetter(t *testing.T) {
 		t.Fatal("negative MaxAttempts accepted")
 	}
 }
+
+type ctxKey struct{}
+
+// fakeTracer records what the policy asks of a Tracer.
+type fakeTracer struct {
+	started []string
+	ended   []error
+}
+
+func (f *fakeTracer) Inject(context.Context, *exactly.Message) {}
+
+func (f *fakeTracer) StartHandle(ctx context.Context, m *exactly.Message) (context.Context, func(error)) {
+	f.started = append(f.started, m.ID)
+	return context.WithValue(ctx, ctxKey{}, "span of "+m.ID), func(err error) { f.ended = append(f.ended, err) }
+}
+
+// With a Tracer, every handling runs in one span, ended with its outcome;
+// the handler's context is the span's.
+func TestTracer(t *testing.T) {
+	tr := &fakeTracer{}
+	p, err := consume.New(consume.Policy{DeadLetter: &exactlytest.Recorder{}, Tracer: tr,
+		Retry: exactly.RetryPolicy{MaxAttempts: 2, InitialBackoff: time.Millisecond, MaxBackoff: time.Millisecond}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var seen []any
+	h := func(ctx context.Context, m *exactly.Message) error {
+		seen = append(seen, ctx.Value(ctxKey{}))
+		if m.ID == "bad" {
+			return errors.New("no")
+		}
+		return nil
+	}
+	if out, err := p.Process(context.Background(), h, &exactly.Message{ID: "good", Topic: "t"}, 1, nil); err != nil || out != consume.Handled {
+		t.Fatalf("good: %v %v", out, err)
+	}
+	if out, err := p.Process(context.Background(), h, &exactly.Message{ID: "bad", Topic: "t"}, 1, nil); err != nil || out != consume.DeadLettered {
+		t.Fatalf("bad: %v %v", out, err)
+	}
+	if len(tr.started) != 2 || tr.started[0] != "good" || tr.started[1] != "bad" {
+		t.Fatalf("spans started for %v", tr.started)
+	}
+	if len(tr.ended) != 2 || tr.ended[0] != nil || tr.ended[1] == nil || !strings.Contains(tr.ended[1].Error(), "dead-lettered") {
+		t.Fatalf("spans ended with %v", tr.ended)
+	}
+	if len(seen) != 3 || seen[0] != "span of good" || seen[1] != "span of bad" || seen[2] != "span of bad" {
+		t.Fatalf("handler contexts: %v", seen)
+	}
+}
