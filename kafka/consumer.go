@@ -183,12 +183,17 @@ func newConsumer(cfg ConsumerConfig, commitToKafka bool, extra ...kgo.Opt) (*Con
 		kgo.ConsumerGroup(cfg.Group),
 		kgo.ConsumeTopics(cfg.Topics...),
 		kgo.ConsumeResetOffset(reset),
-		kgo.DisableAutoCommit(),
 		kgo.FetchIsolationLevel(kgo.ReadCommitted()),
 	}, cfg.ClientOpts...)
 	opts = append(opts, extra...)
 	if commitToKafka {
-		opts = append(opts, kgo.BlockRebalanceOnPoll(), kgo.RequireStableFetchOffsets())
+		// Only records marked after their effect are committed: by the
+		// commit at the end of each poll, by the periodic autocommit and
+		// when partitions are revoked. (With autocommit disabled instead,
+		// franz-go ignores marks and nothing would ever be committed.)
+		opts = append(opts, kgo.AutoCommitMarks(), kgo.BlockRebalanceOnPoll(), kgo.RequireStableFetchOffsets())
+	} else {
+		opts = append(opts, kgo.DisableAutoCommit())
 	}
 	cl, err := kgo.NewClient(opts...)
 	if err != nil {

@@ -351,3 +351,91 @@ func TestConsumerConfigErrors(t *testing.T) {
 		t.Error("unknown dialect accepted")
 	}
 }
+
+// TestConsumerCommitsOffsetsToKafka: the commit-after-effect consumer really
+// commits its position to the group. A consumer stopped after handling
+// everything leaves the group's committed offsets at the end of every
+// partition, and the next member of the group is handed only the records
+// published after that, not the whole topic again.
+func TestConsumerCommitsOffsetsToKafka(t *testing.T) {
+	t.Parallel()
+	f := newConsumerFixture(t, 3, 600)
+	group := "g-" + f.topic
+	var mu sync.Mutex
+	seen := map[string]int{}
+	handler := func(_ context.Context, m *exactly.Message) error {
+		mu.Lock()
+		seen[m.ID]++
+		mu.Unlock()
+		return nil
+	}
+	waitSeen := func(n int) {
+		t.Helper()
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			mu.Lock()
+			got := len(seen)
+			mu.Unlock()
+			if got >= n {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("handled %d distinct messages, want %d", got, n)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	cfg := f.config(t, group).ConsumerConfig
+	c, err := kafka.NewConsumer(cfg, handler)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := runConsumer(t, c)
+	waitSeen(len(f.ids))
+	stop()
+
+	committed, err := f.tc.admin.FetchOffsets(t.Context(), group)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ends, err := f.tc.admin.ListEndOffsets(t.Context(), f.topic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ends.Each(func(o kadm.ListedOffset) {
+		got, ok := committed.Lookup(o.Topic, o.Partition)
+		if !ok || got.At != o.Offset {
+			t.Errorf("partition %d: committed offset %v (present %v), end offset %d", o.Partition, got.At, ok, o.Offset)
+		}
+	})
+
+	// The next member starts from the committed offsets.
+	mu.Lock()
+	clear(seen)
+	mu.Unlock()
+	more := make([]*exactly.Message, 30)
+	for i := range more {
+		more[i] = &exactly.Message{ID: exactly.NewID(), Topic: f.topic, Key: fmt.Sprintf("k%02d", i), Payload: []byte("late")}
+	}
+	if err := f.tc.publisher(t).Publish(t.Context(), more); err != nil {
+		t.Fatal(err)
+	}
+	c2, err := kafka.NewConsumer(cfg, handler)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop2 := runConsumer(t, c2)
+	waitSeen(len(more))
+	time.Sleep(300 * time.Millisecond) // anything older would arrive with them
+	stop2()
+	mu.Lock()
+	defer mu.Unlock()
+	for _, m := range more {
+		if seen[m.ID] != 1 {
+			t.Errorf("late message %s handled %d times", m.ID, seen[m.ID])
+		}
+	}
+	if len(seen) != len(more) {
+		t.Errorf("the restarted group handled %d messages, want only the %d published after the commit", len(seen), len(more))
+	}
+}
