@@ -64,4 +64,92 @@
 // relay to park the message with the reason instead of retrying it. A topic
 // that does not exist is not unpublishable: it fails after
 // kgo.UnknownTopicRetries metadata attempts (default 4) and is retried.
+//
+// # Exactly-once processing: Processor
+//
+// [Processor] is consume-transform-produce from Kafka to Kafka with Kafka
+// transactions, as Kafka Streams' exactly-once mode does it. It reads the
+// input topics as a member of a consumer group (read_committed), calls a
+// [ProcessFunc] for each record, and writes the outputs, any dead letters
+// and the group's input offsets in one transaction (franz-go's
+// GroupTransactSession, KIP-447). Transactions are batched: one commits
+// every CommitInterval (default 100ms) or MaxBatchRecords input records,
+// because each commit costs a few round trips to the coordinators.
+//
+//	p, err := kafka.NewProcessor(kafka.ProcessorConfig{
+//		Seeds: seeds, Group: "enricher", Topics: []string{"orders"},
+//		InstanceID: os.Getenv("POD_NAME"), // stable across restarts, unique while running
+//	}, func(ctx context.Context, rec *kgo.Record) ([]exactly.Message, error) {
+//		return []exactly.Message{{Topic: "orders-enriched", Key: string(rec.Key), Payload: enrich(rec.Value)}}, nil
+//	})
+//	if err != nil { ... }
+//	err = p.Run(ctx)
+//
+// What is guaranteed, to consumers that read the outputs with
+// isolation.level=read_committed (kgo.FetchIsolationLevel(kgo.ReadCommitted())):
+//
+//   - Each input record's outputs, or its dead letter, become visible
+//     exactly once: in the transaction that moves the group's offset past
+//     the record, and in no other. Nothing is lost: an offset never advances
+//     without the outputs of the records before it.
+//   - Order: the records of an input partition are processed in order, and
+//     outputs with the same key land on one output partition in that order.
+//   - A transaction that cannot commit is aborted and its input is processed
+//     again from the group's committed offsets: after a crash, an injected
+//     or broker error, a produce failure, or a rebalance, which aborts the
+//     open transaction rather than committing half a batch.
+//   - Zombies are fenced twice. The transactional ID (TransactionalIDPrefix +
+//     "-" + InstanceID) is initialized before each session, which bumps the
+//     producer epoch: the previous run of the instance, if it is still alive,
+//     can no longer write or commit, and the transaction it left open is
+//     aborted at once. And the offsets are committed with the member's group
+//     generation (KIP-447), so a member the group has moved on from cannot
+//     commit, whatever its transactional ID. A fenced instance's Run returns
+//     ErrFenced; it does not try to win the ID back.
+//   - A commit whose outcome is unknown is never reported as done. When the
+//     EndTxn answer is lost, the processor does not rewind and retry inside
+//     the same session (the session's idea of the committed offsets may be
+//     stale): it starts a new session with the same transactional ID, which
+//     completes or aborts the transaction on the broker, and resumes from the
+//     offsets the broker holds. franz-go turns a commit answered with
+//     UNKNOWN_SERVER_ERROR into an abort and rewinds; the processor then
+//     reads the group's offsets and, when the broker did commit, starts a new
+//     session the same way.
+//   - A ProcessFunc that fails is retried (Retry, exactly.RetryPolicy); after
+//     the last attempt the input goes to the dead-letter topic, in the same
+//     transaction as its offset. An output that is invalid, or that the
+//     broker refuses as too large, sends its input there too.
+//   - Outputs without an ID get one derived from the input's exactly-id and
+//     the output's index (a UUIDv5), the same on every replay.
+//
+// Under which brokers and settings: Kafka 2.5 or later (KIP-447: fencing by
+// group generation, and offset fetches that wait for pending transactions;
+// franz-go sleeps 500ms after each commit on older brokers and the guarantee
+// weakens), including Kafka 4 with transaction.version 2 (KIP-890). The
+// broker settings that make a committed transaction durable are the
+// production ones: replication factor 3 and min.insync.replicas 2 for the
+// output topics and for __transaction_state
+// (transaction.state.log.replication.factor, transaction.state.log.min.isr),
+// and unclean.leader.election.enable=false. TransactionTimeout must not
+// exceed the broker's transaction.max.timeout.ms.
+//
+// What is not guaranteed:
+//
+//   - Effects outside Kafka. A ProcessFunc runs at least once per input
+//     record (every abort replays it); a database write or an HTTP call made
+//     inside it happens again on a replay. Make it idempotent or apply it
+//     through the inbox (package inbox), keyed by the input's exactly-id.
+//   - read_uncommitted consumers see the records of aborted transactions.
+//   - Outputs to another cluster, or produced by another client: only the
+//     processor's own transaction is atomic with the offsets.
+//   - Input records removed by retention before they were processed.
+//   - Liveness around crashes: the offsets of the partitions a crashed
+//     instance held stay unstable, and those partitions are not read, until
+//     it restarts with the same InstanceID or TransactionTimeout passes. A
+//     transaction open longer than TransactionTimeout (a ProcessFunc that
+//     hangs, long retries) is aborted by the broker and its batch replayed.
+//
+// The Publisher above stays idempotent, not transactional: its idempotence
+// covers the client's retries within one producer session, not a restarted
+// producer; see the sections above.
 package kafka

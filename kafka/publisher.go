@@ -25,6 +25,15 @@ import (
 // A Publisher is safe for concurrent use. Messages of one Publish call are
 // handed to the client in slice order; the caller must not publish the same
 // key from two concurrent calls if it needs their relative order.
+//
+// Idempotence is scoped to one producer session, that is one client: the
+// broker drops the client's own retries of a batch it already wrote, by
+// producer ID and sequence number. It does not cover a restarted producer
+// (a new client gets a new producer ID, so a message published again after
+// a crash is a new record), nor a message the caller publishes twice. Those
+// copies carry the same exactly-id header for the inbox to absorb. For
+// Kafka-to-Kafka processing without copies, use a Processor, whose
+// transactions make the output exactly-once for read_committed consumers.
 type Publisher struct {
 	client      *kgo.Client
 	owned       bool
