@@ -325,7 +325,17 @@ func (p *Publisher) record(m *exactly.Message) (*kgo.Record, error) {
 	if m.Key != "" {
 		rec.Key = []byte(m.Key)
 	}
-	for _, k := range slices.Sorted(maps.Keys(m.Headers)) {
+	var names []string
+	switch len(m.Headers) {
+	case 0:
+	case 1:
+		for k := range m.Headers {
+			names = []string{k}
+		}
+	default:
+		names = slices.Sorted(maps.Keys(m.Headers))
+	}
+	for _, k := range names {
 		if k == exactly.HeaderID || k == exactly.HeaderCreatedAt {
 			continue // ours win, so a stale copy cannot mislabel the message
 		}
