@@ -1,0 +1,98 @@
+package pgcdc
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"reflect"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/exactlyonce/exactly"
+)
+
+// Emit writes msgs as logical decoding messages (pg_logical_emit_message,
+// transactional) with DefaultMessagePrefix, inside tx, the caller's own
+// transaction: a relay with Config.Messages publishes them if and only if
+// tx commits. Nothing is stored in a table. tx is a pgx.Tx (including
+// *pgxpool.Tx) or a *sql.Tx on PostgreSQL.
+//
+// Like outbox.Enqueue, Emit assigns each message without an ID a fresh
+// UUIDv7 and sets CreatedAt when zero, in place; the ID travels in the
+// message and is the published Message.ID.
+func Emit(ctx context.Context, tx any, msgs ...*exactly.Message) error {
+	return EmitPrefix(ctx, tx, DefaultMessagePrefix, msgs...)
+}
+
+// EmitPrefix is Emit with another prefix (Config.MessagePrefix).
+func EmitPrefix(ctx context.Context, tx any, prefix string, msgs ...*exactly.Message) error {
+	if len(msgs) == 0 {
+		return nil
+	}
+	if prefix == "" || prefix == HeartbeatPrefix {
+		return fmt.Errorf("pgcdc: Emit: prefix %q is not allowed", prefix)
+	}
+	now := time.Now()
+	prefixes := make([]string, len(msgs))
+	bodies := make([][]byte, len(msgs))
+	for i, m := range msgs {
+		if err := m.Validate(); err != nil {
+			return fmt.Errorf("pgcdc: Emit: message %d: %w", i, err)
+		}
+		if m.ID == "" {
+			m.ID = exactly.NewID()
+		}
+		if m.CreatedAt.IsZero() {
+			m.CreatedAt = now
+		}
+		payload := m.Payload
+		if payload == nil {
+			payload = []byte{}
+		}
+		body, err := json.Marshal(emitted{ID: m.ID, Topic: m.Topic, Key: m.Key, Payload: payload, Headers: m.Headers, CreatedAt: m.CreatedAt})
+		if err != nil {
+			return fmt.Errorf("pgcdc: Emit: message %s: %w", m.ID, err)
+		}
+		prefixes[i], bodies[i] = prefix, body
+	}
+	// One round trip for the lot, in order.
+	const q = "SELECT pg_logical_emit_message(true, p, b) FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS m(p, b, n) ORDER BY n"
+	return execTx(ctx, tx, "Emit", q, prefixes, bodies)
+}
+
+// execTx runs q in the caller's transaction, pgx or database/sql.
+func execTx(ctx context.Context, tx any, what, q string, args ...any) error {
+	switch t := tx.(type) {
+	case pgx.Tx:
+		if t == nil || isNilPointer(t) {
+			return errNilTx(what)
+		}
+		if _, err := t.Exec(ctx, q, args...); err != nil {
+			return fmt.Errorf("pgcdc: %s: %w", what, err)
+		}
+	case *sql.Tx:
+		if t == nil {
+			return errNilTx(what)
+		}
+		if _, err := t.ExecContext(ctx, q, args...); err != nil {
+			return fmt.Errorf("pgcdc: %s: %w", what, err)
+		}
+	case nil:
+		return errNilTx(what)
+	default:
+		return fmt.Errorf("pgcdc: %s: unsupported transaction type %T: want pgx.Tx or *sql.Tx", what, tx)
+	}
+	return nil
+}
+
+func errNilTx(what string) error {
+	return errors.New("pgcdc: " + what + ": nil transaction: it must run inside the caller's transaction")
+}
+
+func isNilPointer(v any) bool {
+	rv := reflect.ValueOf(v)
+	return rv.Kind() == reflect.Pointer && rv.IsNil()
+}

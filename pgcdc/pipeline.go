@@ -1,0 +1,421 @@
+package pgcdc
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/internal/outboxstore"
+)
+
+// sink publishes a batch. errs has one entry per message (nil: confirmed);
+// outage is set instead when the publisher failed as a whole and nothing
+// may be assumed confirmed.
+type sink interface {
+	publish(ctx context.Context, es []*entry) (errs []error, outage error)
+}
+
+// publisherSink hands batches to an exactly.Publisher.
+type publisherSink struct{ p exactly.Publisher }
+
+func (s publisherSink) publish(ctx context.Context, es []*entry) ([]error, error) {
+	msgs := make([]*exactly.Message, len(es))
+	for i, e := range es {
+		msgs[i] = &e.msg
+	}
+	err := s.p.Publish(ctx, msgs)
+	var be *exactly.BatchError
+	if err != nil && !errors.As(err, &be) && !(len(msgs) == 1 && errors.Is(err, exactly.ErrUnpublishable)) {
+		return nil, err
+	}
+	return exactly.PerMessage(err, len(msgs)), nil
+}
+
+// dispatcher owns the messages between the stream and their confirmation:
+// it forms batches (per-key order, backoff, one Publish at a time), sorts
+// out the outcomes, and hands confirmed and parked messages to the writer.
+type dispatcher struct {
+	r       *Relay
+	sink    sink
+	ordered bool // exactly-once mode: batches are stream-order prefixes
+
+	in       chan *entry
+	writes   chan writeJob
+	pending  []*entry
+	removed  int
+	keyUntil map[string]time.Time // keys held back by a failure
+	outages  int
+	pause    time.Time // no batch before this (outage, exactly-once failure)
+}
+
+type outcome struct {
+	batch  []*entry
+	errs   []error
+	outage error
+	took   time.Duration
+}
+
+func (d *dispatcher) run(ctx, stopCtx context.Context) {
+	defer close(d.writes)
+	var inflight chan outcome
+	for {
+		var timer <-chan time.Time
+		if inflight == nil {
+			if ctx.Err() != nil {
+				return
+			}
+			batch, wait := d.form(time.Now())
+			if len(batch) > 0 {
+				ch := make(chan outcome, 1)
+				go func() {
+					start := time.Now()
+					errs, outage := d.sink.publish(stopCtx, batch)
+					ch <- outcome{batch: batch, errs: errs, outage: outage, took: time.Since(start)}
+				}()
+				inflight = ch
+			} else if wait > 0 {
+				timer = time.After(wait)
+			}
+		}
+		select {
+		case e := <-d.in:
+			d.take(stopCtx, e)
+			for more := true; more; {
+				select {
+				case e := <-d.in:
+					d.take(stopCtx, e)
+				default:
+					more = false
+				}
+			}
+		case res := <-inflight:
+			inflight = nil
+			d.handle(stopCtx, res)
+		case <-timer:
+		case <-ctx.Done():
+			if inflight != nil {
+				d.handle(stopCtx, <-inflight)
+			}
+			return
+		}
+	}
+}
+
+// take adds a message from the stream to the pending ones, or parks it when
+// it could not be decoded.
+func (d *dispatcher) take(ctx context.Context, e *entry) {
+	if e.inKafka {
+		d.write(ctx, []*entry{e}, nil)
+		return
+	}
+	if e.bad == nil {
+		d.pending = append(d.pending, e)
+		return
+	}
+	r := d.r
+	r.stats.dead.Add(1)
+	if h := r.cfg.Hooks.Dead; h != nil {
+		h(&e.msg, e.bad)
+	}
+	d.write(ctx, nil, []park{{e, e.bad}})
+}
+
+// form picks the next batch. It returns how long until something held back
+// is due when nothing can go now.
+func (d *dispatcher) form(now time.Time) ([]*entry, time.Duration) {
+	if d.removed > 1024 && d.removed > len(d.pending)/2 {
+		kept := d.pending[:0]
+		for _, e := range d.pending {
+			if !e.removed {
+				kept = append(kept, e)
+			}
+		}
+		clear(d.pending[len(kept):])
+		d.pending, d.removed = kept, 0
+	}
+	if now.Before(d.pause) {
+		return nil, d.pause.Sub(now)
+	}
+	max := d.r.cfg.BatchSize
+	var batch []*entry
+	var wait time.Duration
+	due := func(t time.Time) {
+		if w := t.Sub(now); w > 0 && (wait == 0 || w < wait) {
+			wait = w
+		}
+	}
+	var skipped map[string]bool
+	for _, e := range d.pending {
+		if len(batch) == max {
+			break
+		}
+		if e.removed {
+			continue
+		}
+		if d.ordered {
+			batch = append(batch, e)
+			continue
+		}
+		if key := e.msg.Key; key != "" {
+			if skipped[key] {
+				continue
+			}
+			if until, ok := d.keyUntil[key]; ok {
+				if now.Before(until) {
+					if skipped == nil {
+						skipped = map[string]bool{}
+					}
+					skipped[key] = true
+					due(until)
+					continue
+				}
+				delete(d.keyUntil, key)
+			}
+		} else if now.Before(e.until) {
+			due(e.until)
+			continue
+		}
+		batch = append(batch, e)
+	}
+	return batch, wait
+}
+
+func (d *dispatcher) remove(e *entry) {
+	e.removed = true
+	d.removed++
+}
+
+// handle sorts out the outcome of a batch, in batch order.
+func (d *dispatcher) handle(ctx context.Context, res outcome) {
+	r := d.r
+	now := time.Now()
+	var confirmed []*entry
+	var parks []park
+	if res.outage != nil {
+		d.outages++
+		wait := r.backoff(d.outages)
+		d.pause = now.Add(wait)
+		r.log.Warn("publisher failed for the whole batch; retrying", "err", res.outage, "messages", len(res.batch), "in", wait)
+		return
+	}
+	if hook := r.afterPublish; hook != nil {
+		hook(res.batch, res.errs)
+	}
+	if d.ordered {
+		d.handleOrdered(now, res, &confirmed, &parks)
+	} else {
+		d.outages = 0
+		heldBack := map[string]bool{}
+		for i, e := range res.batch {
+			key, err := e.msg.Key, res.errs[i]
+			if key != "" && heldBack[key] {
+				// An earlier message of this key failed: publish this one
+				// again after it, so the key's last delivery is in order.
+				if err == nil {
+					r.stats.republished.Add(1)
+				}
+				continue
+			}
+			if err == nil {
+				confirmed = append(confirmed, e)
+				d.remove(e)
+				continue
+			}
+			e.attempts++
+			if e.attempts >= r.cfg.MaxAttempts || errors.Is(err, exactly.ErrUnpublishable) {
+				parks = append(parks, park{e, err})
+				d.remove(e)
+				continue
+			}
+			next := now.Add(r.backoff(e.attempts))
+			if key != "" {
+				heldBack[key] = true
+				d.keyUntil[key] = next
+			} else {
+				e.until = next
+			}
+			r.stats.failed.Add(1)
+			r.log.Debug("publish failed; will retry", "id", e.msg.ID, "attempt", e.attempts, "err", err)
+			if h := r.cfg.Hooks.Failed; h != nil {
+				h(&e.msg, e.attempts, err)
+			}
+		}
+	}
+	if len(confirmed) > 0 {
+		r.stats.published.Add(int64(len(confirmed)))
+		r.stats.batches.Add(1)
+		if h := r.cfg.Hooks.Published; h != nil {
+			msgs := make([]*exactly.Message, len(confirmed))
+			for i, e := range confirmed {
+				msgs[i] = &e.msg
+			}
+			h(msgs, res.took)
+		}
+	}
+	for _, p := range parks {
+		r.stats.dead.Add(1)
+		r.log.Warn("message parked as dead", "id", p.e.msg.ID, "topic", p.e.msg.Topic, "key", p.e.msg.Key, "attempts", p.e.attempts, "err", p.err)
+		if h := r.cfg.Hooks.Dead; h != nil {
+			h(&p.e.msg, p.err)
+		}
+	}
+	d.write(ctx, confirmed, parks)
+}
+
+// handleOrdered is handle for the exactly-once mode, where a batch is one
+// Kafka transaction: all confirmed, or none.
+func (d *dispatcher) handleOrdered(now time.Time, res outcome, confirmed *[]*entry, parks *[]park) {
+	r := d.r
+	failed := false
+	for _, err := range res.errs {
+		if err != nil {
+			failed = true
+		}
+	}
+	if !failed {
+		d.outages = 0
+		for _, e := range res.batch {
+			*confirmed = append(*confirmed, e)
+			d.remove(e)
+		}
+		return
+	}
+	for i, e := range res.batch {
+		err := res.errs[i]
+		if err == nil || errors.Is(err, errAborted) {
+			continue // aborted with the transaction: not its fault
+		}
+		e.attempts++
+		if e.attempts >= r.cfg.MaxAttempts || errors.Is(err, exactly.ErrUnpublishable) {
+			*parks = append(*parks, park{e, err})
+			d.remove(e)
+			continue
+		}
+		r.stats.failed.Add(1)
+		if h := r.cfg.Hooks.Failed; h != nil {
+			h(&e.msg, e.attempts, err)
+		}
+	}
+	d.outages++
+	wait := r.backoff(d.outages)
+	if len(*parks) > 0 {
+		wait = 0 // the rest of the batch can go again at once
+	}
+	d.pause = now.Add(wait)
+	r.log.Warn("transaction failed; retrying the batch", "err", firstErr(res.errs), "messages", len(res.batch), "parked", len(*parks), "in", wait)
+}
+
+func firstErr(errs []error) error {
+	for _, err := range errs {
+		if err != nil && !errors.Is(err, errAborted) {
+			return err
+		}
+	}
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// write hands confirmed and parked messages on: rows to delete and parks go
+// to the writer, which finishes them once committed; the others are
+// finished now.
+func (d *dispatcher) write(ctx context.Context, confirmed []*entry, parks []park) {
+	r := d.r
+	var job writeJob
+	var finished []*entry
+	for _, e := range confirmed {
+		if e.seq > 0 && !r.cfg.KeepRows {
+			job.deletes = append(job.deletes, e)
+		} else {
+			finished = append(finished, e)
+		}
+	}
+	job.parks = parks
+	r.track.done(finished)
+	if len(job.deletes) == 0 && len(job.parks) == 0 {
+		return
+	}
+	select {
+	case d.writes <- job:
+	case <-ctx.Done():
+	}
+}
+
+type park struct {
+	e   *entry
+	err error
+}
+
+type writeJob struct {
+	deletes []*entry
+	parks   []park
+}
+
+// writeLoop deletes published rows and records parked messages, merging
+// the jobs that wait, and finishes their messages once committed. It
+// retries a failing statement (PostgreSQL restarting) until ctx ends; what
+// is not committed by then is not confirmed, and is decoded again after a
+// restart.
+func (r *Relay) writeLoop(ctx context.Context, jobs <-chan writeJob) {
+	for job := range jobs {
+	more:
+		for len(job.deletes)+len(job.parks) < 10_000 {
+			select {
+			case j, ok := <-jobs:
+				if !ok {
+					break more
+				}
+				job.deletes = append(job.deletes, j.deletes...)
+				job.parks = append(job.parks, j.parks...)
+			default:
+				break more
+			}
+		}
+		seqs := make([]int64, len(job.deletes))
+		for i, e := range job.deletes {
+			seqs[i] = e.seq
+		}
+		ps := make([]outboxstore.Park, len(job.parks))
+		for i, p := range job.parks {
+			seq := p.e.seq
+			if p.e.src == srcDebezium || p.e.src == srcMessage {
+				seq = 0
+			}
+			ps[i] = outboxstore.Park{Seq: seq, Msg: &p.e.msg, Attempts: p.e.attempts, Err: p.err.Error()}
+		}
+		for attempt := 1; ; attempt++ {
+			err := r.store.ParkPgx(ctx, r.pool, ps, time.Now().UnixMilli())
+			if err == nil {
+				ps = nil
+				err = r.store.DeleteRowsPgx(ctx, r.pool, seqs)
+			}
+			if err == nil {
+				r.writeTrouble.Store(false)
+				break
+			}
+			if ctx.Err() != nil {
+				return
+			}
+			// Nothing here is confirmed until it is written. Let the stream
+			// go meanwhile: a server shutting down waits for its WAL senders
+			// to see every position confirmed, which would wait for us.
+			r.writeTrouble.Store(true)
+			wait := min(r.backoff(attempt), 10*time.Second)
+			r.log.Error("recording published or parked messages failed; retrying", "err", err, "deletes", len(seqs), "parks", len(ps), "in", wait)
+			select {
+			case <-time.After(wait):
+			case <-ctx.Done():
+				return
+			}
+		}
+		all := job.deletes
+		for _, p := range job.parks {
+			all = append(all, p.e)
+		}
+		r.track.done(all)
+	}
+}
