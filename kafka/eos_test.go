@@ -1,8 +1,10 @@
 package kafka_test
 
 import (
+	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
 	"math/rand/v2"
@@ -60,6 +62,7 @@ func eosConfig(seeds []string, group, in, instance string) kafka.ProcessorConfig
 func eosChild() int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
 	defer stop()
+	fmt.Println("ready") // SIGTERM is handled from here on: the parent waits for this line
 	env := os.Getenv
 	cfg := eosConfig(strings.Split(env("X_SEEDS"), ","), env("X_GROUP"), env("X_IN"), env("X_INSTANCE"))
 	cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
@@ -135,6 +138,7 @@ func (r *eosRun) waitProgress(at float64) {
 // instance is a running processor: a child process or an in-process one.
 type instance struct {
 	cmd    *exec.Cmd
+	ready  chan struct{} // closed when a child handles SIGTERM
 	exited chan error
 	proc   *kafka.Processor
 	stop   func() error
@@ -145,12 +149,24 @@ func (r *eosRun) startChild(name string) *instance {
 	cmd.Env = append(os.Environ(), eosChildEnv+"=1", "X_SEEDS="+strings.Join(r.ec.seeds, ","), "X_GROUP="+r.group,
 		"X_IN="+r.in, "X_OUT="+r.out, "X_INSTANCE="+name, "X_ABORT_ODDS=0.33")
 	cmd.Stderr = os.Stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		r.t.Errorf("starting instance %s: %v", name, err)
+		return nil
+	}
 	if err := cmd.Start(); err != nil {
 		r.t.Errorf("starting instance %s: %v", name, err)
 		return nil
 	}
-	in := &instance{cmd: cmd, exited: make(chan error, 1)}
-	go func() { in.exited <- cmd.Wait() }()
+	in := &instance{cmd: cmd, ready: make(chan struct{}), exited: make(chan error, 1)}
+	go func() {
+		sc := bufio.NewScanner(out)
+		if sc.Scan() && sc.Text() == "ready" {
+			close(in.ready)
+		}
+		io.Copy(io.Discard, out)
+		in.exited <- cmd.Wait()
+	}()
 	return in
 }
 
@@ -190,6 +206,18 @@ func (r *eosRun) kill(name string, in *instance) {
 // shutdown stops an instance gracefully.
 func (r *eosRun) shutdown(name string, in *instance) {
 	if in.cmd != nil {
+		// A SIGTERM before the child installed its handler would kill it
+		// like SIGKILL: wait until it says it handles the signal.
+		select {
+		case <-in.ready:
+		case err := <-in.exited:
+			r.t.Errorf("instance %s exited before it was ready: %v", name, err)
+			return
+		case <-time.After(30 * time.Second):
+			in.cmd.Process.Kill()
+			r.t.Errorf("instance %s not ready within 30s", name)
+			return
+		}
 		in.cmd.Process.Signal(syscall.SIGTERM)
 		select {
 		case err := <-in.exited:

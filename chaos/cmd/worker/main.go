@@ -386,14 +386,10 @@ func (w *worker) kafkaDBOffsets(ctx context.Context, pipeline, group string, ded
 	// The stored offset makes each record apply once; a copy the relay
 	// published again is another record with the same id, absorbed by
 	// claiming the id in the same transaction (inbox.SQL.Claim).
-	claims, err := inbox.NewSQL(inbox.Config{Dialect: inbox.Postgres, Table: "chaos_db_inbox", Consumer: pipeline})
+	// (The table is migrated by the orchestrator before any worker starts.)
+	claims, err := inbox.NewSQL(inbox.Config{Dialect: inbox.Postgres, Table: inboxTable, Consumer: pipeline})
 	if err != nil {
 		return err
-	}
-	if dedup {
-		if err := claims.Migrate(ctx, c.db); err != nil {
-			return err
-		}
 	}
 	cons, err := kafka.NewDBConsumer(kafka.DBConfig{ConsumerConfig: w.kafkaConfig(group), DB: c.db, Dialect: "postgres", OffsetsTable: offsetsTable},
 		func(ctx context.Context, tx *sql.Tx, m *exactly.Message) error {
@@ -464,7 +460,9 @@ func (w *worker) kafkaRedisInbox(ctx context.Context, pipeline, group string) er
 // can see a fault: the same Kafka consumer as kafka-redis (offsets
 // committed after the effect) with the inbox left out. Every kill between
 // an effect and the next offset commit, and every copy the relay
-// published, then applies a message twice.
+// published, then applies a message twice. Its handler is slow (10 ms after
+// each effect, like a handler that calls another service), so most kills
+// land while a poll's effects are applied and its offsets not yet committed.
 func (w *worker) kafkaBroken(ctx context.Context, pipeline, group string) error {
 	c, err := w.openConsumer(pipeline)
 	if err != nil {
@@ -475,7 +473,11 @@ func (w *worker) kafkaBroken(ctx context.Context, pipeline, group string) error 
 		if err := c.delivered(ctx, m); err != nil {
 			return err
 		}
-		return c.effect(ctx, c.db, m)
+		if err := c.effect(ctx, c.db, m); err != nil {
+			return err
+		}
+		time.Sleep(10 * time.Millisecond)
+		return nil
 	})
 	if err != nil {
 		return err
