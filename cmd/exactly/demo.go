@@ -23,6 +23,7 @@ import (
 	"github.com/exactlyonce/exactly/inbox"
 	"github.com/exactlyonce/exactly/kafka"
 	"github.com/exactlyonce/exactly/outbox"
+	"github.com/exactlyonce/exactly/pgcdc"
 	"github.com/exactlyonce/exactly/relay"
 )
 
@@ -367,6 +368,19 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 	if err := ob.Migrate(setupCtx, db.db); err != nil {
 		return fmt.Errorf("migrating the outbox: %w", err)
 	}
+	// The cdc relay streams the run's own slot, dropped with its
+	// publication when the demo ends (after the relay stopped).
+	slot := "exactly_demo_" + run
+	if o.relay == sourceCDC {
+		defer func() {
+			dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
+			defer cancel()
+			if derr := pgcdc.DropSlot(dctx, o.db, slot); derr != nil && !errors.Is(derr, pgcdc.ErrSlotLost) && err == nil {
+				err = fmt.Errorf("removing the demo's replication slot %s: %w", slot, derr)
+			}
+			db.db.ExecContext(dctx, "DROP PUBLICATION IF EXISTS "+slot)
+		}()
+	}
 
 	var broker demoBroker
 	var kb *kafkaBroker
@@ -446,7 +460,7 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 				InitialBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond,
 				ShutdownTimeout: 50 * time.Millisecond, LeaseTTL: 2 * time.Second, Partitions: 8,
 				InstanceID: fmt.Sprintf("demo-relay-%d", i), Logger: logger,
-			})
+			}, cdcSettings{DSN: o.db, Slot: slot})
 			if err != nil {
 				relayErr.Store(&err)
 				stopWork()

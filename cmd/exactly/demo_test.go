@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"database/sql"
 	"errors"
 	"os/exec"
 	"regexp"
@@ -122,6 +123,26 @@ func TestDemoStrategies(t *testing.T) {
 			t.Errorf("not the offsets-in-DB strategy:\n%s", out)
 		}
 	})
+	t.Run("CDC", func(t *testing.T) {
+		pg := testenv.LogicalPostgres(t, nil)
+		out := runDemoT(t, demoOptions{orders: 1000, seed: 17, db: pg.DSN("test"), relay: sourceCDC})
+		checkDemoTable(t, out, 1000)
+		if !strings.Contains(out, "outbox -> cdc relay ->") {
+			t.Errorf("not the cdc relay:\n%s", out)
+		}
+		db, err := sql.Open("pgx", pg.DSN("test"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer db.Close()
+		var slots, pubs int
+		if err := db.QueryRow(`SELECT (SELECT count(*) FROM pg_replication_slots), (SELECT count(*) FROM pg_publication)`).Scan(&slots, &pubs); err != nil {
+			t.Fatal(err)
+		}
+		if slots != 0 || pubs != 0 {
+			t.Errorf("the demo left %d replication slots and %d publications behind", slots, pubs)
+		}
+	})
 	t.Run("ExternalKafka", func(t *testing.T) {
 		// A Kafka the demo did not start: the --kafka path creates and
 		// deletes its own topics.
@@ -162,7 +183,7 @@ func TestDemoBadInput(t *testing.T) {
 		{[]string{"--orders", "5"}, "--orders 5"},
 		{[]string{"--writers", "0"}, "--writers 0"},
 		{[]string{"--relay", "cdc"}, "--relay: the cdc source needs PostgreSQL"},
-		{[]string{"--relay", "cdc", "--db", "postgres://u:secret@127.0.0.1:1/db"}, "--relay: the cdc source (logical replication) is not available in this build yet"},
+		{[]string{"--relay", "cdc", "--db", "postgres://u:secret@127.0.0.1:1/db"}, "--db: cannot reach the database postgres://u:***@127.0.0.1:1/db"},
 		{[]string{"--relay", "wal"}, `--relay: unknown source "wal"`},
 		{[]string{"--inbox", "memcached"}, `--inbox: unknown inbox "memcached"`},
 		{[]string{"--inbox", "redis"}, "--inbox redis needs --redis"},

@@ -23,6 +23,7 @@ import (
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/outbox"
+	"github.com/exactlyonce/exactly/pgcdc"
 	"github.com/exactlyonce/exactly/relay"
 )
 
@@ -54,6 +55,12 @@ type relayFlags struct {
 	natsCreds     string
 	natsUser      string
 	natsPassword  string
+
+	// cdc source
+	slot             string
+	cdcMessages      bool
+	debeziumTable    string
+	kafkaExactlyOnce bool
 }
 
 // brokers the relay publishes to.
@@ -62,35 +69,39 @@ var brokers = []string{"kafka", "nats", "amqp"}
 // relayEnv maps each flag to the environment variable used when the flag is
 // not given.
 var relayEnv = map[string]string{
-	"config":          "EXACTLY_CONFIG",
-	"db":              "EXACTLY_DB",
-	"table":           "EXACTLY_TABLE",
-	"source":          "EXACTLY_SOURCE",
-	"broker":          "EXACTLY_BROKER",
-	"kafka-brokers":   "EXACTLY_KAFKA_BROKERS",
-	"nats-url":        "EXACTLY_NATS_URL",
-	"amqp-url":        "EXACTLY_AMQP_URL",
-	"amqp-exchange":   "EXACTLY_AMQP_EXCHANGE",
-	"batch-size":      "EXACTLY_BATCH_SIZE",
-	"poll-interval":   "EXACTLY_POLL_INTERVAL",
-	"max-attempts":    "EXACTLY_MAX_ATTEMPTS",
-	"retention":       "EXACTLY_RETENTION",
-	"partitions":      "EXACTLY_PARTITIONS",
-	"instance-id":     "EXACTLY_INSTANCE_ID",
-	"admin-addr":      "EXACTLY_ADMIN_ADDR",
-	"log-format":      "EXACTLY_LOG_FORMAT",
-	"log-level":       "EXACTLY_LOG_LEVEL",
-	"tls":             "EXACTLY_TLS",
-	"tls-ca":          "EXACTLY_TLS_CA",
-	"tls-cert":        "EXACTLY_TLS_CERT",
-	"tls-key":         "EXACTLY_TLS_KEY",
-	"tls-server-name": "EXACTLY_TLS_SERVER_NAME",
-	"kafka-sasl":      "EXACTLY_KAFKA_SASL",
-	"kafka-user":      "EXACTLY_KAFKA_USER",
-	"kafka-password":  "EXACTLY_KAFKA_PASSWORD",
-	"nats-creds":      "EXACTLY_NATS_CREDS",
-	"nats-user":       "EXACTLY_NATS_USER",
-	"nats-password":   "EXACTLY_NATS_PASSWORD",
+	"config":             "EXACTLY_CONFIG",
+	"db":                 "EXACTLY_DB",
+	"table":              "EXACTLY_TABLE",
+	"source":             "EXACTLY_SOURCE",
+	"broker":             "EXACTLY_BROKER",
+	"kafka-brokers":      "EXACTLY_KAFKA_BROKERS",
+	"nats-url":           "EXACTLY_NATS_URL",
+	"amqp-url":           "EXACTLY_AMQP_URL",
+	"amqp-exchange":      "EXACTLY_AMQP_EXCHANGE",
+	"batch-size":         "EXACTLY_BATCH_SIZE",
+	"poll-interval":      "EXACTLY_POLL_INTERVAL",
+	"max-attempts":       "EXACTLY_MAX_ATTEMPTS",
+	"retention":          "EXACTLY_RETENTION",
+	"partitions":         "EXACTLY_PARTITIONS",
+	"instance-id":        "EXACTLY_INSTANCE_ID",
+	"admin-addr":         "EXACTLY_ADMIN_ADDR",
+	"log-format":         "EXACTLY_LOG_FORMAT",
+	"log-level":          "EXACTLY_LOG_LEVEL",
+	"tls":                "EXACTLY_TLS",
+	"tls-ca":             "EXACTLY_TLS_CA",
+	"tls-cert":           "EXACTLY_TLS_CERT",
+	"tls-key":            "EXACTLY_TLS_KEY",
+	"tls-server-name":    "EXACTLY_TLS_SERVER_NAME",
+	"kafka-sasl":         "EXACTLY_KAFKA_SASL",
+	"kafka-user":         "EXACTLY_KAFKA_USER",
+	"kafka-password":     "EXACTLY_KAFKA_PASSWORD",
+	"nats-creds":         "EXACTLY_NATS_CREDS",
+	"nats-user":          "EXACTLY_NATS_USER",
+	"nats-password":      "EXACTLY_NATS_PASSWORD",
+	"slot":               "EXACTLY_SLOT",
+	"cdc-messages":       "EXACTLY_CDC_MESSAGES",
+	"debezium-table":     "EXACTLY_DEBEZIUM_TABLE",
+	"kafka-exactly-once": "EXACTLY_KAFKA_EXACTLY_ONCE",
 }
 
 // secretFlags hold secrets: their values are never printed.
@@ -102,8 +113,12 @@ func relayCmd() *cobra.Command {
 		Use:   "relay",
 		Short: "Run the outbox relay: publish committed outbox rows to Kafka, NATS JetStream or RabbitMQ",
 		Long: `Run the outbox relay until SIGTERM or SIGINT: it reads the outbox table
-(polling, woken at once by NOTIFY on PostgreSQL) and publishes the rows to
-Kafka, NATS JetStream or an AMQP broker (RabbitMQ).
+(--source poll: polling, woken at once by NOTIFY on PostgreSQL; --source cdc:
+a PostgreSQL logical replication slot, wal_level=logical, the role needs
+REPLICATION) and publishes the messages to Kafka, NATS JetStream or an AMQP
+broker (RabbitMQ). With --source cdc and --broker kafka, --kafka-exactly-once
+commits the messages and the slot position in one Kafka transaction: no
+duplicate in read_committed output even after a crash.
 
 Settings come from, in order of precedence: flags; EXACTLY_* environment
 variables (--db: EXACTLY_DB, --broker: EXACTLY_BROKER, ...: each flag's help
@@ -167,6 +182,10 @@ Admin HTTP on --admin-addr: /metrics (Prometheus), /healthz, /readyz.`,
 	fl.StringVar(&f.natsCreds, "nats-creds", "", "NATS credentials file (JWT and NKey seed) (env EXACTLY_NATS_CREDS)")
 	fl.StringVar(&f.natsUser, "nats-user", "", "NATS user (env EXACTLY_NATS_USER)")
 	fl.StringVar(&f.natsPassword, "nats-password", "", "NATS password; prefer the environment (env EXACTLY_NATS_PASSWORD)")
+	fl.StringVar(&f.slot, "slot", pgcdc.DefaultSlot, "cdc: logical replication slot (and publication) name (env EXACTLY_SLOT)")
+	fl.BoolVar(&f.cdcMessages, "cdc-messages", false, "cdc: also publish table-less messages written with pgcdc.Emit (env EXACTLY_CDC_MESSAGES)")
+	fl.StringVar(&f.debeziumTable, "debezium-table", "", "cdc: also publish a Debezium-layout outbox table, routed to outbox.event.<aggregatetype> (env EXACTLY_DEBEZIUM_TABLE)")
+	fl.BoolVar(&f.kafkaExactlyOnce, "kafka-exactly-once", false, "cdc + kafka: messages and the slot position in one Kafka transaction (env EXACTLY_KAFKA_EXACTLY_ONCE)")
 	return cmd
 }
 
@@ -212,6 +231,17 @@ func (f *relayFlags) validate() (*slog.Logger, error) {
 	}
 	if err := checkSource(f.source, dialectOf(f.dsn)); err != nil {
 		return nil, fmt.Errorf("--source: %w", err)
+	}
+	if f.source != sourceCDC {
+		for flag, set := range map[string]bool{"cdc-messages": f.cdcMessages, "debezium-table": f.debeziumTable != "",
+			"kafka-exactly-once": f.kafkaExactlyOnce, "slot": f.slot != pgcdc.DefaultSlot} {
+			if set {
+				return nil, fmt.Errorf("--%s is for --source cdc, not %s", flag, f.source)
+			}
+		}
+	}
+	if f.kafkaExactlyOnce && f.broker != "kafka" {
+		return nil, fmt.Errorf("--kafka-exactly-once needs --broker kafka, not %q", f.broker)
 	}
 	switch f.broker {
 	case "kafka":
@@ -358,7 +388,8 @@ type relayMetrics struct {
 	// cdcSlotLag is the replication slot's lag behind the WAL, for the cdc
 	// source; registered by registerCDC, so the poll source does not
 	// export a lag that cannot exist.
-	cdcSlotLag prometheus.Gauge
+	cdcSlotLag    prometheus.Gauge
+	cdcLagSeconds prometheus.Gauge
 }
 
 func newRelayMetrics(partitions func() float64) *relayMetrics {
@@ -382,12 +413,30 @@ func newRelayMetrics(partitions func() float64) *relayMetrics {
 	m.reg.MustRegister(m.published, m.failed, m.dead, m.took, m.pending, m.oldest, held)
 	m.cdcSlotLag = prometheus.NewGauge(prometheus.GaugeOpts{Name: "exactly_cdc_slot_lag_bytes",
 		Help: "Bytes of WAL the replication slot holds back: the current WAL position minus the slot's confirmed flush position."})
+	m.cdcLagSeconds = prometheus.NewGauge(prometheus.GaugeOpts{Name: "exactly_cdc_slot_lag_seconds",
+		Help: "Age of the oldest committed transaction received from the slot and not yet confirmed, 0 when all are."})
 	return m
 }
 
 // registerCDC exports the metrics of the cdc source; the source sets
-// cdcSlotLag as it reads the slot.
-func (m *relayMetrics) registerCDC() { m.reg.MustRegister(m.cdcSlotLag) }
+// them through cdcHooks as it reads the slot.
+func (m *relayMetrics) registerCDC() { m.reg.MustRegister(m.cdcSlotLag, m.cdcLagSeconds) }
+
+// cdcHooks feed the metrics from the cdc source.
+func (m *relayMetrics) cdcHooks() pgcdc.Hooks {
+	return pgcdc.Hooks{
+		Published: func(msgs []*exactly.Message, took time.Duration) {
+			m.published.Add(float64(len(msgs)))
+			m.took.Observe(took.Seconds())
+		},
+		Failed: func(*exactly.Message, int, error) { m.failed.Inc() },
+		Dead:   func(*exactly.Message, error) { m.dead.Inc() },
+		Lag: func(bytes int64, seconds float64) {
+			m.cdcSlotLag.Set(float64(bytes))
+			m.cdcLagSeconds.Set(seconds)
+		},
+	}
+}
 
 func (m *relayMetrics) hooks() relay.Hooks {
 	return relay.Hooks{
@@ -433,6 +482,20 @@ func runRelay(ctx context.Context, f *relayFlags, log *slog.Logger) error {
 		return err
 	}
 	defer closePub()
+	var kafkaEOS *pgcdc.KafkaExactlyOnce
+	if f.kafkaExactlyOnce {
+		// The transactional client is pgcdc's own; the publisher above
+		// only proved that the brokers answer.
+		tlsCfg, err := f.tls.config()
+		if err != nil {
+			return err
+		}
+		opts, err := f.kafkaOpts(tlsCfg)
+		if err != nil {
+			return err
+		}
+		kafkaEOS = &pgcdc.KafkaExactlyOnce{Seeds: splitList(f.kafkaBrokers), Opts: opts}
+	}
 
 	var rl atomic.Pointer[relayRunner]
 	var running atomic.Bool
@@ -457,11 +520,35 @@ func runRelay(ctx context.Context, f *relayFlags, log *slog.Logger) error {
 		InstanceID:   f.instanceID,
 		Logger:       log,
 		Hooks:        m.hooks(),
+	}, cdcSettings{
+		DSN: f.dsn, Slot: f.slot, Messages: f.cdcMessages, DebeziumTable: f.debeziumTable,
+		KeepRows: f.retention > 0, KafkaEOS: kafkaEOS, Hooks: m.cdcHooks(),
 	})
 	if err != nil {
-		return err
+		return fmt.Errorf("%s", scrub(err, f.dsn))
 	}
 	rl.Store(&r)
+	if f.source == sourceCDC {
+		// The cdc source reads no backlog from the table; the gauges come
+		// from the outbox's status instead.
+		go func() {
+			t := time.NewTicker(5 * time.Second)
+			defer t.Stop()
+			for {
+				sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+				if st, err := ob.Status(sctx, db.handle); err == nil {
+					m.pending.Set(float64(st.Pending))
+					m.oldest.Set(st.OldestAge.Seconds())
+				}
+				cancel()
+				select {
+				case <-ctx.Done():
+					return
+				case <-t.C:
+				}
+			}
+		}()
+	}
 
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))

@@ -90,6 +90,7 @@ func TestRelayCommand(t *testing.T) {
 	t.Run("PostgresNATS", func(t *testing.T) { testRelayPostgresNATS(t, bin) })
 	t.Run("PostgresKafka", func(t *testing.T) { testRelayPostgresKafka(t, bin) })
 	t.Run("PostgresAMQP", func(t *testing.T) { testRelayPostgresAMQP(t, bin) })
+	t.Run("CDCKafkaExactlyOnce", func(t *testing.T) { testRelayCDCKafkaExactlyOnce(t, bin) })
 }
 
 func testRelayBadFlags(t *testing.T, bin string) {
@@ -118,7 +119,10 @@ func testRelayBadFlags(t *testing.T, bin string) {
 		{[]string{"--db", dsn, "--broker", "amqp"}, nil, "--amqp-url is required"},
 		{[]string{"--db", dsn, "--broker", "amqp", "--amqp-url", "http://u:secret@x"}, nil, "--amqp-url: invalid URL http://u:***@x"},
 		{[]string{"--db", dsn, "--broker", "nats", "--nats-url", "http://x"}, nil, "--nats-url: want nats://"},
-		{[]string{"--db", dsn, "--source", "cdc", "--broker", "nats", "--nats-url", "nats://x"}, nil, "--source: the cdc source (logical replication) is not available in this build yet"},
+		{[]string{"--db", dsn, "--source", "cdc", "--broker", "nats", "--nats-url", "nats://x", "--kafka-exactly-once"}, nil, `--kafka-exactly-once needs --broker kafka, not "nats"`},
+		{[]string{"--db", dsn, "--broker", "nats", "--nats-url", "nats://x", "--slot", "s1"}, nil, "--slot is for --source cdc, not poll"},
+		{[]string{"--db", dsn, "--broker", "nats", "--nats-url", "nats://x", "--debezium-table", "outbox"}, nil, "--debezium-table is for --source cdc, not poll"},
+		{[]string{"--db", dsn, "--source", "cdc", "--broker", "nats", "--nats-url", "nats://x"}, nil, "cannot reach the database"},
 		{[]string{"--db", "sqlite:x.db", "--source", "cdc", "--broker", "nats", "--nats-url", "nats://x"}, nil, "--source: the cdc source needs PostgreSQL"},
 		{[]string{"--db", dsn, "--source", "binlog", "--broker", "nats", "--nats-url", "nats://x"}, nil, `--source: unknown source "binlog"`},
 		{[]string{"--db", dsn, "--broker", "kafka", "--kafka-brokers", "k:1", "--kafka-sasl", "gssapi"}, nil, `--kafka-sasl: unknown mechanism "gssapi"`},
@@ -607,4 +611,70 @@ func TestRelayUnreachableBroker(t *testing.T) {
 			t.Errorf("%v: a secret leaked or it panicked:\n%s", tc.args, s)
 		}
 	}
+}
+
+// The cdc source on a private PostgreSQL with wal_level=logical, publishing
+// to Kafka (kfake) in exactly-once mode: every message once in
+// read_committed output, the slot lag exported, SIGTERM exits 0, and a
+// second start resumes from the slot with the rows written while it was
+// down.
+func testRelayCDCKafkaExactlyOnce(t *testing.T, bin string) {
+	pg := testenv.LogicalPostgres(t, nil)
+	dsn := pg.DSN("test")
+	db, err := sql.Open("pgx", dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() }) // after the outbox's own cleanup
+	ob := exactlytest.MigratedOutbox(t, db, outbox.Postgres, "relay_cmd_cdc")
+	const topic = "relay-cmd-cdc"
+	cluster, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(3, topic))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cluster.Close()
+	brokers := strings.Join(cluster.ListenAddrs(), ",")
+	args := []string{"--db", dsn, "--table", ob.Table(), "--source", "cdc", "--slot", "relay_cmd_cdc",
+		"--broker", "kafka", "--kafka-brokers", brokers, "--kafka-exactly-once"}
+
+	ids := enqueueN(t, db, ob, topic, 0, 150)
+	p := startRelay(t, bin, freeAddr(t), args...)
+	waitPublished(t, p, db, ob, 150)
+	_, body, _ := p.get("/metrics")
+	if _, ok := metric(body, "exactly_cdc_slot_lag_bytes"); !ok {
+		t.Errorf("no exactly_cdc_slot_lag_bytes in /metrics:\n%s", body)
+	}
+	if code, _, _ := p.get("/readyz"); code != http.StatusOK {
+		t.Errorf("/readyz %d while streaming", code)
+	}
+	p.stop(t)
+
+	ids = append(ids, enqueueN(t, db, ob, topic, 150, 50)...)
+	p = startRelay(t, bin, freeAddr(t), args...)
+	waitPublished(t, p, db, ob, 50)
+	p.stop(t)
+
+	cl, err := kgo.NewClient(kgo.SeedBrokers(cluster.ListenAddrs()...), kgo.ConsumeTopics(topic),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()), kgo.FetchIsolationLevel(kgo.ReadCommitted()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	var got []string
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for len(got) < len(ids) && ctx.Err() == nil {
+		cl.PollFetches(ctx).EachRecord(func(r *kgo.Record) {
+			for _, h := range r.Headers {
+				if h.Key == exactly.HeaderID {
+					got = append(got, string(h.Value))
+				}
+			}
+		})
+	}
+	// Anything beyond the 200 would arrive with them.
+	pctx, pcancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	cl.PollFetches(pctx).EachRecord(func(r *kgo.Record) { got = append(got, "extra") })
+	pcancel()
+	checkDelivered(t, got, ids)
 }

@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 
+	"github.com/exactlyonce/exactly/pgcdc"
 	"github.com/exactlyonce/exactly/relay"
 )
 
@@ -12,12 +14,8 @@ import (
 // `exactly demo --relay`).
 const (
 	sourcePoll = "poll" // relay.Relay: reads the table, woken by NOTIFY on PostgreSQL
-	sourceCDC  = "cdc"  // logical replication (pgoutput) on PostgreSQL
+	sourceCDC  = "cdc"  // pgcdc.Relay: logical replication (pgoutput) on PostgreSQL
 )
-
-// errCDCUnavailable is returned for --source cdc until the CDC source is
-// wired into the binary.
-var errCDCUnavailable = errors.New("the cdc source (logical replication) is not available in this build yet; use poll")
 
 // relayRunner is a running relay of any source.
 type relayRunner interface {
@@ -36,19 +34,33 @@ func checkSource(source, dialect string) error {
 		return nil
 	case sourceCDC:
 		if dialect != "" && dialect != "postgres" {
-			return fmt.Errorf("the cdc source needs PostgreSQL, the database is %s; use poll", dialect)
+			return fmt.Errorf("the cdc source needs PostgreSQL (logical replication), the database is %s; use poll", dialect)
 		}
-		return errCDCUnavailable
+		return nil
 	case "":
 		return errors.New("no source given (want poll or cdc)")
 	}
 	return fmt.Errorf("unknown source %q (want poll or cdc)", source)
 }
 
-// newRelayRunner builds the relay for source from cfg: the one place where
-// a source is chosen. The CDC source plugs in here (and reports its slot
-// lag through relayMetrics.cdcSlotLag).
-func newRelayRunner(source string, cfg relay.Config) (relayRunner, error) {
+// cdcSettings are what the cdc source needs beyond the polling relay's
+// settings: the DSN (it opens its own replication connection), the slot,
+// and optionally the other layouts and the exactly-once Kafka mode.
+type cdcSettings struct {
+	DSN           string
+	Slot          string
+	Messages      bool   // also pgcdc.Emit's logical messages
+	DebeziumTable string // also a Debezium-layout outbox table
+	KeepRows      bool   // retention > 0: leave the rows, the operator deletes them
+	// KafkaEOS, when set, replaces the publisher: messages and the slot
+	// position commit in one Kafka transaction.
+	KafkaEOS *pgcdc.KafkaExactlyOnce
+	Hooks    pgcdc.Hooks
+}
+
+// newRelayRunner builds the relay for source from cfg (and, for cdc, from
+// cdc): the one place where a source is chosen.
+func newRelayRunner(source string, cfg relay.Config, cdc cdcSettings) (relayRunner, error) {
 	if err := checkSource(source, cfg.Outbox.Dialect()); err != nil {
 		return nil, err
 	}
@@ -59,6 +71,25 @@ func newRelayRunner(source string, cfg relay.Config) (relayRunner, error) {
 			return nil, err
 		}
 		return pollRunner{r}, nil
+	case sourceCDC:
+		pc := pgcdc.Config{
+			DSN: cdc.DSN, Slot: cdc.Slot, Table: cfg.Outbox.Table(), KeepRows: cdc.KeepRows,
+			Messages: cdc.Messages, Publisher: cfg.Publisher, KafkaExactlyOnce: cdc.KafkaEOS,
+			BatchSize: cfg.BatchSize, MaxAttempts: cfg.MaxAttempts,
+			InitialBackoff: cfg.InitialBackoff, MaxBackoff: cfg.MaxBackoff,
+			ShutdownTimeout: cfg.ShutdownTimeout, Logger: cfg.Logger, Hooks: cdc.Hooks,
+		}
+		if cdc.KafkaEOS != nil {
+			pc.Publisher = nil
+		}
+		if cdc.DebeziumTable != "" {
+			pc.Debezium = &pgcdc.Debezium{Table: cdc.DebeziumTable}
+		}
+		r, err := pgcdc.New(pc)
+		if err != nil {
+			return nil, err
+		}
+		return &cdcRunner{Relay: r}, nil
 	}
 	return nil, fmt.Errorf("unknown source %q", source)
 }
@@ -66,3 +97,22 @@ func newRelayRunner(source string, cfg relay.Config) (relayRunner, error) {
 type pollRunner struct{ *relay.Relay }
 
 func (p pollRunner) Partitions() int { return p.Stats().Partitions }
+
+// cdcRunner holds one slot while Run runs.
+type cdcRunner struct {
+	*pgcdc.Relay
+	running atomic.Bool
+}
+
+func (c *cdcRunner) Run(ctx context.Context) error {
+	c.running.Store(true)
+	defer c.running.Store(false)
+	return c.Relay.Run(ctx)
+}
+
+func (c *cdcRunner) Partitions() int {
+	if c.running.Load() {
+		return 1
+	}
+	return 0
+}
