@@ -130,8 +130,8 @@
 // and closes the replication connection. Run returns nil then. It returns
 // an error when it cannot start (bad configuration, missing privileges,
 // wal_level not logical, ErrSlotLost) or when the slot is lost while
-// running; connection failures (PostgreSQL restarting, the network) are
-// retried with backoff and do not end Run.
+// running; connection failures (PostgreSQL restarting, the network), at
+// start as well as later, are retried with backoff and do not end Run.
 //
 // # Limits
 //

@@ -17,6 +17,7 @@ import (
 	"github.com/exactlyonce/exactly/exactlytest"
 	"github.com/exactlyonce/exactly/internal/testenv"
 	"github.com/exactlyonce/exactly/kafka"
+	"github.com/exactlyonce/exactly/pgcdc"
 )
 
 // TestPostgresRestart restarts PostgreSQL twice (a clean stop, then a
@@ -208,4 +209,49 @@ func TestIdleOutboxBusyDatabase(t *testing.T) {
 	waitFor(t, "the lag reported", 5*time.Second, func() bool { return r.Stats().SlotLagBytes < 1<<20 })
 	t.Logf("%d MB of WAL written to another table; the relay's idle slot retained at most %d KB (an unread slot: %d MB), and under 1 MB once the writes stopped",
 		written>>20, worst>>10, idle>>20)
+}
+
+// TestStartWhilePostgresDown: a relay (re)started while PostgreSQL is down
+// waits for it instead of exiting, and streams once it is back.
+func TestStartWhilePostgresDown(t *testing.T) {
+	t.Parallel()
+	in := testenv.LogicalPostgres(t, nil)
+	f := setupOn(t, in.DSN("test"))
+	ctx := context.Background()
+	if err := in.Stop(ctx, "fast"); err != nil {
+		t.Fatal(err)
+	}
+	rec := &exactlytest.Recorder{}
+	r, err := pgcdc.New(f.config(rec))
+	if err != nil {
+		t.Fatal(err)
+	}
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- r.Run(runCtx) }()
+	select {
+	case err := <-done:
+		cancel()
+		t.Fatalf("Run returned while PostgreSQL was down: %v", err)
+	case <-time.After(1500 * time.Millisecond):
+	}
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+	if err := in.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	f.waitStreaming()
+	var want []*exactly.Message
+	for i := range 20 {
+		want = append(want, &exactly.Message{Topic: "t", Key: fmt.Sprintf("k%d", i%3), Payload: fmt.Appendf(nil, "%d", i)})
+	}
+	f.enqueue(true, want...)
+	waitFor(t, "the messages written after the server came back", 30*time.Second, func() bool {
+		return len(rec.Delivered()) >= len(want)
+	})
+	exactlytest.CheckExactlyOnceDedup(t, want, rec.Delivered())
 }

@@ -4,11 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/exactlyonce/exactly"
@@ -177,7 +181,7 @@ func (r *Relay) Run(ctx context.Context) error {
 			r.log.Info("exactly-once checkpoint read from Kafka", "checkpoint", ckpt.String())
 		}
 	}
-	if err := r.prepare(ctx); err != nil {
+	if err := r.prepareRetrying(ctx); err != nil {
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -326,4 +330,43 @@ func (r *Relay) watchSlot(ctx context.Context) {
 			h(st.lagBytes, seconds)
 		}
 	}
+}
+
+// prepareRetrying runs prepare until it succeeds, fails for a reason that
+// waiting will not fix (wal_level, a missing table, privileges), or ctx
+// ends. A server that is restarting or unreachable at start is waited for,
+// as the stream waits for it later: a relay restarted while PostgreSQL is
+// down comes up when PostgreSQL does.
+func (r *Relay) prepareRetrying(ctx context.Context) error {
+	for failures := 1; ; failures++ {
+		err := r.prepare(ctx)
+		if err == nil || ctx.Err() != nil || !transientStartError(err) {
+			return err
+		}
+		wait := min(r.backoff(failures), 10*time.Second)
+		r.log.Warn("database not reachable at start; retrying", "err", err, "in", wait)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(wait):
+		}
+	}
+}
+
+// transientStartError reports whether err is the network or the server
+// restarting, not the configuration or the schema.
+func transientStartError(err error) bool {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		switch pgErr.Code {
+		case "57P01", "57P02", "57P03", "53300", "08006", "08003", "08000", "08001", "08004":
+			return true
+		}
+		return false
+	}
+	var connErr *pgconn.ConnectError
+	var netErr net.Error
+	return errors.As(err, &connErr) || errors.As(err, &netErr) || pgconn.Timeout(err) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNREFUSED) ||
+		errors.Is(err, syscall.ECONNRESET)
 }
