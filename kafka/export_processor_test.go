@@ -1,11 +1,5 @@
 package kafka
 
-import (
-	"reflect"
-
-	"github.com/exactlyonce/exactly"
-)
-
 // SetProcessorAbortHook installs fn, which runs before each commit of p:
 // when it returns true the transaction is aborted instead.
 func SetProcessorAbortHook(p *Processor, fn func() bool) { p.abortHook = fn }
@@ -22,14 +16,3 @@ func CrashProcessor(p *Processor) {
 // OutputID is the id the processor derives for the i-th output of the
 // input message with id inID.
 func OutputID(inID string, i int) string { return outputID(inID, i) }
-
-// OutputRecordAgrees reports whether the processor's conversion of m gives
-// the record, or the error, that Publisher.record gives.
-func OutputRecordAgrees(m *exactly.Message) bool {
-	a, errA := outputRecord(m)
-	b, errB := plainRecords.record(m)
-	if errA != nil || errB != nil {
-		return errA != nil && errB != nil && errA.Error() == errB.Error()
-	}
-	return reflect.DeepEqual(a, b)
-}

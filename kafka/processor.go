@@ -14,6 +14,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/internal/kafkarec"
 )
 
 // ProcessFunc turns one input record into the messages to write for it. It
@@ -206,7 +207,7 @@ func NewProcessor(cfg ProcessorConfig, fn ProcessFunc) (*Processor, error) {
 		return nil, err
 	}
 	for _, t := range cfg.Topics {
-		if err := checkTopicName(t); err != nil {
+		if err := kafkarec.CheckTopic(t); err != nil {
 			return nil, fmt.Errorf("kafka: ProcessorConfig.Topics: %w", err)
 		}
 	}

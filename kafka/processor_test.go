@@ -635,23 +635,3 @@ func TestProcessorUnpublishableOutput(t *testing.T) {
 		t.Errorf("stats %+v: want at least two aborts (the batch, then the output alone) and one dead letter", st)
 	}
 }
-
-// TestProcessorRecordFormat: the processor writes outputs in the record
-// format of the Publisher, whatever path it takes.
-func TestProcessorRecordFormat(t *testing.T) {
-	t.Parallel()
-	at := time.Date(2026, 1, 2, 3, 4, 5, 6, time.FixedZone("x", 3600))
-	for i, m := range []exactly.Message{
-		{ID: "a", Topic: "t"},
-		{ID: "b", Topic: "t", Key: "k", Payload: []byte("v")},
-		{ID: "c", Topic: "t", Key: "k", Payload: []byte{}, CreatedAt: at},
-		{ID: "d", Topic: "t", Headers: map[string]string{"z": "1", "a": "2", exactly.HeaderID: "forged"}, CreatedAt: at},
-		{ID: "e", Topic: "bad topic"},
-		{ID: "f", Topic: ""},
-		{ID: "g", Topic: "t", Key: strings.Repeat("k", exactly.MaxKeyLen+1)},
-	} {
-		if !kafka.OutputRecordAgrees(&m) {
-			t.Errorf("message %d (%s): the processor's record differs from the publisher's", i, m.ID)
-		}
-	}
-}

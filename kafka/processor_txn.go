@@ -4,10 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
 	"runtime/debug"
 	"slices"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -18,6 +16,8 @@ import (
 	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/internal/consume"
+	"github.com/exactlyonce/exactly/internal/kafkarec"
 )
 
 // errCrashed ends Run after a test closed the client abruptly.
@@ -37,9 +37,6 @@ type sessionHandle struct {
 }
 
 func (h *sessionHandle) close() { h.once.Do(h.sess.Close) }
-
-// plainRecords converts messages to records with no topic mapping.
-var plainRecords = &Publisher{}
 
 // Run consumes and processes until ctx is cancelled, then aborts the open
 // transaction if it is incomplete (its input is processed again by the
@@ -487,35 +484,9 @@ func (p *Processor) outputRecords(in *exactly.Message, outs []exactly.Message, r
 	return recs, nil
 }
 
-// outputRecord converts an output with a non-empty ID. A message without
-// headers, the common case, skips Publisher.record's sorting of header
-// names; the record is the same (TestProcessorRecordFormat compares them).
-func outputRecord(m *exactly.Message) (*kgo.Record, error) {
-	if len(m.Headers) > 0 {
-		return plainRecords.record(m)
-	}
-	if err := m.Validate(); err != nil {
-		return nil, exactly.Unpublishable(fmt.Errorf("kafka: %w", err))
-	}
-	if err := checkTopicName(m.Topic); err != nil {
-		return nil, exactly.Unpublishable(fmt.Errorf("kafka: message %s: %w", m.ID, err))
-	}
-	rec := &kgo.Record{Topic: m.Topic, Value: m.Payload, Headers: make([]kgo.RecordHeader, 1, 2)}
-	if rec.Value == nil {
-		rec.Value = []byte{}
-	}
-	if m.Key != "" {
-		rec.Key = []byte(m.Key)
-	}
-	rec.Headers[0] = kgo.RecordHeader{Key: exactly.HeaderID, Value: []byte(m.ID)}
-	if !m.CreatedAt.IsZero() {
-		rec.Headers = append(rec.Headers, kgo.RecordHeader{
-			Key:   exactly.HeaderCreatedAt,
-			Value: []byte(m.CreatedAt.UTC().Format(time.RFC3339Nano)),
-		})
-	}
-	return rec, nil
-}
+// outputRecord converts an output with a non-empty ID, in the publisher's
+// wire format.
+func outputRecord(m *exactly.Message) (*kgo.Record, error) { return kafkarec.Record(m, m.Topic) }
 
 // produce hands r to the transaction. A failure dooms the transaction;
 // one that no retry can fix makes the input a suspect.
@@ -567,21 +538,8 @@ func isUnpublishable(err error) bool {
 // dead-letter topic in the open transaction: it becomes visible exactly
 // when the input's offset advances past it.
 func (p *Processor) deadLetter(sess *kgo.GroupTransactSession, b *txnBatch, w *worker, msg *exactly.Message, pos inputPos, attempts int, cause error) bool {
-	dl := *msg
-	dl.Headers = maps.Clone(msg.Headers)
-	if dl.Headers == nil {
-		dl.Headers = map[string]string{}
-	}
-	reason := cause.Error()
-	if len(reason) > 2000 {
-		reason = reason[:2000]
-	}
-	dl.Headers[exactly.HeaderDeadReason] = reason
-	dl.Headers[exactly.HeaderDeadAttempts] = strconv.Itoa(attempts)
-	dl.Headers[exactly.HeaderDeadTopic] = msg.Topic
-	dl.Headers[exactly.HeaderDeadAt] = time.Now().UTC().Format(time.RFC3339Nano)
-	dl.Topic = p.cfg.DeadLetterTopic(msg)
-	r, err := plainRecords.record(&dl)
+	dl := consume.DeadLetterCopy(msg, p.cfg.DeadLetterTopic(msg), attempts, cause)
+	r, err := kafkarec.Record(&dl, dl.Topic)
 	if err != nil {
 		b.failFatal(fmt.Errorf("kafka: input %s/%d@%d failed (%v) and cannot be dead-lettered: %w", pos.topic, pos.part, pos.offset, cause, err))
 		return false

@@ -4,14 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
 	"slices"
-	"time"
 
 	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/internal/kafkarec"
 )
 
 // Publisher publishes exactly.Messages to Kafka with franz-go's idempotent
@@ -301,54 +300,14 @@ func (p *Publisher) isolate(ctx context.Context, msgs []*exactly.Message, idx []
 
 // record converts m, or returns why it can never be published.
 func (p *Publisher) record(m *exactly.Message) (*kgo.Record, error) {
-	if err := m.Validate(); err != nil {
-		return nil, exactly.Unpublishable(fmt.Errorf("kafka: %w", err))
-	}
-	if m.ID == "" {
-		return nil, exactly.Unpublishable(errors.New("kafka: message has an empty ID; outbox.Enqueue assigns one, a direct caller must set it (exactly.NewID)"))
+	if m == nil {
+		return kafkarec.Record(m, "") // refused by Validate
 	}
 	topic := m.Topic
 	if p.topic != nil {
 		topic = p.topic(m)
 	}
-	if err := checkTopicName(topic); err != nil {
-		return nil, exactly.Unpublishable(fmt.Errorf("kafka: message %s: %w", m.ID, err))
-	}
-	rec := &kgo.Record{
-		Topic:   topic,
-		Value:   m.Payload,
-		Headers: make([]kgo.RecordHeader, 0, len(m.Headers)+2),
-	}
-	if rec.Value == nil {
-		rec.Value = []byte{} // an empty body, never a null value (a tombstone to compaction)
-	}
-	if m.Key != "" {
-		rec.Key = []byte(m.Key)
-	}
-	var names []string
-	switch len(m.Headers) {
-	case 0:
-	case 1:
-		for k := range m.Headers {
-			names = []string{k}
-		}
-	default:
-		names = slices.Sorted(maps.Keys(m.Headers))
-	}
-	for _, k := range names {
-		if k == exactly.HeaderID || k == exactly.HeaderCreatedAt {
-			continue // ours win, so a stale copy cannot mislabel the message
-		}
-		rec.Headers = append(rec.Headers, kgo.RecordHeader{Key: k, Value: []byte(m.Headers[k])})
-	}
-	rec.Headers = append(rec.Headers, kgo.RecordHeader{Key: exactly.HeaderID, Value: []byte(m.ID)})
-	if !m.CreatedAt.IsZero() {
-		rec.Headers = append(rec.Headers, kgo.RecordHeader{
-			Key:   exactly.HeaderCreatedAt,
-			Value: []byte(m.CreatedAt.UTC().Format(time.RFC3339Nano)),
-		})
-	}
-	return rec, nil
+	return kafkarec.Record(m, topic)
 }
 
 func isTooLarge(err error) bool {
@@ -366,22 +325,4 @@ func describe(m *exactly.Message, topic string, err error) error {
 	default:
 		return fmt.Errorf("kafka: message %s to topic %q: %w", m.ID, topic, err)
 	}
-}
-
-// checkTopicName applies Kafka's rules for topic names.
-func checkTopicName(t string) error {
-	switch {
-	case t == "":
-		return errors.New("empty topic name")
-	case len(t) > 249:
-		return fmt.Errorf("topic name is %d bytes, Kafka's limit is 249", len(t))
-	case t == "." || t == "..":
-		return fmt.Errorf("topic name %q is reserved", t)
-	}
-	for _, c := range []byte(t) {
-		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '.' || c == '_' || c == '-') {
-			return fmt.Errorf("topic name %q has %q; Kafka allows only a-z A-Z 0-9 . _ -", t, c)
-		}
-	}
-	return nil
 }

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"slices"
 	"time"
 
@@ -15,6 +14,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/internal/kafkarec"
 )
 
 // errAborted marks a message that was fine but went down with its
@@ -273,37 +273,16 @@ func (e *kafkaEOS) reset() {
 	}
 }
 
-// record converts a message the way the kafka package's Publisher does:
-// key, value, the message's headers plus exactly-id and exactly-created-at.
+// record converts a message exactly as the kafka package's Publisher does.
 func (e *kafkaEOS) record(m *exactly.Message) (*kgo.Record, error) {
-	if err := m.Validate(); err != nil {
-		return nil, exactly.Unpublishable(fmt.Errorf("kafka: %w", err))
+	if m == nil {
+		return kafkarec.Record(m, "") // refused by Validate
 	}
 	topic := m.Topic
 	if e.cfg.TopicFunc != nil {
 		topic = e.cfg.TopicFunc(m)
 	}
-	if err := checkTopicName(topic); err != nil {
-		return nil, exactly.Unpublishable(fmt.Errorf("kafka: message %s: %w", m.ID, err))
-	}
-	rec := &kgo.Record{Topic: topic, Value: m.Payload, Headers: make([]kgo.RecordHeader, 0, len(m.Headers)+2)}
-	if rec.Value == nil {
-		rec.Value = []byte{}
-	}
-	if m.Key != "" {
-		rec.Key = []byte(m.Key)
-	}
-	for _, k := range slices.Sorted(maps.Keys(m.Headers)) {
-		if k == exactly.HeaderID || k == exactly.HeaderCreatedAt {
-			continue
-		}
-		rec.Headers = append(rec.Headers, kgo.RecordHeader{Key: k, Value: []byte(m.Headers[k])})
-	}
-	rec.Headers = append(rec.Headers, kgo.RecordHeader{Key: exactly.HeaderID, Value: []byte(m.ID)})
-	if !m.CreatedAt.IsZero() {
-		rec.Headers = append(rec.Headers, kgo.RecordHeader{Key: exactly.HeaderCreatedAt, Value: []byte(m.CreatedAt.UTC().Format(time.RFC3339Nano))})
-	}
-	return rec, nil
+	return kafkarec.Record(m, topic)
 }
 
 func (e *kafkaEOS) describe(m *exactly.Message, topic string, err error) error {
@@ -314,22 +293,4 @@ func (e *kafkaEOS) describe(m *exactly.Message, topic string, err error) error {
 	default:
 		return fmt.Errorf("kafka: message %s to topic %q: %w", m.ID, topic, err)
 	}
-}
-
-// checkTopicName applies Kafka's rules for topic names.
-func checkTopicName(t string) error {
-	switch {
-	case t == "":
-		return errors.New("empty topic name")
-	case len(t) > 249:
-		return fmt.Errorf("topic name is %d bytes, Kafka's limit is 249", len(t))
-	case t == "." || t == "..":
-		return fmt.Errorf("topic name %q is reserved", t)
-	}
-	for _, c := range []byte(t) {
-		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '.' || c == '_' || c == '-') {
-			return fmt.Errorf("topic name %q has %q; Kafka allows only a-z A-Z 0-9 . _ -", t, c)
-		}
-	}
-	return nil
 }

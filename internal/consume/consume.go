@@ -157,20 +157,7 @@ func (p *Policy) process(ctx context.Context, h exactly.Handler, msg *exactly.Me
 // destination, retrying until the broker confirms or ctx ends: a message is
 // acknowledged only once it is safe somewhere.
 func (p *Policy) deadLetter(ctx context.Context, msg *exactly.Message, attempts int, cause error) error {
-	dl := *msg
-	dl.Headers = maps.Clone(msg.Headers)
-	if dl.Headers == nil {
-		dl.Headers = map[string]string{}
-	}
-	reason := cause.Error()
-	if len(reason) > 2000 {
-		reason = reason[:2000]
-	}
-	dl.Headers[exactly.HeaderDeadReason] = reason
-	dl.Headers[exactly.HeaderDeadAttempts] = strconv.Itoa(attempts)
-	dl.Headers[exactly.HeaderDeadTopic] = msg.Topic
-	dl.Headers[exactly.HeaderDeadAt] = time.Now().UTC().Format(time.RFC3339Nano)
-	dl.Topic = p.DeadLetterTopic(msg)
+	dl := DeadLetterCopy(msg, p.DeadLetterTopic(msg), attempts, cause)
 	for try := 1; ; try++ {
 		err := p.DeadLetter.Publish(ctx, []*exactly.Message{&dl})
 		if err == nil {
@@ -196,4 +183,25 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	case <-ctx.Done():
 		return false
 	}
+}
+
+// DeadLetterCopy is the copy of msg sent to the dead-letter destination
+// topic: the same id, key and payload, its headers plus the reason (cut to
+// 2000 bytes), the attempts, the original topic and the time.
+func DeadLetterCopy(msg *exactly.Message, topic string, attempts int, cause error) exactly.Message {
+	dl := *msg
+	dl.Headers = maps.Clone(msg.Headers)
+	if dl.Headers == nil {
+		dl.Headers = map[string]string{}
+	}
+	reason := cause.Error()
+	if len(reason) > 2000 {
+		reason = reason[:2000]
+	}
+	dl.Headers[exactly.HeaderDeadReason] = reason
+	dl.Headers[exactly.HeaderDeadAttempts] = strconv.Itoa(attempts)
+	dl.Headers[exactly.HeaderDeadTopic] = msg.Topic
+	dl.Headers[exactly.HeaderDeadAt] = time.Now().UTC().Format(time.RFC3339Nano)
+	dl.Topic = topic
+	return dl
 }
