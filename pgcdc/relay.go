@@ -4,15 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
-	"net"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/exactlyonce/exactly"
@@ -340,7 +336,7 @@ func (r *Relay) watchSlot(ctx context.Context) {
 func (r *Relay) prepareRetrying(ctx context.Context) error {
 	for failures := 1; ; failures++ {
 		err := r.prepare(ctx)
-		if err == nil || ctx.Err() != nil || !transientStartError(err) {
+		if err == nil || ctx.Err() != nil || !sqldb.Transient(err) {
 			return err
 		}
 		wait := min(r.backoff(failures), 10*time.Second)
@@ -351,22 +347,4 @@ func (r *Relay) prepareRetrying(ctx context.Context) error {
 		case <-time.After(wait):
 		}
 	}
-}
-
-// transientStartError reports whether err is the network or the server
-// restarting, not the configuration or the schema.
-func transientStartError(err error) bool {
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
-		switch pgErr.Code {
-		case "57P01", "57P02", "57P03", "53300", "08006", "08003", "08000", "08001", "08004":
-			return true
-		}
-		return false
-	}
-	var connErr *pgconn.ConnectError
-	var netErr net.Error
-	return errors.As(err, &connErr) || errors.As(err, &netErr) || pgconn.Timeout(err) ||
-		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNREFUSED) ||
-		errors.Is(err, syscall.ECONNRESET)
 }

@@ -172,17 +172,25 @@ func (r *Relay) Run(ctx context.Context) error {
 		return errors.New("relay: Run called twice")
 	}
 	defer r.closeDB()
-	if err := r.store.CheckTables(ctx, r.db); err != nil {
+	// A database that is unreachable or restarting at start is waited for,
+	// as it is later; a missing table or a partition mismatch is not.
+	for failures := 1; ; failures++ {
+		err := r.store.CheckTables(ctx, r.db)
+		if err == nil {
+			err = r.store.EnsurePartitions(ctx, r.db, r.cfg.Partitions)
+		}
+		if err == nil {
+			break
+		}
 		if ctx.Err() != nil {
 			return nil
 		}
-		return fmt.Errorf("relay: %w", err)
-	}
-	if err := r.store.EnsurePartitions(ctx, r.db, r.cfg.Partitions); err != nil {
-		if ctx.Err() != nil {
-			return nil
+		if !sqldb.Transient(err) {
+			return fmt.Errorf("relay: %w", err)
 		}
-		return fmt.Errorf("relay: %w", err)
+		wait := min(r.backoff(failures), 5*time.Second)
+		r.log.Warn("database not reachable at start; retrying", "err", err, "in", wait)
+		r.sleep(ctx, wait, false)
 	}
 	// Work that must outlive ctx a little (finishing the in-flight batch)
 	// uses stopCtx, cancelled ShutdownTimeout after ctx.

@@ -286,3 +286,52 @@ func TestHooks(t *testing.T) {
 		t.Errorf("stats = %+v", st)
 	}
 }
+
+// TestStartWhileDatabaseDown: a relay (re)started while its database is
+// down waits for it instead of failing with a misleading "apply the
+// migrations" error, and publishes once the database is back.
+func TestStartWhileDatabaseDown(t *testing.T) {
+	t.Parallel()
+	in := testenv.LogicalPostgres(t, nil) // a private server this test may stop
+	ctx := context.Background()
+	pool, err := pgxpool.New(ctx, in.DSN("test"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	ob := exactlytest.MigratedOutbox(t, pool, "postgres", "rt_down")
+	if err := in.Stop(ctx, "fast"); err != nil {
+		t.Fatal(err)
+	}
+	rec := &exactlytest.Recorder{}
+	r, err := relay.New(relay.Config{Outbox: ob, DB: pool, Publisher: rec, PollInterval: 50 * time.Millisecond,
+		InitialBackoff: 50 * time.Millisecond, MaxBackoff: 200 * time.Millisecond,
+		Logger: slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelError}))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- r.Run(runCtx) }()
+	select {
+	case err := <-done:
+		cancel()
+		t.Fatalf("Run returned while the database was down: %v", err)
+	case <-time.After(1500 * time.Millisecond):
+	}
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+	if err := in.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	msgs := keyed("down", 3, 5)
+	enqueue(t, pool, ob, msgs...)
+	waitFor(t, "the messages written after the database came back", 30*time.Second, func() bool {
+		return len(rec.Delivered()) >= len(msgs)
+	})
+	exactlytest.CheckExactlyOnceDedup(t, msgs, rec.Delivered())
+}

@@ -315,6 +315,9 @@ func (s *Store) DeleteSentBefore(ctx context.Context, db *sql.DB, cutoffMillis i
 func (s *Store) CheckTables(ctx context.Context, db *sql.DB) error {
 	for _, t := range []string{s.t, s.leases, s.relays} {
 		if _, err := db.ExecContext(ctx, "SELECT 1 FROM "+t+" WHERE 1=0"); err != nil {
+			if sqldb.Transient(err) {
+				return fmt.Errorf("checking outbox table %s: %w", t, err)
+			}
 			return fmt.Errorf("outbox table %s is not usable (%v): apply the migrations first (outbox.Migrate or `exactly migrate`)", t, err)
 		}
 	}
