@@ -66,8 +66,11 @@ func crashChild() int {
 	}
 	c, err := kafka.NewConsumer(kafka.ConsumerConfig{
 		Seeds: []string{env("X_SEEDS")}, Group: env("X_GROUP"), Topics: []string{env("X_TOPIC")}, MaxPollRecords: 50,
-		ClientOpts: []kgo.Opt{kgo.SessionTimeout(6 * time.Second), kgo.HeartbeatInterval(200 * time.Millisecond)},
-		Logger:     slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		// A member killed during a join holds the group's rebalance until
+		// the rebalance timeout (60 s by default): keep it short.
+		ClientOpts: []kgo.Opt{kgo.SessionTimeout(6 * time.Second), kgo.HeartbeatInterval(200 * time.Millisecond),
+			kgo.RebalanceTimeout(10 * time.Second)},
+		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 	}, counted)
 	if err != nil {
 		return fail(err)
