@@ -255,3 +255,50 @@ func TestStartWhilePostgresDown(t *testing.T) {
 	})
 	exactlytest.CheckExactlyOnceDedup(t, want, rec.Delivered())
 }
+
+// TestSlotSetupDelayedIsNotLost: on a first start the slot does not exist
+// until the relay creates it; while that is delayed (here another session
+// holds the slot's set-up lock, as a standby relay would), the slot watcher
+// must not take the missing slot for a lost one.
+func TestSlotSetupDelayedIsNotLost(t *testing.T) {
+	t.Parallel()
+	f := setup(t)
+	ctx := context.Background()
+	lock, err := f.pool.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := lock.Exec(ctx, "SELECT pg_advisory_lock(hashtext($1))", "exactly_cdc_slot:"+f.slot); err != nil {
+		t.Fatal(err)
+	}
+	rec := &exactlytest.Recorder{}
+	r, err := pgcdc.New(f.config(rec)) // LagInterval 200ms
+	if err != nil {
+		t.Fatal(err)
+	}
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- r.Run(runCtx) }()
+	select {
+	case err := <-done:
+		cancel()
+		lock.Release()
+		t.Fatalf("Run returned while the slot's set-up waited: %v", err)
+	case <-time.After(1500 * time.Millisecond):
+	}
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+	if _, err := lock.Exec(ctx, "SELECT pg_advisory_unlock(hashtext($1))", "exactly_cdc_slot:"+f.slot); err != nil {
+		t.Fatal(err)
+	}
+	lock.Release()
+	f.waitStreaming()
+	msgs := []*exactly.Message{{Topic: "t", Key: "k", Payload: []byte("1")}, {Topic: "t", Key: "k", Payload: []byte("2")}}
+	f.enqueue(true, msgs...)
+	waitFor(t, "the messages", 30*time.Second, func() bool { return len(rec.Delivered()) >= len(msgs) })
+	exactlytest.CheckExactlyOnceDedup(t, msgs, rec.Delivered())
+}

@@ -42,6 +42,9 @@ type Relay struct {
 
 	stats   counters
 	running atomic.Bool
+	// slotUp is set once the slot was checked or created in this Run;
+	// until then watchSlot does not judge it.
+	slotUp atomic.Bool
 	// writeTrouble is set while the writer cannot write to the database:
 	// the stream then disconnects and retries.
 	writeTrouble atomic.Bool
@@ -304,6 +307,11 @@ func (r *Relay) watchSlot(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		}
+		if !r.slotUp.Load() {
+			// Not set up yet in this Run (the first start creates the slot,
+			// a restart checks it): a slot still to be created is not lost.
+			continue
 		}
 		st, err := r.slotState(ctx)
 		if err != nil {

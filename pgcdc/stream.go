@@ -151,6 +151,7 @@ func (r *Relay) session(ctx context.Context, st *streamState) (*replConn, bool, 
 			return conn, false, err
 		}
 		st.slotReady = true
+		r.slotUp.Store(true)
 	}
 	slot, err := r.slotState(ctx)
 	if err != nil {
