@@ -286,29 +286,6 @@ func testRelayPostgresNATS(t *testing.T, bin string) {
 	}
 	t.Cleanup(func() { js.DeleteStream(context.Background(), streamName) })
 
-	enqueue := func(from, n int) []string {
-		t.Helper()
-		msgs := make([]*exactly.Message, n)
-		for i := range msgs {
-			msgs[i] = &exactly.Message{Topic: subject, Key: fmt.Sprintf("k-%d", (from+i)%7), Payload: fmt.Appendf(nil, "m-%d", from+i)}
-		}
-		tx, err := db.BeginTx(ctx, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := ob.Enqueue(ctx, tx, msgs...); err != nil {
-			tx.Rollback()
-			t.Fatal(err)
-		}
-		if err := tx.Commit(); err != nil {
-			t.Fatal(err)
-		}
-		ids := make([]string, n)
-		for i, m := range msgs {
-			ids[i] = m.ID
-		}
-		return ids
-	}
 	streamMsgs := func() (bool, uint64, string) {
 		info, err := stream.Info(ctx)
 		if err != nil {
@@ -351,7 +328,7 @@ func testRelayPostgresNATS(t *testing.T, bin string) {
 		}
 	}
 
-	ids := enqueue(0, 200)
+	ids := enqueueN(t, db, ob, subject, 0, 200)
 	args := []string{"--db", testenv.PostgresDSN(), "--table", table, "--broker", "nats", "--nats-url", testenv.NATSURL(),
 		"--partitions", "4", "--poll-interval", "200ms", "--log-format", "json"}
 	p := startRelay(t, bin, freeAddr(t), args...)
@@ -389,7 +366,7 @@ func testRelayPostgresNATS(t *testing.T, bin string) {
 	}
 
 	// Written while no relay runs: the next one publishes them.
-	ids = append(ids, enqueue(200, 50)...)
+	ids = append(ids, enqueueN(t, db, ob, subject, 200, 50)...)
 	p = startRelay(t, bin, freeAddr(t), args...)
 	waitFor(t, p, "250 messages in the stream", 30*time.Second, func() (bool, string) {
 		ok, n, s := streamMsgs()
@@ -508,25 +485,7 @@ func testRelayPostgresKafka(t *testing.T, bin string) {
 	if held, _ := metric(body, "exactly_relay_partitions_held"); held != 4 {
 		t.Errorf("partitions held %v: the flag should win over the config file", held)
 	}
-	cl, err := kgo.NewClient(kgo.SeedBrokers(cluster.ListenAddrs()...), kgo.ConsumeTopics(topic),
-		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
-	var got []string
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	for len(got) < len(ids) && ctx.Err() == nil {
-		cl.PollFetches(ctx).EachRecord(func(r *kgo.Record) {
-			for _, h := range r.Headers {
-				if h.Key == exactly.HeaderID {
-					got = append(got, string(h.Value))
-				}
-			}
-		})
-	}
-	checkDelivered(t, got, ids)
+	checkDelivered(t, kafkaIDs(t, cluster.ListenAddrs(), topic, len(ids)), ids)
 	p.stop(t)
 	if !strings.Contains(p.out.String(), `"msg":"relay started"`) || !strings.Contains(p.out.String(), `"broker":"kafka"`) {
 		t.Errorf("the environment's JSON log format should win over the config file's text:\n%s", p.out)
@@ -654,27 +613,41 @@ func testRelayCDCKafkaExactlyOnce(t *testing.T, bin string) {
 	waitPublished(t, p, db, ob, 50)
 	p.stop(t)
 
-	cl, err := kgo.NewClient(kgo.SeedBrokers(cluster.ListenAddrs()...), kgo.ConsumeTopics(topic),
+	checkDelivered(t, kafkaIDs(t, cluster.ListenAddrs(), topic, len(ids)), ids)
+}
+
+// kafkaIDs reads the exactly-id of every committed record of topic
+// (read_committed) until it has n, then for half a second more, so that
+// records beyond the n expected show up too.
+func kafkaIDs(t *testing.T, seeds []string, topic string, n int) []string {
+	t.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(seeds...), kgo.ConsumeTopics(topic),
 		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()), kgo.FetchIsolationLevel(kgo.ReadCommitted()))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer cl.Close()
 	var got []string
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	for len(got) < len(ids) && ctx.Err() == nil {
+	poll := func(ctx context.Context) {
 		cl.PollFetches(ctx).EachRecord(func(r *kgo.Record) {
+			id := "record without " + exactly.HeaderID
 			for _, h := range r.Headers {
 				if h.Key == exactly.HeaderID {
-					got = append(got, string(h.Value))
+					id = string(h.Value)
 				}
 			}
+			got = append(got, id)
 		})
 	}
-	// Anything beyond the 200 would arrive with them.
-	pctx, pcancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
-	cl.PollFetches(pctx).EachRecord(func(r *kgo.Record) { got = append(got, "extra") })
-	pcancel()
-	checkDelivered(t, got, ids)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for len(got) < n && ctx.Err() == nil {
+		poll(ctx)
+	}
+	extra, cancelExtra := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancelExtra()
+	for extra.Err() == nil {
+		poll(extra)
+	}
+	return got
 }
