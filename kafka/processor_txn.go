@@ -486,7 +486,7 @@ func (p *Processor) outputRecords(in *exactly.Message, outs []exactly.Message, r
 
 // outputRecord converts an output with a non-empty ID, in the publisher's
 // wire format.
-func outputRecord(m *exactly.Message) (*kgo.Record, error) { return kafkarec.Record(m, m.Topic) }
+func outputRecord(m *exactly.Message) (*kgo.Record, error) { return kafkarec.Record(m, nil) }
 
 // produce hands r to the transaction. A failure dooms the transaction;
 // one that no retry can fix makes the input a suspect.
@@ -539,7 +539,7 @@ func isUnpublishable(err error) bool {
 // when the input's offset advances past it.
 func (p *Processor) deadLetter(sess *kgo.GroupTransactSession, b *txnBatch, w *worker, msg *exactly.Message, pos inputPos, attempts int, cause error) bool {
 	dl := consume.DeadLetterCopy(msg, p.cfg.DeadLetterTopic(msg), attempts, cause)
-	r, err := kafkarec.Record(&dl, dl.Topic)
+	r, err := kafkarec.Record(&dl, nil)
 	if err != nil {
 		b.failFatal(fmt.Errorf("kafka: input %s/%d@%d failed (%v) and cannot be dead-lettered: %w", pos.topic, pos.part, pos.offset, cause, err))
 		return false

@@ -300,14 +300,7 @@ func (p *Publisher) isolate(ctx context.Context, msgs []*exactly.Message, idx []
 
 // record converts m, or returns why it can never be published.
 func (p *Publisher) record(m *exactly.Message) (*kgo.Record, error) {
-	if m == nil {
-		return kafkarec.Record(m, "") // refused by Validate
-	}
-	topic := m.Topic
-	if p.topic != nil {
-		topic = p.topic(m)
-	}
-	return kafkarec.Record(m, topic)
+	return kafkarec.Record(m, p.topic)
 }
 
 func isTooLarge(err error) bool {

@@ -275,14 +275,7 @@ func (e *kafkaEOS) reset() {
 
 // record converts a message exactly as the kafka package's Publisher does.
 func (e *kafkaEOS) record(m *exactly.Message) (*kgo.Record, error) {
-	if m == nil {
-		return kafkarec.Record(m, "") // refused by Validate
-	}
-	topic := m.Topic
-	if e.cfg.TopicFunc != nil {
-		topic = e.cfg.TopicFunc(m)
-	}
-	return kafkarec.Record(m, topic)
+	return kafkarec.Record(m, e.cfg.TopicFunc)
 }
 
 func (e *kafkaEOS) describe(m *exactly.Message, topic string, err error) error {

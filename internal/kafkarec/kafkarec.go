@@ -18,14 +18,19 @@ import (
 	"github.com/exactlyonce/exactly"
 )
 
-// Record converts m into a record for topic, or returns why it can never
-// be published (wrapping exactly.ErrUnpublishable).
-func Record(m *exactly.Message, topic string) (*kgo.Record, error) {
+// Record converts m into a record, or returns why it can never be
+// published (wrapping exactly.ErrUnpublishable). The record's topic is
+// topicOf(m), or m.Topic when topicOf is nil.
+func Record(m *exactly.Message, topicOf func(*exactly.Message) string) (*kgo.Record, error) {
 	if err := m.Validate(); err != nil {
 		return nil, exactly.Unpublishable(fmt.Errorf("kafka: %w", err))
 	}
 	if m.ID == "" {
 		return nil, exactly.Unpublishable(errors.New("kafka: message has an empty ID; outbox.Enqueue assigns one, a direct caller must set it (exactly.NewID)"))
+	}
+	topic := m.Topic
+	if topicOf != nil {
+		topic = topicOf(m)
 	}
 	if err := CheckTopic(topic); err != nil {
 		return nil, exactly.Unpublishable(fmt.Errorf("kafka: message %s: %w", m.ID, err))

@@ -37,7 +37,7 @@ func TestRecord(t *testing.T) {
 			nilKey: true, headers: "a=2;z=1;exactly-id=d;exactly-created-at=2026-01-02T02:04:05.000000006Z;"},
 		{m: exactly.Message{ID: "e", Topic: "t", Headers: map[string]string{"traceparent": "00-x"}}, nilKey: true, headers: "traceparent=00-x;exactly-id=e;"},
 	} {
-		r, err := kafkarec.Record(&tc.m, "out")
+		r, err := kafkarec.Record(&tc.m, func(*exactly.Message) string { return "out" })
 		if err != nil {
 			t.Fatalf("%s: %v", tc.m.ID, err)
 		}
@@ -69,7 +69,7 @@ func TestRecordRefusesForever(t *testing.T) {
 		{exactly.Message{ID: "a", Topic: "t"}, strings.Repeat("t", 250), "limit is 249"},
 		{exactly.Message{ID: "a", Topic: "t", Key: strings.Repeat("k", exactly.MaxKeyLen+1)}, "t", "Key is 256 bytes"},
 	} {
-		_, err := kafkarec.Record(&tc.m, tc.topic)
+		_, err := kafkarec.Record(&tc.m, func(*exactly.Message) string { return tc.topic })
 		if err == nil || !errors.Is(err, exactly.ErrUnpublishable) || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("topic %.20q: %v, want an unpublishable error containing %q", tc.topic, err, tc.want)
 		}
@@ -77,7 +77,14 @@ func TestRecordRefusesForever(t *testing.T) {
 }
 
 func TestRecordNilMessage(t *testing.T) {
-	if _, err := kafkarec.Record(nil, "t"); err == nil || !errors.Is(err, exactly.ErrUnpublishable) {
+	if _, err := kafkarec.Record(nil, nil); err == nil || !errors.Is(err, exactly.ErrUnpublishable) {
 		t.Errorf("nil message: %v", err)
+	}
+}
+
+func TestRecordTopicDefaultsToMessageTopic(t *testing.T) {
+	r, err := kafkarec.Record(&exactly.Message{ID: "a", Topic: "orders"}, nil)
+	if err != nil || r.Topic != "orders" {
+		t.Fatalf("record %+v, %v: want topic orders", r, err)
 	}
 }
