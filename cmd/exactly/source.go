@@ -74,13 +74,13 @@ func newRelayRunner(source string, cfg relay.Config, cdc cdcSettings) (relayRunn
 	case sourceCDC:
 		pc := pgcdc.Config{
 			DSN: cdc.DSN, Slot: cdc.Slot, Table: cfg.Outbox.Table(), KeepRows: cdc.KeepRows,
-			Messages: cdc.Messages, Publisher: cfg.Publisher, KafkaExactlyOnce: cdc.KafkaEOS,
+			Messages: cdc.Messages, KafkaExactlyOnce: cdc.KafkaEOS,
 			BatchSize: cfg.BatchSize, MaxAttempts: cfg.MaxAttempts,
 			InitialBackoff: cfg.InitialBackoff, MaxBackoff: cfg.MaxBackoff,
 			ShutdownTimeout: cfg.ShutdownTimeout, Logger: cfg.Logger, Hooks: cdc.Hooks,
 		}
-		if cdc.KafkaEOS != nil {
-			pc.Publisher = nil
+		if cdc.KafkaEOS == nil { // else the Kafka transactions replace the publisher
+			pc.Publisher = cfg.Publisher
 		}
 		if cdc.DebeziumTable != "" {
 			pc.Debezium = &pgcdc.Debezium{Table: cdc.DebeziumTable}
