@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -20,6 +19,7 @@ import (
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/inbox"
+	"github.com/exactlyonce/exactly/internal/testenv"
 	"github.com/exactlyonce/exactly/kafka"
 )
 
@@ -76,12 +76,7 @@ func crashChild() int {
 		return fail(err)
 	}
 	odds, _ := strconv.ParseFloat(env("X_ODDS"), 64)
-	kafka.SetAfterHandle(c, func(string, int32, int64) {
-		if rand.Float64() < odds {
-			syscall.Kill(os.Getpid(), syscall.SIGKILL)
-			time.Sleep(time.Hour)
-		}
-	})
+	kafka.SetAfterHandle(c, func(string, int32, int64) { testenv.KillSelf(odds) })
 	if err := c.Run(ctx); err != nil {
 		return fail(err)
 	}

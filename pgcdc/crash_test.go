@@ -20,6 +20,7 @@ import (
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/exactlytest"
+	"github.com/exactlyonce/exactly/internal/testenv"
 	"github.com/exactlyonce/exactly/kafka"
 	"github.com/exactlyonce/exactly/pgcdc"
 )
@@ -64,32 +65,15 @@ func crashChild() int {
 		return fail(err)
 	}
 	odds, _ := strconv.ParseFloat(os.Getenv("EXACTLY_CRASH_ODDS"), 64)
-	pgcdc.SetAfterPublish(r, func() {
-		if rand.Float64() < odds {
-			syscall.Kill(os.Getpid(), syscall.SIGKILL)
-			time.Sleep(time.Hour)
-		}
-	})
-	done := make(chan error, 1)
-	go func() { done <- r.Run(ctx) }()
-	for {
-		select {
-		case err := <-done:
-			if err != nil {
-				return fail(err)
-			}
-			return 0
-		case <-time.After(50 * time.Millisecond):
-		}
+	pgcdc.SetAfterPublish(r, func() { testenv.KillSelf(odds) })
+	err = testenv.RunUntil(ctx, r.Run, func(ctx context.Context) bool {
 		var n int
-		if err := pool.QueryRow(ctx, "SELECT count(*) FROM "+table).Scan(&n); err == nil && n == 0 {
-			cancel()
-			if err := <-done; err != nil {
-				return fail(err)
-			}
-			return 0
-		}
+		return pool.QueryRow(ctx, "SELECT count(*) FROM "+table).Scan(&n) == nil && n == 0
+	})
+	if err != nil {
+		return fail(err)
 	}
+	return 0
 }
 
 // crashRun enqueues 2,000 messages on 20 keys and runs relay children until

@@ -69,32 +69,15 @@ func crashChild() int {
 		return fail(err)
 	}
 	killOdds, _ := strconv.ParseFloat(os.Getenv("EXACTLY_CRASH_ODDS"), 64)
-	relay.SetAfterPublish(r, func([]outboxstore.Row) {
-		if rand.Float64() < killOdds {
-			syscall.Kill(os.Getpid(), syscall.SIGKILL)
-			time.Sleep(time.Hour)
-		}
-	})
-	done := make(chan error, 1)
-	go func() { done <- r.Run(ctx) }()
-	for {
-		select {
-		case err := <-done:
-			if err != nil {
-				return fail(err)
-			}
-			return 0
-		case <-time.After(50 * time.Millisecond):
-		}
+	relay.SetAfterPublish(r, func([]outboxstore.Row) { testenv.KillSelf(killOdds) })
+	err = testenv.RunUntil(ctx, r.Run, func(ctx context.Context) bool {
 		st, err := ob.Status(ctx, pool)
-		if err == nil && st.Pending == 0 {
-			cancel()
-			if err := <-done; err != nil {
-				return fail(err)
-			}
-			return 0
-		}
+		return err == nil && st.Pending == 0
+	})
+	if err != nil {
+		return fail(err)
 	}
+	return 0
 }
 
 // TestCrashBetweenConfirmAndMarkSent kills the relay process (SIGKILL) many
