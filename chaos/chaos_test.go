@@ -80,6 +80,7 @@ func TestChaosSeesBrokenConsumer(t *testing.T) {
 	o.Kinds = []string{chaos.FaultKill}
 	o.Targets = []string{"kafka-broken"}
 	o.PerKind = 6
+	o.MinGap = 6 * time.Second // rejoining the group takes seconds: kill it at work, not while it joins
 	o.Rate = 80
 	o.Drain = time.Minute
 	rep, err := chaos.Run(t.Context(), o)

@@ -65,7 +65,7 @@ func (h *harness) schedule() (procLane, infraLane []fault) {
 	services := []string{"pg", "nats", "redis", "kafka"}
 	ms := func(lo, hi int) time.Duration { return time.Duration(lo+rng.IntN(hi-lo+1)) * time.Millisecond }
 	for _, k := range kinds {
-		f := fault{kind: k, gap: ms(1000, 3000), mode: rng.IntN(2)}
+		f := fault{kind: k, gap: max(ms(1000, 3000), h.opts.MinGap), mode: rng.IntN(2)}
 		switch k {
 		case FaultKill:
 			f.target, f.d = targets[rng.IntN(len(targets))], ms(300, 2000)

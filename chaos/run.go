@@ -105,6 +105,9 @@ type Options struct {
 	PerKind int
 	// Extra faults of random kinds on top. Default 0.
 	Extra int
+	// MinGap is the least quiet time after each fault (otherwise 1–3 s),
+	// so that a restarted consumer is back at work before the next one.
+	MinGap time.Duration
 	// Targets limits kill and pause to these roles ("relay-nats",
 	// "relay-kafka" or a pipeline name). Default: every relay and consumer.
 	Targets []string

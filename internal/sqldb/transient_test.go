@@ -30,6 +30,7 @@ func TestTransient(t *testing.T) {
 		{fmt.Errorf("read: %w", io.ErrUnexpectedEOF), true},
 		{fmt.Errorf("dial: %w", syscall.ECONNREFUSED), true},
 		{context.DeadlineExceeded, true}, // a timeout
+		{fmt.Errorf("pgcdc: %w", pgconn.ErrConnClosed), true},
 	} {
 		if got := Transient(tc.err); got != tc.want {
 			t.Errorf("Transient(%v) = %v, want %v", tc.err, got, tc.want)
