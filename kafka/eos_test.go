@@ -289,13 +289,22 @@ func (r *eosRun) injectFaults(handles map[string][]*kfake.FaultHandle, hmu *sync
 		hmu.Unlock()
 		r.count("faults installed: "+kind, 1)
 	}
+	firstKinds, round := rand.Perm(7), 0
+	endTxnArms := 0
 	for r.progress() < 0.97 {
 		select {
 		case <-r.finished:
 			return
 		case <-time.After(time.Duration(150+rand.IntN(250)) * time.Millisecond):
 		}
-		switch rand.IntN(7) {
+		// The first seven rounds take every kind once, in a random order,
+		// so each fault bites in every run; the rest are random.
+		kind := rand.IntN(7)
+		if round < len(firstKinds) {
+			kind = firstKinds[round]
+		}
+		round++
+		switch kind {
 		case 0:
 			fault("EndTxn error", kfake.Fault{Keys: []kmsg.Key{kmsg.EndTxn},
 				Err: pick(kerr.UnknownServerError, kerr.CoordinatorNotAvailable, kerr.NotCoordinator, kerr.ConcurrentTransactions, kerr.CoordinatorLoadInProgress)})
@@ -309,11 +318,14 @@ func (r *eosRun) injectFaults(handles map[string][]*kfake.FaultHandle, hmu *sync
 			// A committed EndTxn whose answer is lost (the client's three
 			// retries run out when more than three are lost) or comes
 			// back as UNKNOWN_SERVER_ERROR.
+			// Armed faults lose the answer and garble it in turn, the
+			// first one loses it.
 			var reply *kerr.Error
-			if rand.IntN(3) == 0 {
+			if endTxnArms%2 == 1 {
 				reply = kerr.UnknownServerError
 			}
 			if applied, ok := r.ec.net.armEndTxn(1+rand.IntN(5), reply); ok {
+				endTxnArms++
 				go func() {
 					select {
 					case ok := <-applied:

@@ -50,6 +50,13 @@ type Relay struct {
 	// fetchGen numbers the reads; a block remembers the read during which
 	// its row left the pipeline (see admit).
 	fetchGen uint64
+	// fence is set when a batch was handed back because the lease ran out:
+	// every batch read up to then (gen <= fence) is handed back too, since
+	// it may hold later messages of the same keys, and the next read waits
+	// until none of them is in flight, so that no read excludes them, and
+	// starts over from the lowest pending row.
+	fence   uint64
+	fencing bool
 
 	owned    []int64 // partitions held; only the Run goroutine writes it
 	allOwned bool
@@ -64,6 +71,9 @@ type Relay struct {
 	// afterPublish, when set (tests only), runs after the broker confirmed a
 	// batch and before the rows are marked sent: the crash window.
 	afterPublish func(rows []outboxstore.Row)
+	// beforeLeaseCheck, when set (tests only), runs when the publish stage
+	// takes a batch, before it checks the lease.
+	beforeLeaseCheck func()
 }
 
 // block holds back a key whose message at seq failed: later messages of the
@@ -150,6 +160,7 @@ func (r *Relay) Wake() {
 
 type batch struct {
 	rows []outboxstore.Row
+	gen  uint64 // the read that returned the rows
 }
 
 type result struct {
@@ -263,6 +274,20 @@ func (r *Relay) fetchLoop(ctx context.Context, pubCh chan<- batch) {
 			continue
 		}
 
+		r.mu.Lock()
+		for r.fencing && len(r.inflight) > 0 && ctx.Err() == nil {
+			// Batches read before a lease ran out are being handed back:
+			// wait for them, so that this read sees their rows again.
+			r.drained.Wait()
+		}
+		if r.fencing {
+			// The rows handed back lie below the cursor: read from the
+			// start, or the reads from the cursor would pass them by.
+			r.cursor = 0
+			r.fencing = false
+		}
+		r.mu.Unlock()
+
 		now := time.Now()
 		q := outboxstore.FetchQuery{
 			Limit: r.cfg.BatchSize, Partitions: r.cfg.Partitions, Owned: r.owned, AllOwned: r.allOwned,
@@ -308,7 +333,7 @@ func (r *Relay) fetchLoop(ctx context.Context, pubCh chan<- batch) {
 		ready, wait, busy := r.admit(rows, now, gen, full)
 		if len(ready) > 0 {
 			select {
-			case pubCh <- batch{rows: ready}:
+			case pubCh <- batch{rows: ready, gen: gen}:
 			case <-ctx.Done():
 				r.handBack(ready)
 				return
@@ -526,10 +551,27 @@ func (r *Relay) publishLoop(ctx, stopCtx context.Context, pubCh <-chan batch, ma
 			r.handBack(b.rows)
 			continue
 		}
+		if r.beforeLeaseCheck != nil {
+			r.beforeLeaseCheck()
+		}
+		r.mu.Lock()
+		fenced := b.gen <= r.fence
+		r.mu.Unlock()
+		if fenced {
+			// Read before an earlier batch was handed back: it may hold
+			// later messages of that batch's keys. Published now, they would
+			// overtake them.
+			r.handBack(b.rows)
+			continue
+		}
 		if time.Now().UnixNano() > r.leaseUntil.Load() {
 			// This relay stalled past its lease (a pause, a hung call): the
-			// rows may be another relay's now. Leave them to their owner.
+			// rows may be another relay's now. Leave them to their owner,
+			// and the batches read after them too (see fence).
 			r.log.Warn("lease expired before the batch was published; handing it back", "messages", len(b.rows))
+			r.mu.Lock()
+			r.fence, r.fencing = r.fetchGen, true
+			r.mu.Unlock()
 			r.handBack(b.rows)
 			continue
 		}

@@ -335,3 +335,81 @@ func TestStartWhileDatabaseDown(t *testing.T) {
 	})
 	exactlytest.CheckExactlyOnceDedup(t, msgs, rec.Delivered())
 }
+
+// slowFirst is a publisher whose first call hangs for a while (a GC pause, a
+// slow broker) before handing the batch to the recorder.
+type slowFirst struct {
+	*exactlytest.Recorder
+	calls atomic.Int32
+	stall time.Duration
+}
+
+func (p *slowFirst) Publish(ctx context.Context, msgs []*exactly.Message) error {
+	if p.calls.Add(1) == 1 {
+		time.Sleep(p.stall)
+	}
+	return p.Recorder.Publish(ctx, msgs)
+}
+
+// TestLeaseExpiryKeepsKeyOrder: the first publish stalls past the lease, so
+// the batch read behind it is handed back; the lease is renewed before the
+// publish stage takes the batch read after that one. That batch holds later
+// messages of the same keys and must be handed back too: published, it
+// would overtake the first.
+func TestLeaseExpiryKeepsKeyOrder(t *testing.T) {
+	pool, ob := pgOutbox(t)
+	const keys, perKey = 10, 200
+	var msgs []*exactly.Message
+	for i := range perKey {
+		for k := range keys {
+			msgs = append(msgs, &exactly.Message{Topic: "orders", Key: fmt.Sprintf("k%02d", k), Payload: fmt.Appendf(nil, "k%02d:%d", k, i)})
+		}
+	}
+	enqueue(t, pool, ob, msgs...)
+
+	pub := &slowFirst{Recorder: &exactlytest.Recorder{}, stall: 1500 * time.Millisecond}
+	r, err := relay.New(relay.Config{
+		Outbox: ob, DB: pool, Publisher: pub, BatchSize: 100, LeaseTTL: 600 * time.Millisecond,
+		PollInterval: 10 * time.Millisecond, Partitions: 4,
+		Logger: slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn})),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var expiredSeen, waited atomic.Bool
+	relay.SetBeforeLeaseCheck(r, func() {
+		switch {
+		case !expiredSeen.Load():
+			expiredSeen.Store(relay.LeaseExpired(r)) // this batch is handed back
+		case !waited.Load():
+			waited.Store(true)
+			// Let the lease be renewed before the next batch is checked.
+			deadline := time.Now().Add(5 * time.Second)
+			for relay.LeaseExpired(r) && time.Now().Before(deadline) {
+				time.Sleep(time.Millisecond)
+			}
+		}
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+	waitFor(t, "every message published", 60*time.Second, func() bool {
+		seen := map[string]bool{}
+		for _, m := range pub.Delivered() {
+			seen[m.ID] = true
+		}
+		return len(seen) == len(msgs)
+	})
+	if !expiredSeen.Load() || !waited.Load() {
+		t.Fatalf("the lease never ran out between two batches (expired %v, renewed %v): the test did not exercise the hand-back", expiredSeen.Load(), waited.Load())
+	}
+	got := pub.Delivered()
+	exactlytest.CheckExactlyOnce(t, msgs, got)
+	exactlytest.CheckKeyOrder(t, got)
+}
