@@ -37,8 +37,8 @@
 // # Faults
 //
 // Two lanes run side by side, each a seeded shuffle holding every kind at
-// least Options.PerKind times: processes (kill -9 of a relay or consumer
-// then restart; SIGSTOP for 4-8s, longer than the Kafka session (3s), the
+// least Options.PerKind times: processes (kill -9 of the producer, a relay
+// or a consumer, then restart; SIGSTOP for 4-8s, longer than the Kafka session (3s), the
 // NATS AckWait (3s), the Redis lease (5s) and the relay lease (2s), then
 // SIGCONT, so the process wakes as a zombie; an extra member joining a
 // Kafka group for 4-9s and leaving) and infrastructure (latency 100-300ms,

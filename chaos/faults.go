@@ -11,7 +11,7 @@ import (
 
 // The kinds of fault.
 const (
-	FaultKill         = "kill"          // SIGKILL of a relay or consumer, restarted after a moment
+	FaultKill         = "kill"          // SIGKILL of the producer, a relay or a consumer, restarted after a moment
 	FaultPause        = "pause"         // SIGSTOP, then SIGCONT after longer than every session, lease and ack timeout
 	FaultChurn        = "churn"         // an extra member joins a consumer group, then leaves
 	FaultLatency      = "net-latency"   // latency on every connection to one service
@@ -105,6 +105,7 @@ func (h *harness) targets() []string {
 	var all []string
 	all = append(all, sortedKeys(h.relays)...)
 	all = append(all, sortedKeys(h.consumers)...)
+	all = append(all, "producer")
 	if len(h.opts.Targets) == 0 {
 		return all
 	}
@@ -118,6 +119,9 @@ func (h *harness) targets() []string {
 }
 
 func (h *harness) workerByRole(role string) *proc {
+	if role == "producer" {
+		return h.producer
+	}
 	if p, ok := h.relays[role]; ok {
 		return p
 	}
