@@ -348,6 +348,11 @@ func (s *outboxSuite) testTwoRelays(t *testing.T) {
 	rec.SetDelay(15 * time.Millisecond) // a broker round trip: long enough for the second relay to get its share
 	cfg := f.relayConfig(rec)
 	cfg.BatchSize = 100
+	// Partitions move by hand-over here, not by expiry; a lease too short
+	// for a loaded machine would let the other relay take a partition
+	// whose batch is still being published: a legal duplicate, which this
+	// test counts as a failure.
+	cfg.LeaseTTL = 3 * time.Second
 	r1, _ := f.start(cfg)
 	waitDistinct(t, rec, 1000, 20*time.Second)
 	cfg.InstanceID = "second"

@@ -668,7 +668,11 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 	row("deliveries", total, fmt.Sprintf("%d duplicates: re-sends, redeliveries after crashes and rebalances", total-distinct))
 	row("duplicates absorbed", absorbed, absorbedBy)
 	row("effects applied", v.applied, "one promotion per order")
-	row("lost", v.lost, "must be 0")
+	if finished {
+		row("lost", v.lost, "must be 0")
+	} else {
+		row("lost", v.lost, "must be 0; the run timed out, so some may still be on the way")
+	}
 	row("applied twice", v.appliedTwice, "must be 0")
 	row("customer points", fmt.Sprintf("%d/%d", v.pointsGot, v.pointsWant), "applied / owed: must be equal")
 	row("outbox pending / dead", fmt.Sprintf("%d/%d", st.Pending, st.Dead), "must be 0/0")
@@ -696,7 +700,8 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 		bad  bool
 		what string
 	}{
-		{v.lost > 0, fmt.Sprintf("%d lost", v.lost)},
+		{v.lost > 0 && finished, fmt.Sprintf("%d lost", v.lost)},
+		{v.lost > 0 && !finished, fmt.Sprintf("%d not applied by then", v.lost)},
 		{v.appliedTwice > 0, fmt.Sprintf("%d applied twice", v.appliedTwice)},
 		{v.strangers > 0, fmt.Sprintf("%d promotions of unknown events", v.strangers)},
 		{v.pointsGot != v.pointsWant, fmt.Sprintf("customer points %d, owed %d", v.pointsGot, v.pointsWant)},
