@@ -156,23 +156,52 @@ func (p *Policy) process(ctx context.Context, h exactly.Handler, msg *exactly.Me
 // deadLetter publishes a copy of msg with the reason to the dead-letter
 // destination, retrying until the broker confirms or ctx ends: a message is
 // acknowledged only once it is safe somewhere.
+//
+// When the destination refuses the copy itself (exactly.ErrUnpublishable:
+// a message near the size limit does not fit with the reason headers), the
+// copy is sent again at once with the reason cut to shortReason bytes. If
+// that is refused too, nothing more can be done without dropping data: the
+// message stays unacknowledged, the error names the way out, and the
+// retries go on at the slowest backoff until the destination accepts it.
 func (p *Policy) deadLetter(ctx context.Context, msg *exactly.Message, attempts int, cause error) error {
 	dl := DeadLetterCopy(msg, p.DeadLetterTopic(msg), attempts, cause)
+	short := false
 	for try := 1; ; try++ {
-		err := p.DeadLetter.Publish(ctx, []*exactly.Message{&dl})
+		err := exactly.PerMessage(p.DeadLetter.Publish(ctx, []*exactly.Message{&dl}), 1)[0]
 		if err == nil {
-			p.Logger.Warn("message dead-lettered", "id", msg.ID, "topic", msg.Topic, "to", dl.Topic, "attempts", attempts, "err", cause)
+			p.Logger.Warn("message dead-lettered", "id", msg.ID, "topic", msg.Topic, "to", dl.Topic, "attempts", attempts, "err", cause, "reason_cut", short)
 			if p.Hooks.DeadLettered != nil {
 				p.Hooks.DeadLettered(msg, cause)
 			}
 			return nil
 		}
-		p.Logger.Error("dead-letter publish failed; retrying", "id", msg.ID, "to", dl.Topic, "err", err)
-		if !sleep(ctx, p.Retry.Backoff(try)) {
+		wait := p.Retry.Backoff(try)
+		switch {
+		case errors.Is(err, exactly.ErrUnpublishable) && !short:
+			short = true
+			if r := dl.Headers[exactly.HeaderDeadReason]; len(r) > shortReason {
+				dl.Headers[exactly.HeaderDeadReason] = r[:shortReason]
+			}
+			p.Logger.Warn("the dead-letter destination refused the copy; sending it again with the reason cut short", "id", msg.ID, "to", dl.Topic, "err", err)
+			try--
+			continue
+		case errors.Is(err, exactly.ErrUnpublishable):
+			p.Logger.Error("the dead-letter destination refuses this message itself; it stays unacknowledged (nothing is lost) and this consumer waits on it: "+
+				"raise the destination's message size limit or fix the destination, or remove the message from the source by hand",
+				"id", msg.ID, "topic", msg.Topic, "to", dl.Topic, "bytes", len(dl.Payload), "err", err)
+			wait = p.Retry.MaxBackoff
+		default:
+			p.Logger.Error("dead-letter publish failed; retrying", "id", msg.ID, "to", dl.Topic, "err", err)
+		}
+		if !sleep(ctx, wait) {
 			return fmt.Errorf("message %s failed %d times and could not be dead-lettered (%v): %w", msg.ID, attempts, err, ctx.Err())
 		}
 	}
 }
+
+// shortReason is how much of the failure reason a dead letter keeps when the
+// destination refused the copy with the whole reason.
+const shortReason = 200
 
 func sleep(ctx context.Context, d time.Duration) bool {
 	t := time.NewTimer(d)

@@ -141,3 +141,50 @@ func TestTracer(t *testing.T) {
 		t.Fatalf("handler contexts: %v", seen)
 	}
 }
+
+// A message close to the dead-letter destination's size limit does not fit
+// with a long reason: the copy goes again with the reason cut short.
+func TestDeadLetterCutsTheReasonWhenRefused(t *testing.T) {
+	dlq := &exactlytest.Recorder{}
+	dlq.FailWhen(func(m *exactly.Message) error {
+		size := len(m.Payload)
+		for k, v := range m.Headers {
+			size += len(k) + len(v)
+		}
+		if size > 1500 {
+			return exactly.Unpublishable(errors.New("message too large"))
+		}
+		return nil
+	})
+	p := policy(t, dlq)
+	long := strings.Repeat("x", 5000)
+	h := func(ctx context.Context, m *exactly.Message) error { return errors.New(long) }
+	msg := &exactly.Message{ID: "a", Topic: "orders", Payload: []byte(strings.Repeat("p", 1000))}
+	out, err := p.Process(context.Background(), h, msg, 1, nil)
+	if err != nil || out != consume.DeadLettered {
+		t.Fatalf("out %v err %v", out, err)
+	}
+	got := dlq.Delivered()
+	if len(got) != 1 || len(got[0].Headers[exactly.HeaderDeadReason]) != 200 || string(got[0].Payload) != string(msg.Payload) {
+		t.Fatalf("dead letters %d, reason %d bytes; want 1 with the payload and a 200-byte reason", len(got), len(got[0].Headers[exactly.HeaderDeadReason]))
+	}
+}
+
+// A message the destination refuses even with the reason cut short is never
+// acknowledged: Process keeps trying until its context ends, and says so.
+func TestDeadLetterRefusedStaysUnacknowledged(t *testing.T) {
+	dlq := &exactlytest.Recorder{}
+	dlq.FailWhen(func(m *exactly.Message) error { return exactly.Unpublishable(errors.New("message too large")) })
+	p := policy(t, dlq)
+	h := func(ctx context.Context, m *exactly.Message) error { return errors.New("fails") }
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	var st consume.Stats
+	out, err := p.Process(ctx, h, &exactly.Message{ID: "a", Topic: "orders"}, 1, &st)
+	if err == nil || out == consume.DeadLettered || !strings.Contains(err.Error(), "could not be dead-lettered") {
+		t.Fatalf("out %v err %v: want an error, the message must not be acknowledged", out, err)
+	}
+	if st.DeadLettered.Load() != 0 || dlq.Calls() < 3 {
+		t.Fatalf("dead-lettered %d, publish calls %d", st.DeadLettered.Load(), dlq.Calls())
+	}
+}
