@@ -15,7 +15,6 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/twmb/franz-go/pkg/kfake"
-	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/exactlytest"
@@ -159,31 +158,9 @@ func TestCrashBetweenConfirmAndMarkSent(t *testing.T) {
 		t.Fatal("no kill happened between the broker confirm and mark-sent: the test proved nothing")
 	}
 
-	// Read the topic back: every id at least once, copies identical.
-	cl, err := kgo.NewClient(kgo.SeedBrokers(seeds...), kgo.ConsumeTopics("crash.orders"),
-		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
-	var got []exactly.Message
-	deadline := time.Now().Add(30 * time.Second)
-	ids := map[string]bool{}
-	for len(ids) < len(msgs) && time.Now().Before(deadline) {
-		fctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		fs := cl.PollFetches(fctx)
-		cancel()
-		fs.EachRecord(func(r *kgo.Record) {
-			m := exactly.Message{Key: string(r.Key), Payload: r.Value, Topic: r.Topic}
-			for _, h := range r.Headers {
-				if h.Key == exactly.HeaderID {
-					m.ID = string(h.Value)
-				}
-			}
-			ids[m.ID] = true
-			got = append(got, m)
-		})
-	}
+	// Read the topic back to its end: every id at least once, copies
+	// identical, the last copies in order.
+	got := testenv.Messages(testenv.ReadTopic(t, seeds, "crash.orders", 30*time.Second))
 	exactlytest.CheckExactlyOnceDedup(t, msgs, got)
 	exactlytest.CheckLastDeliveryOrder(t, got)
 	t.Logf("%d messages, %d records on the topic (%d duplicates from the crashes, same ids)", len(msgs), len(got), len(got)-len(msgs))

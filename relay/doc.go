@@ -50,7 +50,11 @@
 // when another relay joins (only once nothing of theirs is in flight), and
 // take over the partitions of a relay that stops renewing. A relay that
 // stalls past its lease publishes nothing more (at most the batch it was in
-// the middle of, which is then a same-id copy).
+// the middle of, which is then a same-id copy): the batches it had read are
+// handed back, and it reads again from the lowest pending row once it has
+// its leases back. A relay that takes over partitions reads in full (from
+// the lowest pending row) until it has caught up with their backlog, whose
+// rows lie below what it has read so far, so their keys stay in order.
 //
 // Retries and parking: a failed message backs off exponentially with
 // jitter; after MaxAttempts it is parked as dead with its last error. A

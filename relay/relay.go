@@ -47,6 +47,11 @@ type Relay struct {
 	// handed back (rescan), and at least every fullReadEvery.
 	cursor int64
 	rescan bool
+	// cursorStale is set when partitions were taken over: their pending
+	// rows lie below the cursor, and a read from the cursor would hand out
+	// later messages of their keys first. Reads stay full (in seq order,
+	// leaving out what is in flight) until one can set the cursor back.
+	cursorStale bool
 	// fetchGen numbers the reads; a block remembers the read during which
 	// its row left the pipeline (see admit).
 	fetchGen uint64
@@ -275,6 +280,9 @@ func (r *Relay) fetchLoop(ctx context.Context, pubCh chan<- batch) {
 		}
 
 		r.mu.Lock()
+		// The wait, the fence check and the read's numbering happen under
+		// one hold of the lock, so a fence is either set before this read
+		// (which then waits) or covers it (gen <= fence: handed back).
 		for r.fencing && len(r.inflight) > 0 && ctx.Err() == nil {
 			// Batches read before a lease ran out are being handed back:
 			// wait for them, so that this read sees their rows again.
@@ -286,24 +294,23 @@ func (r *Relay) fetchLoop(ctx context.Context, pubCh chan<- batch) {
 			r.cursor = 0
 			r.fencing = false
 		}
-		r.mu.Unlock()
-
 		now := time.Now()
 		q := outboxstore.FetchQuery{
 			Limit: r.cfg.BatchSize, Partitions: r.cfg.Partitions, Owned: r.owned, AllOwned: r.allOwned,
 			NowMillis: now.UnixMilli(),
 		}
-		r.mu.Lock()
 		// Cursor reads only while working through a backlog: once caught up,
 		// rows commit out of seq order (concurrent writers) and every read
 		// must see them at once.
-		full := !backlog || len(r.inflight) == 0 || r.rescan || r.cursor == 0 || now.Sub(lastFull) >= fullReadEvery
+		full := !backlog || len(r.inflight) == 0 || r.rescan || r.cursor == 0 || r.cursorStale || now.Sub(lastFull) >= fullReadEvery
+		var maxExcluded int64
 		if full {
 			r.rescan = false
 			lastFull = now
 			q.Exclude = make([]int64, 0, len(r.inflight))
 			for seq := range r.inflight {
 				q.Exclude = append(q.Exclude, seq)
+				maxExcluded = max(maxExcluded, seq)
 			}
 		} else {
 			q.After = r.cursor
@@ -330,7 +337,7 @@ func (r *Relay) fetchLoop(ctx context.Context, pubCh chan<- batch) {
 		dbBackoff = r.cfg.InitialBackoff
 		backlog = len(rows) == r.cfg.BatchSize
 
-		ready, wait, busy := r.admit(rows, now, gen, full)
+		ready, wait, busy := r.admit(rows, now, gen, full, maxExcluded)
 		if len(ready) > 0 {
 			select {
 			case pubCh <- batch{rows: ready, gen: gen}:
@@ -361,11 +368,23 @@ func (r *Relay) fetchLoop(ctx context.Context, pubCh chan<- batch) {
 // flight. It returns how long until the earliest held-back key is due, and
 // whether rows were held back behind a message of their key in flight. gen
 // is the read's number, full whether it was a full read (not from the
-// cursor).
-func (r *Relay) admit(rows []outboxstore.Row, now time.Time, gen uint64, full bool) (ready []outboxstore.Row, _ time.Duration, busy bool) {
+// cursor), maxExcluded the highest seq a full read left out as in flight.
+func (r *Relay) admit(rows []outboxstore.Row, now time.Time, gen uint64, full bool, maxExcluded int64) (ready []outboxstore.Row, _ time.Duration, busy bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if n := len(rows); n > 0 && rows[n-1].Seq > r.cursor {
+	n := len(rows)
+	switch {
+	case full && r.cursorStale && n < r.cfg.BatchSize:
+		// The read returned every pending row not in flight: none is left
+		// below any cursor.
+		r.cursorStale = false
+	case full && r.cursorStale && rows[n-1].Seq > maxExcluded:
+		// Every pending row up to the last one returned was returned or is
+		// in flight, and nothing in flight lies above it: reads may go on
+		// from there without passing a row by nor reading one twice.
+		r.cursor, r.cursorStale = rows[n-1].Seq, false
+	}
+	if n > 0 && rows[n-1].Seq > r.cursor {
 		r.cursor = rows[n-1].Seq
 	}
 	defer func() {
@@ -571,8 +590,9 @@ func (r *Relay) publishLoop(ctx, stopCtx context.Context, pubCh <-chan batch, ma
 			r.log.Warn("lease expired before the batch was published; handing it back", "messages", len(b.rows))
 			r.mu.Lock()
 			r.fence, r.fencing = r.fetchGen, true
+			r.rescan = true
+			r.release(b.rows)
 			r.mu.Unlock()
-			r.handBack(b.rows)
 			continue
 		}
 		p := &publishing{rows: b.rows, keys: keys, done: make(chan result, 1)}
@@ -904,6 +924,12 @@ func (r *Relay) setOwned(held []int64) {
 	if !slices.Equal(held, r.owned) {
 		r.mu.Lock()
 		r.rescan = true // rows of new partitions may lie below the cursor
+		for _, p := range held {
+			if !slices.Contains(r.owned, p) {
+				r.cursorStale = true
+				break
+			}
+		}
 		r.mu.Unlock()
 	}
 	r.owned = held
