@@ -17,8 +17,9 @@
 //     each in one transaction with a chaos_orders row, one outbox message
 //     per outbox table and a chaos_written row per message. A commit with an
 //     unknown outcome is resolved by reading the row back.
-//   - relay-nats, relay-kafka: the polling relay (StrictOrder) on
-//     chaos_outbox_nats and chaos_outbox_kafka; relay-cdc: pgcdc reading
+//   - relay-nats, relay-kafka and relay-kafka-2: the polling relay
+//     (StrictOrder) on chaos_outbox_nats, and two of them sharing the
+//     partitions of chaos_outbox_kafka; relay-cdc: pgcdc reading
 //     chaos_outbox_cdc from a replication slot, publishing to NATS.
 //   - consumers, one process per pipeline:
 //     nats-sql (JetStream durable consumer, SQL inbox in the effect's

@@ -148,7 +148,7 @@ type harness struct {
 	worker    string
 	pipelines []pipeline
 	producer  *proc
-	relays    map[string]*proc // "relay-nats", "relay-kafka"
+	relays    map[string]*proc // "relay-nats", "relay-kafka", "relay-kafka-2"
 	consumers map[string]*proc // by pipeline name
 	extras    map[string]*proc // churn members, by pipeline name
 
@@ -452,6 +452,12 @@ func (h *harness) startWorkers(ctx context.Context) error {
 				h.relays[p.Relay] = h.workerProc(p.Relay, "-role", "relay-cdc")
 			} else {
 				h.relays[p.Relay] = h.workerProc(p.Relay, "-role", "relay-poll", "-broker", p.Broker, "-table", p.Outbox)
+				if p.Relay == "relay-kafka" {
+					// Two relays share the Kafka outbox's partitions, so a
+					// kill or a pause moves partitions to the other one in
+					// the middle of its backlog.
+					h.relays["relay-kafka-2"] = h.workerProc("relay-kafka-2", "-role", "relay-poll", "-broker", p.Broker, "-table", p.Outbox)
+				}
 			}
 		}
 		args := append([]string{"-role", p.Role, "-pipeline", p.Name, "-group", p.Group}, p.Args...)
