@@ -413,7 +413,7 @@ func (c *Consumer) Run(ctx context.Context) error {
 	}
 	defer c.running.Store(false)
 
-	cons, batch, err := c.setup(ctx)
+	cons, batch, err := c.setupRetrying(ctx)
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil
@@ -463,6 +463,41 @@ func (c *Consumer) Run(ctx context.Context) error {
 
 func errConnClosed(err error) error {
 	return fmt.Errorf("nats: the NATS connection is closed, the consumer cannot go on; connect again and call Run: %w", err)
+}
+
+// setupRetrying runs setup until it succeeds, fails for good, or ctx ends.
+// A server restarting, a connection reconnecting or a JetStream leader
+// election makes setup fail for a while; a missing stream, a closed
+// connection or a configuration the server refuses does not heal.
+func (c *Consumer) setupRetrying(ctx context.Context) (jetstream.Consumer, int, error) {
+	backoff := exactly.RetryPolicy{InitialBackoff: 100 * time.Millisecond, MaxBackoff: 5 * time.Second}
+	for failures := 1; ; failures++ {
+		cons, batch, err := c.setup(ctx)
+		if err == nil || ctx.Err() != nil || !setupTransient(err) {
+			return cons, batch, err
+		}
+		wait := backoff.Backoff(failures)
+		c.log.Warn("setting up the consumer failed; retrying", "err", err, "failures", failures, "retry_in", wait)
+		sleep(ctx, wait)
+	}
+}
+
+// setupTransient reports whether a setup failure may heal by itself.
+func setupTransient(err error) bool {
+	var apiErr *jetstream.APIError
+	switch {
+	case errors.Is(err, natsgo.ErrConnectionClosed), errors.Is(err, jetstream.ErrConnectionClosed),
+		errors.Is(err, jetstream.ErrStreamNotFound), errors.Is(err, jetstream.ErrConsumerNotFound):
+		return false
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, natsgo.ErrTimeout),
+		errors.Is(err, natsgo.ErrNoResponders), errors.Is(err, natsgo.ErrConnectionReconnecting),
+		errors.Is(err, natsgo.ErrDisconnected), errors.Is(err, jetstream.ErrJetStreamNotEnabled),
+		errors.Is(err, jetstream.ErrServerShutdown):
+		return true
+	case errors.As(err, &apiErr):
+		return apiErr.Code >= 500 // the JetStream system is unavailable for now
+	}
+	return false
 }
 
 // setup creates or updates the durable consumer and checks where its dead
