@@ -48,6 +48,7 @@ func RunOutboxSuite(t *testing.T, h OutboxHarness) {
 		{"MigrateIsIdempotent", s.testMigrateIdempotent},
 		{"BadInput", s.testBadInput},
 		{"TwoRelaysPerKeyOrder", s.testTwoRelays},
+		{"RelaysStartTogether", s.testRelaysStartTogether},
 		{"StalledRelayLosesItsLeases", s.testLeaseTakeover},
 		{"LateCommitNotSkipped", s.testLateCommit},
 		{"RetryKeepsKeyOrder", s.testRetryKeepsOrder},
@@ -373,6 +374,53 @@ func (s *outboxSuite) testTwoRelays(t *testing.T) {
 	t.Logf("relay 1 published %d, relay 2 %d", st1.Published, st2.Published)
 	if st1.Partitions+st2.Partitions != cfg.Partitions {
 		t.Errorf("partitions held: %d + %d, want %d in all", st1.Partitions, st2.Partitions, cfg.Partitions)
+	}
+}
+
+// testRelaysStartTogether: relays started at the same moment on a fresh
+// outbox (a deployment rolling out several replicas at once) all set up the
+// lease rows and run; none of them mistakes another's half-made set-up for a
+// partition count mismatch.
+func (s *outboxSuite) testRelaysStartTogether(t *testing.T) {
+	const rounds, relays = 4, 6
+	for round := range rounds {
+		f := s.setup(t)
+		msgs := keyedMessages("orders", 10, 10)
+		f.enqueue(msgs...)
+		rec := &Recorder{}
+		cfg := f.relayConfig(rec)
+		cfg.Partitions = 64 // many lease rows: a wide window for a half-made set-up
+		var (
+			start = make(chan struct{})
+			wg    sync.WaitGroup
+			errs  = make(chan error, relays)
+		)
+		ctx, cancel := context.WithCancel(context.Background())
+		for i := range relays {
+			c := cfg
+			c.InstanceID = fmt.Sprintf("r%d-%d", round, i)
+			r, err := relay.New(c)
+			if err != nil {
+				t.Fatal(err)
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				<-start
+				if err := r.Run(ctx); err != nil {
+					errs <- fmt.Errorf("%s: %w", c.InstanceID, err)
+				}
+			}()
+		}
+		close(start)
+		waitDistinct(t, rec, len(msgs), 20*time.Second)
+		cancel()
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Errorf("round %d: a relay started with the others failed: %v", round, err)
+		}
+		CheckExactlyOnce(t, msgs, rec.Delivered())
 	}
 }
 

@@ -342,18 +342,25 @@ func (s *Store) EnsurePartitions(ctx context.Context, db *sql.DB, n int) error {
 		return fmt.Errorf("%w: %s has %d partitions, this relay is configured with %d; run every relay with the same Partitions",
 			ErrPartitionMismatch, s.leases, have, n)
 	}
+	// One statement for all the rows: a relay starting at the same moment
+	// sees none of them or all of them, never a half-made set-up it would
+	// take for a smaller partition count.
+	var rows strings.Builder
 	for p := have; p < n; p++ {
-		a := sqldb.NewArgs(s.D)
-		var q string
-		switch s.D {
-		case sqldb.MySQL:
-			q = "INSERT IGNORE INTO " + s.leases + " (part, expires_at) VALUES (" + a.Add(p) + ", 0)"
-		default:
-			q = "INSERT INTO " + s.leases + " (part, expires_at) VALUES (" + a.Add(p) + ", 0) ON CONFLICT (part) DO NOTHING"
+		if rows.Len() > 0 {
+			rows.WriteString(", ")
 		}
-		if _, err := db.ExecContext(ctx, q, a.Vals...); err != nil {
-			return err
-		}
+		fmt.Fprintf(&rows, "(%d, 0)", p)
+	}
+	var q string
+	switch s.D {
+	case sqldb.MySQL:
+		q = "INSERT IGNORE INTO " + s.leases + " (part, expires_at) VALUES " + rows.String()
+	default:
+		q = "INSERT INTO " + s.leases + " (part, expires_at) VALUES " + rows.String() + " ON CONFLICT (part) DO NOTHING"
+	}
+	if _, err := db.ExecContext(ctx, q); err != nil {
+		return err
 	}
 	if have > 0 {
 		return fmt.Errorf("%w: %s had %d partitions, grown to %d; stop relays configured with %d", ErrPartitionMismatch, s.leases, have, n, have)
