@@ -42,7 +42,7 @@
 // or a consumer, then restart; SIGSTOP for 4-8s, longer than the Kafka session (3s), the
 // NATS AckWait (3s), the Redis lease (5s) and the relay lease (2s), then
 // SIGCONT, so the process wakes as a zombie; an extra member joining a
-// Kafka group for 4-9s and leaving) and infrastructure (latency 100-300ms,
+// Kafka group or pulling from a NATS durable for 4-9s and leaving) and infrastructure (latency 100-300ms,
 // all connections dropped with the port closed for up to 2s, a black hole
 // of 2-6s, on one of the four proxies; PostgreSQL restart, fast or
 // immediate; nats-server restart; kfake restart by SIGTERM or SIGKILL).

@@ -68,7 +68,7 @@ type pipeline struct {
 // Pipelines lists every pipeline the suite knows, by name.
 var Pipelines = map[string]pipeline{
 	"nats-sql": {Name: "nats-sql", Outbox: outboxNATS, Broker: "nats", Subject: natsSubject, Relay: "relay-nats",
-		Role: "consumer-sql-inbox", Group: "chaos-sql", Exact: true, BrokerOrder: true},
+		Role: "consumer-sql-inbox", Group: "chaos-sql", Exact: true, BrokerOrder: true, Churn: true},
 	"kafka-db": {Name: "kafka-db", Outbox: outboxKafka, Broker: "kafka", Relay: "relay-kafka",
 		Role: "consumer-kafka-dboffsets", Group: "chaos-db", Exact: true, BrokerOrder: true, EffectOrder: true, Churn: true},
 	"kafka-redis": {Name: "kafka-redis", Outbox: outboxKafka, Broker: "kafka", Relay: "relay-kafka",
@@ -86,7 +86,7 @@ var Pipelines = map[string]pipeline{
 	// NATS drops those re-sends, so the broker's first copies of a key may be
 	// out of sequence (pgcdc has no strict-order mode). Reported, not gated.
 	"nats-cdc": {Name: "nats-cdc", Outbox: outboxCDC, Broker: "nats", Subject: cdcSubject, Relay: "relay-cdc",
-		Role: "consumer-sql-inbox", Group: "chaos-cdc", Exact: true},
+		Role: "consumer-sql-inbox", Group: "chaos-cdc", Exact: true, Churn: true},
 }
 
 // DefaultPipelines are the ones a run checks unless told otherwise.
