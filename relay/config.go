@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/internal/outboxstore"
 	"github.com/exactlyonce/exactly/outbox"
 )
 
@@ -64,8 +65,14 @@ type Config struct {
 	// Partitions splits the keys between relay instances: each row belongs
 	// to partition hash(key) mod Partitions, and each partition is leased
 	// to one relay at a time through the <table>_leases table. Every relay
-	// of one table must use the same value (a mismatch is refused at start).
-	// It caps how many relays can share the work. Default 16.
+	// of one table must use the same value. A smaller count than the
+	// table's is refused at start. A larger one grows the table and stops
+	// with ErrPartitionMismatch (start it again); relays still running with
+	// the old count notice within LeaseTTL/3, finish their batch in flight,
+	// hand their partitions back and stop with ErrPartitionMismatch too, so
+	// that two counts never publish the same key at once: restart them all
+	// with the new count. It caps how many relays can share the work.
+	// Default 16.
 	Partitions int
 	// LeaseTTL is how long a relay keeps its partitions without renewing
 	// them; a relay that stops renewing loses them to the others after this
@@ -176,3 +183,8 @@ func (c *Config) withDefaults() (Config, error) {
 	}
 	return cfg, nil
 }
+
+// ErrPartitionMismatch is wrapped by the error Run returns when relays of one
+// outbox table disagree on Partitions: at start, or when another relay grew
+// the lease table while this one ran.
+var ErrPartitionMismatch = outboxstore.ErrPartitionMismatch

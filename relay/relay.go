@@ -64,6 +64,7 @@ type Relay struct {
 	fencing bool
 
 	owned    []int64 // partitions held; only the Run goroutine writes it
+	fatal    error   // why fetchLoop stopped on its own; read by Run after it returns
 	allOwned bool
 	// leaseUntil (Unix ns, local clock) is when the leases renewed last
 	// expire, less a margin. A batch is not published after it: the
@@ -180,7 +181,9 @@ type result struct {
 
 // Run publishes until ctx is cancelled, then finishes or hands back the batch
 // in flight and returns nil. It returns an error only when it cannot start
-// (tables missing, partition mismatch).
+// (tables missing, partition mismatch), or when another relay changed the
+// partition count under it (it then finishes its batch in flight, hands its
+// partitions back and returns an error wrapping the mismatch).
 //
 // A Relay runs once: Run closes what New opened when it returns.
 func (r *Relay) Run(ctx context.Context) error {
@@ -251,6 +254,9 @@ func (r *Relay) Run(ctx context.Context) error {
 	if err := r.store.Leave(leaveCtx, r.db, r.cfg.InstanceID); err != nil {
 		r.log.Warn("could not release partitions on shutdown; they free up when their lease expires", "err", err)
 	}
+	if r.fatal != nil {
+		return fmt.Errorf("relay: %w", r.fatal)
+	}
 	r.log.Info("relay stopped", "published", r.stats.published.Load())
 	return nil
 }
@@ -265,6 +271,11 @@ func (r *Relay) fetchLoop(ctx context.Context, pubCh chan<- batch) {
 		if time.Now().After(nextLease) {
 			if err := r.maintainLeases(ctx); err != nil {
 				if ctx.Err() != nil {
+					return
+				}
+				if errors.Is(err, outboxstore.ErrPartitionMismatch) {
+					r.log.Error("relay stops: partition count changed under it", "err", err)
+					r.fatal = err
 					return
 				}
 				r.log.Error("lease maintenance failed; retrying", "err", err)
@@ -883,9 +894,16 @@ func (r *Relay) maintainLeases(ctx context.Context) error {
 	// Leases renewed now run until at least start+TTL on the database clock;
 	// count from before the round trips, less a margin for clock rate.
 	start := time.Now()
-	live, err := r.store.Heartbeat(ctx, r.db, r.cfg.InstanceID, r.cfg.LeaseTTL)
+	live, parts, err := r.store.Heartbeat(ctx, r.db, r.cfg.InstanceID, r.cfg.LeaseTTL)
 	if err != nil {
 		return err
+	}
+	if parts != r.cfg.Partitions {
+		// Another relay grew the table: the two counts map keys to
+		// partitions differently, so this relay and the new ones could
+		// publish the same key at once. Stop taking work.
+		return fmt.Errorf("%w: %s now has %d partitions, this relay runs with %d; restart it with Partitions = %d",
+			outboxstore.ErrPartitionMismatch, r.store.LeaseTable(), parts, r.cfg.Partitions, parts)
 	}
 	held, err := r.store.Renew(ctx, r.db, r.cfg.InstanceID, r.cfg.LeaseTTL)
 	if err != nil {

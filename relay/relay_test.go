@@ -3,6 +3,7 @@ package relay_test
 import (
 	"context"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
@@ -441,4 +442,80 @@ func TestTakeOverKeepsKeyOrder(t *testing.T) {
 	got := rec.Delivered()
 	exactlytest.CheckExactlyOnce(t, msgs, got)
 	exactlytest.CheckKeyOrder(t, got)
+}
+
+// TestPartitionCountChangedUnderRelay: a relay runs with 4 partitions; one
+// started with 8 grows the lease table (and refuses to go on until
+// restarted). The running relay, whose key-to-partition map is now wrong,
+// must notice, hand its partitions back and stop with an error, rather than
+// keep publishing keys a relay with the new count also publishes.
+func TestPartitionCountChangedUnderRelay(t *testing.T) {
+	t.Parallel()
+	pool, ob := pgOutbox(t)
+	ctx := context.Background()
+	rec := &exactlytest.Recorder{}
+	logger := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
+	cfg := relay.Config{Outbox: ob, DB: pool, Publisher: rec, BatchSize: 20, Partitions: 4,
+		LeaseTTL: 600 * time.Millisecond, PollInterval: 10 * time.Millisecond, Logger: logger, InstanceID: "old"}
+	old, err := relay.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	oldDone := make(chan error, 1)
+	oldCtx, oldCancel := context.WithCancel(ctx)
+	defer oldCancel()
+	go func() { oldDone <- old.Run(oldCtx) }()
+	first := keyedFrom(20, 5, 0)
+	enqueue(t, pool, ob, first...)
+	waitFor(t, "the first messages published", 10*time.Second, func() bool { return len(rec.Delivered()) >= len(first) })
+
+	grow := cfg
+	grow.Partitions, grow.InstanceID = 8, "new"
+	g, err := relay.New(grow)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = g.Run(ctx)
+	if !errors.Is(err, relay.ErrPartitionMismatch) || !strings.Contains(err.Error(), "grown to 8") {
+		t.Fatalf("the relay that grew the table: Run = %v, want a partition mismatch saying it grew the table", err)
+	}
+	select {
+	case err := <-oldDone:
+		if !errors.Is(err, relay.ErrPartitionMismatch) || !strings.Contains(err.Error(), "now has 8 partitions, this relay runs with 4") {
+			t.Fatalf("the running relay: Run = %v, want a partition mismatch naming both counts", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the relay running with the old count kept going after the table grew")
+	}
+	var owners int
+	if err := pool.QueryRow(ctx, "SELECT count(*) FROM "+ob.Table()+"_leases WHERE owner IS NOT NULL").Scan(&owners); err != nil {
+		t.Fatal(err)
+	}
+	if owners != 0 {
+		t.Errorf("%d partitions still held after the old relay stopped", owners)
+	}
+
+	// Restarted with the new count, relays carry on; nothing was lost.
+	second := keyedFrom(20, 5, 5)
+	enqueue(t, pool, ob, second...)
+	grow.InstanceID = "new-restarted"
+	run(t, grow)
+	waitFor(t, "every message published", 20*time.Second, func() bool {
+		st, err := ob.Status(ctx, pool)
+		return err == nil && st.Pending == 0
+	})
+	got := rec.Delivered()
+	exactlytest.CheckExactlyOnce(t, append(first, second...), got)
+	exactlytest.CheckKeyOrder(t, got)
+}
+
+// keyedFrom returns perKey messages for each of keys keys, numbered from start.
+func keyedFrom(keys, perKey, start int) []*exactly.Message {
+	var msgs []*exactly.Message
+	for i := start; i < start+perKey; i++ {
+		for k := range keys {
+			msgs = append(msgs, &exactly.Message{Topic: "orders", Key: fmt.Sprintf("k%02d", k), Payload: fmt.Appendf(nil, "k%02d:%d", k, i)})
+		}
+	}
+	return msgs
 }

@@ -324,6 +324,9 @@ func (s *Store) CheckTables(ctx context.Context, db *sql.DB) error {
 	return nil
 }
 
+// LeaseTable is the quoted name of the lease table.
+func (s *Store) LeaseTable() string { return s.leases }
+
 // ErrPartitionMismatch means relays disagree on the partition count.
 var ErrPartitionMismatch = errors.New("partition count mismatch")
 
@@ -369,8 +372,9 @@ func (s *Store) EnsurePartitions(ctx context.Context, db *sql.DB, n int) error {
 }
 
 // Heartbeat records that owner is alive and returns the number of live
-// relays (heartbeat within ttl), itself included.
-func (s *Store) Heartbeat(ctx context.Context, db *sql.DB, owner string, ttl time.Duration) (int, error) {
+// relays (heartbeat within ttl), itself included, and the number of
+// partitions the lease table holds now (another relay may have grown it).
+func (s *Store) Heartbeat(ctx context.Context, db *sql.DB, owner string, ttl time.Duration) (live, partitions int, err error) {
 	now := s.D.NowMillis()
 	a := sqldb.NewArgs(s.D)
 	var q string
@@ -381,16 +385,16 @@ func (s *Store) Heartbeat(ctx context.Context, db *sql.DB, owner string, ttl tim
 		q = "INSERT INTO " + s.relays + " (owner, heartbeat_at) VALUES (" + a.Add(owner) + ", " + now + ") ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
 	}
 	if _, err := db.ExecContext(ctx, q, a.Vals...); err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	a = sqldb.NewArgs(s.D)
 	if _, err := db.ExecContext(ctx, "DELETE FROM "+s.relays+" WHERE heartbeat_at < "+now+" - "+a.Add(10*ttl.Milliseconds()), a.Vals...); err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	a = sqldb.NewArgs(s.D)
-	var live int
-	err := db.QueryRowContext(ctx, "SELECT count(*) FROM "+s.relays+" WHERE heartbeat_at > "+now+" - "+a.Add(ttl.Milliseconds()), a.Vals...).Scan(&live)
-	return live, err
+	err = db.QueryRowContext(ctx, "SELECT (SELECT count(*) FROM "+s.relays+" WHERE heartbeat_at > "+now+" - "+a.Add(ttl.Milliseconds())+
+		"), (SELECT count(*) FROM "+s.leases+")", a.Vals...).Scan(&live, &partitions)
+	return live, partitions, err
 }
 
 // Leave removes owner's heartbeat and releases its leases, so the others
