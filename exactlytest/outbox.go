@@ -49,6 +49,7 @@ func RunOutboxSuite(t *testing.T, h OutboxHarness) {
 		{"BadInput", s.testBadInput},
 		{"TwoRelaysPerKeyOrder", s.testTwoRelays},
 		{"RelaysStartTogether", s.testRelaysStartTogether},
+		{"PartitionCountGrown", s.testPartitionGrowth},
 		{"StalledRelayLosesItsLeases", s.testLeaseTakeover},
 		{"LateCommitNotSkipped", s.testLateCommit},
 		{"RetryKeepsKeyOrder", s.testRetryKeepsOrder},
@@ -422,6 +423,51 @@ func (s *outboxSuite) testRelaysStartTogether(t *testing.T) {
 		}
 		CheckExactlyOnce(t, msgs, rec.Delivered())
 	}
+}
+
+// testPartitionGrowth: a relay started with more partitions than the table
+// has grows it and stops; the relay still running with the old count stops
+// too, with an error naming both counts; relays restarted with the new count
+// publish everything.
+func (s *outboxSuite) testPartitionGrowth(t *testing.T) {
+	f := s.setup(t)
+	first := keyedMessages("orders", 10, 5)
+	f.enqueue(first...)
+	rec := &Recorder{}
+	cfg := f.relayConfig(rec)
+	cfg.Partitions, cfg.InstanceID = 4, "old"
+	old, err := relay.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	oldDone := make(chan error, 1)
+	go func() { oldDone <- old.Run(context.Background()) }()
+	waitDistinct(t, rec, len(first), 20*time.Second)
+
+	grown := cfg
+	grown.Partitions, grown.InstanceID = 8, "new"
+	g, err := relay.New(grown)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Run(context.Background()); !errors.Is(err, relay.ErrPartitionMismatch) {
+		t.Fatalf("the relay that grew the table: Run = %v, want ErrPartitionMismatch", err)
+	}
+	select {
+	case err := <-oldDone:
+		if !errors.Is(err, relay.ErrPartitionMismatch) || !strings.Contains(err.Error(), "now has 8 partitions, this relay runs with 4") {
+			t.Fatalf("the relay running with 4 partitions: Run = %v, want a mismatch naming both counts", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the relay running with the old count kept going after the table grew")
+	}
+	second := keyedMessages("orders", 10, 10)[50:] // numbers 5-9 of each key
+	f.enqueue(second...)
+	grown.InstanceID = "new-restarted"
+	f.start(grown)
+	waitBacklog(t, f, 0)
+	CheckExactlyOnce(t, append(first, second...), rec.Delivered())
+	CheckKeyOrder(t, rec.Delivered())
 }
 
 // testLeaseTakeover: a relay stalls inside Publish for longer than its lease

@@ -69,9 +69,10 @@ type Config struct {
 	// table's is refused at start. A larger one grows the table and stops
 	// with ErrPartitionMismatch (start it again); relays still running with
 	// the old count notice within LeaseTTL/3, finish their batch in flight,
-	// hand their partitions back and stop with ErrPartitionMismatch too, so
-	// that two counts never publish the same key at once: restart them all
-	// with the new count. It caps how many relays can share the work.
+	// hand their partitions back and stop with ErrPartitionMismatch too; the
+	// added partitions stay held for one LeaseTTL meanwhile, so that two
+	// counts never publish the same key at once. Restart them all with the
+	// new count. It caps how many relays can share the work.
 	// Default 16.
 	Partitions int
 	// LeaseTTL is how long a relay keeps its partitions without renewing

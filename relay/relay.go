@@ -196,7 +196,7 @@ func (r *Relay) Run(ctx context.Context) error {
 	for failures := 1; ; failures++ {
 		err := r.store.CheckTables(ctx, r.db)
 		if err == nil {
-			err = r.store.EnsurePartitions(ctx, r.db, r.cfg.Partitions)
+			err = r.store.EnsurePartitions(ctx, r.db, r.cfg.Partitions, r.cfg.LeaseTTL)
 		}
 		if err == nil {
 			break

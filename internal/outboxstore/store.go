@@ -327,13 +327,22 @@ func (s *Store) CheckTables(ctx context.Context, db *sql.DB) error {
 // LeaseTable is the quoted name of the lease table.
 func (s *Store) LeaseTable() string { return s.leases }
 
+// GrowOwner holds the partitions a relay added to a table, for one lease
+// period, so that they are not taken while relays with the old count run.
+const GrowOwner = "exactly:grown"
+
 // ErrPartitionMismatch means relays disagree on the partition count.
 var ErrPartitionMismatch = errors.New("partition count mismatch")
 
 // EnsurePartitions creates the lease rows for n partitions, and refuses to go
 // on when the table was set up for another count (relays would then disagree
 // on which rows belong to whom).
-func (s *Store) EnsurePartitions(ctx context.Context, db *sql.DB, n int) error {
+//
+// Growing a table that had fewer partitions creates the new rows leased to
+// GrowOwner for ttl: relays still running with the old count see the change
+// at their next renewal and stop, and until then nobody can take a new
+// partition whose keys an old relay still publishes.
+func (s *Store) EnsurePartitions(ctx context.Context, db *sql.DB, n int, ttl time.Duration) error {
 	var have int
 	if err := db.QueryRowContext(ctx, "SELECT count(*) FROM "+s.leases).Scan(&have); err != nil {
 		return err
@@ -348,19 +357,23 @@ func (s *Store) EnsurePartitions(ctx context.Context, db *sql.DB, n int) error {
 	// One statement for all the rows: a relay starting at the same moment
 	// sees none of them or all of them, never a half-made set-up it would
 	// take for a smaller partition count.
+	owner, expires := "NULL", "0"
+	if have > 0 {
+		owner, expires = "'"+GrowOwner+"'", fmt.Sprintf("%s + %d", s.D.NowMillis(), ttl.Milliseconds())
+	}
 	var rows strings.Builder
 	for p := have; p < n; p++ {
 		if rows.Len() > 0 {
 			rows.WriteString(", ")
 		}
-		fmt.Fprintf(&rows, "(%d, 0)", p)
+		fmt.Fprintf(&rows, "(%d, %s, %s)", p, owner, expires)
 	}
 	var q string
 	switch s.D {
 	case sqldb.MySQL:
-		q = "INSERT IGNORE INTO " + s.leases + " (part, expires_at) VALUES " + rows.String()
+		q = "INSERT IGNORE INTO " + s.leases + " (part, owner, expires_at) VALUES " + rows.String()
 	default:
-		q = "INSERT INTO " + s.leases + " (part, expires_at) VALUES " + rows.String() + " ON CONFLICT (part) DO NOTHING"
+		q = "INSERT INTO " + s.leases + " (part, owner, expires_at) VALUES " + rows.String() + " ON CONFLICT (part) DO NOTHING"
 	}
 	if _, err := db.ExecContext(ctx, q); err != nil {
 		return err
