@@ -12,6 +12,18 @@
 //   - every effect is applied under a dedup or offset check that commits
 //     atomically with it (inbox, Kafka offsets in the database).
 //
-// See the outbox, relay and exactlytest packages, and the broker adapters in
-// kafka and nats.
+// Where each part lives:
+//
+//   - outbox: Enqueue in the business transaction, migrations, dead-message admin;
+//   - relay: the polling relay that publishes the outbox (per-key order, leases,
+//     retries, parking);
+//   - pgcdc: the outbox read from PostgreSQL logical replication instead;
+//   - inbox: the idempotent consumer, with an exact SQL store and a Redis store;
+//   - kafka, nats, amqp: publishers and consumers per broker; kafka also has the
+//     transactional Processor and consumers with offsets stored in the database;
+//   - exactlytest: conformance suites and the fault-injecting Recorder;
+//   - exactlyprom, exactlyotel: Prometheus collectors and OpenTelemetry tracing.
+//
+// The exactly command (cmd/exactly) runs the relay as a daemon, applies the
+// migrations, shows and re-drives dead messages, and runs the demo.
 package exactly

@@ -36,7 +36,7 @@ type Config struct {
 
 	// MaxAttempts is how many failed publishes a message gets before it is
 	// parked as dead (kept in the table, status dead, with its last error;
-	// re-drivable with outbox.Retry or `exactly outbox dead retry`).
+	// re-drivable with Outbox.RetryDead or `exactly outbox dead retry`).
 	// Default 25, which with the default backoff rides out an outage of
 	// about an hour and a half. Errors wrapping exactly.ErrUnpublishable park
 	// the message at once.
