@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/google/uuid"
 )
@@ -58,8 +59,17 @@ const (
 )
 
 // Validate reports the first problem that would make the message impossible
-// to store or route. It does not check the ID when it is empty (Enqueue
-// assigns one).
+// to store or route: an empty or oversized Topic, an oversized Key or ID, or
+// a Topic or ID that is not valid UTF-8 or holds a NUL byte (no database
+// column or broker field that carries them takes those). It does not check
+// the ID when it is empty (Enqueue assigns one).
+//
+// Validate accepts a Key and Headers of any bytes, since brokers such as
+// Kafka carry them as such (records from other producers often have binary
+// keys). outbox.Enqueue refuses more, because the outbox stores them as
+// text: a Key that is not valid UTF-8 or holds a NUL byte, a header value
+// that is not valid UTF-8, an empty header name or one with spaces, control
+// characters or invalid UTF-8, and names starting with "exactly-".
 func (m *Message) Validate() error {
 	switch {
 	case m == nil:
@@ -72,6 +82,22 @@ func (m *Message) Validate() error {
 		return fmt.Errorf("exactly: message Key is %d bytes, the limit is %d", len(m.Key), MaxKeyLen)
 	case len(m.ID) > MaxIDLen:
 		return fmt.Errorf("exactly: message ID is %d bytes, the limit is %d", len(m.ID), MaxIDLen)
+	}
+	if err := checkText("Topic", m.Topic); err != nil {
+		return err
+	}
+	return checkText("ID", m.ID)
+}
+
+// checkText reports why s, the message field named field, cannot be stored
+// as text: it is not valid UTF-8, or it holds a NUL byte (PostgreSQL text
+// refuses both, and aborts the transaction that tried).
+func checkText(field, s string) error {
+	if !utf8.ValidString(s) {
+		return fmt.Errorf("exactly: message %s %.60q is not valid UTF-8", field, s)
+	}
+	if i := strings.IndexByte(s, 0); i >= 0 {
+		return fmt.Errorf("exactly: message %s %.60q holds a NUL byte (at byte %d)", field, s, i)
 	}
 	return nil
 }

@@ -47,6 +47,7 @@ func RunOutboxSuite(t *testing.T, h OutboxHarness) {
 		{"CommitPublishesRollbackDoesNot", s.testCommitRollback},
 		{"MigrateIsIdempotent", s.testMigrateIdempotent},
 		{"BadInput", s.testBadInput},
+		{"BadInputRefusedBeforeWrite", s.testRefusedBeforeWrite},
 		{"TwoRelaysPerKeyOrder", s.testTwoRelays},
 		{"RelaysStartTogether", s.testRelaysStartTogether},
 		{"PartitionCountGrown", s.testPartitionGrowth},
@@ -334,6 +335,80 @@ func (s *outboxSuite) testBadInput(t *testing.T) {
 	}
 	if _, err := relay.New(relay.Config{Outbox: f.ob, DB: f.db}); err == nil || !strings.Contains(err.Error(), "Publisher") {
 		t.Errorf("relay without publisher: got %v", err)
+	}
+}
+
+// testRefusedBeforeWrite: text the database cannot store (invalid UTF-8, NUL),
+// headers that would be changed on the way or are reserved, and an ID given
+// twice in one call are refused by Enqueue before anything is written, with
+// an error naming the field or header; the caller's transaction is still
+// usable, and what was accepted travels unchanged.
+func (s *outboxSuite) testRefusedBeforeWrite(t *testing.T) {
+	f := s.setup(t)
+	ctx := context.Background()
+	good := func(n int) *exactly.Message {
+		return &exactly.Message{Topic: "t", Key: "k", Payload: fmt.Appendf(nil, "good %d", n),
+			Headers: map[string]string{"x-note": "ünï ✓", "Trace-Id": "abc"}}
+	}
+	cases := []struct {
+		name string
+		msgs []*exactly.Message
+		want string // in the error
+	}{
+		{"topic invalid UTF-8", []*exactly.Message{{Topic: "t\xff"}}, "Topic"},
+		{"topic NUL", []*exactly.Message{{Topic: "t\x00x"}}, "Topic"},
+		{"key invalid UTF-8", []*exactly.Message{{Topic: "t", Key: "k\xc3"}}, "Key"},
+		{"key NUL", []*exactly.Message{{Topic: "t", Key: "k\x00"}}, "Key"},
+		{"id invalid UTF-8", []*exactly.Message{{Topic: "t", ID: "id-\xfe"}}, "ID"},
+		{"id NUL", []*exactly.Message{{Topic: "t", ID: "id\x00"}}, "ID"},
+		{"header value invalid UTF-8", []*exactly.Message{{Topic: "t", Headers: map[string]string{"a": "ok", "note": "caf\xe9"}}}, `"note"`},
+		{"reserved header", []*exactly.Message{{Topic: "t", Headers: map[string]string{"exactly-foo": "1"}}}, `"exactly-foo"`},
+		{"reserved header other case", []*exactly.Message{{Topic: "t", Headers: map[string]string{"Exactly-ID": "1"}}}, `"Exactly-ID"`},
+		{"header name with a space", []*exactly.Message{{Topic: "t", Headers: map[string]string{"my header": "1"}}}, `"my header"`},
+		{"header name with a control character", []*exactly.Message{{Topic: "t", Headers: map[string]string{"a\nb": "1"}}}, `"a\nb"`},
+		{"empty header name", []*exactly.Message{{Topic: "t", Headers: map[string]string{"": "1"}}}, "empty name"},
+		{"same ID twice", []*exactly.Message{{Topic: "t", ID: "order-1"}, {Topic: "t", ID: "order-1"}}, `messages 0 and 1 have the same ID "order-1"`},
+		{"bad message after a good one", []*exactly.Message{good(-1), {Topic: "t", Key: "\xff"}}, "message 1"},
+	}
+	var accepted []*exactly.Message
+	for i, c := range cases {
+		tx, commit, rollback := f.h.Begin(t, f.db)
+		before := good(2 * i)
+		if err := f.ob.Enqueue(ctx, tx, before); err != nil {
+			rollback()
+			t.Fatalf("%s: good message: %v", c.name, err)
+		}
+		err := f.ob.Enqueue(ctx, tx, c.msgs...)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: got %v, want an error naming %s", c.name, err, c.want)
+		}
+		// The transaction is still usable: the caller's own work goes on.
+		after := good(2*i + 1)
+		if err := f.ob.Enqueue(ctx, tx, after); err != nil {
+			rollback()
+			t.Fatalf("%s: the transaction is not usable after the refusal: %v", c.name, err)
+		}
+		if err := commit(); err != nil {
+			t.Fatalf("%s: commit after the refusal: %v", c.name, err)
+		}
+		accepted = append(accepted, before, after)
+	}
+	waitBacklog(t, f, int64(len(accepted))) // nothing of the refused calls was written
+
+	// Reserved names stay usable by exactly itself: a dead letter carries
+	// the reason headers through the publisher's own checks.
+	if err := (&exactly.Message{Topic: "t", ID: "x", Headers: map[string]string{exactly.HeaderDeadReason: "r"}}).Validate(); err != nil {
+		t.Errorf("Validate refuses exactly's own headers: %v", err)
+	}
+
+	rec := &Recorder{}
+	f.start(f.relayConfig(rec))
+	waitDistinct(t, rec, len(accepted), 10*time.Second)
+	CheckExactlyOnce(t, accepted, rec.Delivered())
+	for _, m := range rec.Delivered() {
+		if m.Headers["x-note"] != "ünï ✓" || m.Headers["Trace-Id"] != "abc" || len(m.Headers) != 2 {
+			t.Errorf("message %s: headers %q, want them as enqueued", m.ID, m.Headers)
+		}
 	}
 }
 

@@ -76,17 +76,46 @@ func (o *Outbox) Store() *outboxstore.Store { return o.store }
 // CreatedAt when zero, in place, so the caller can log or return the ids.
 // With Config.Tracer set it also adds the trace context of ctx to the
 // message's headers.
-// A message that cannot be stored (empty topic, oversized key) is refused
-// before anything is written, and the error names it.
+//
+// A message that cannot be stored or routed as given is refused before
+// anything is written, and the error names the message (by its index in
+// msgs) and the field or header: an empty or oversized Topic, an oversized
+// Key or ID, a Topic, Key or ID that is not valid UTF-8 or holds a NUL byte,
+// a header value that is not valid UTF-8, a header name that is empty, holds
+// a space or a control character or starts with the reserved "exactly-", and
+// the same ID twice in one call. Then nothing of msgs is written, and tx is
+// left as it was: the caller may go on with it, or roll it back.
+//
+// An ID is the message's identity: set one yourself only to make a retried
+// enqueue of the same message idempotent. Enqueue does not look for the ID in
+// the table, so enqueuing it again in another call stores a second row, which
+// the relay publishes too; brokers with deduplication (JetStream's duplicate
+// window, SQS FIFO) and consumers with an inbox then drop it as a copy of the
+// first, whatever its content. Two different messages must never share an ID.
 func (o *Outbox) Enqueue(ctx context.Context, tx any, msgs ...*exactly.Message) error {
 	if len(msgs) == 0 {
 		return nil
 	}
 	now := time.Now()
+	var ids map[string]int // caller-set ids, to refuse one given twice
 	for i, m := range msgs {
 		if err := m.Validate(); err != nil {
 			return fmt.Errorf("outbox: message %d: %w", i, err)
 		}
+		if err := outboxstore.CheckStorable(m); err != nil {
+			return fmt.Errorf("outbox: message %d: %w", i, err)
+		}
+		if m.ID != "" && len(msgs) > 1 {
+			if ids == nil {
+				ids = make(map[string]int, len(msgs))
+			}
+			if j, dup := ids[m.ID]; dup {
+				return fmt.Errorf("outbox: messages %d and %d have the same ID %q: an ID names one message (the broker would keep only the first)", j, i, m.ID)
+			}
+			ids[m.ID] = i
+		}
+	}
+	for _, m := range msgs {
 		if m.ID == "" {
 			m.ID = exactly.NewID()
 		}

@@ -2,8 +2,77 @@ package outboxstore
 
 import (
 	"encoding/json"
+	"fmt"
+	"slices"
+	"strings"
+	"unicode"
 	"unicode/utf8"
+
+	"github.com/exactlyonce/exactly"
 )
+
+// ReservedPrefix starts the header names exactly sets itself (exactly.HeaderID,
+// the dead-letter reason headers, ...). A message written with Enqueue may not
+// carry one: it would travel on and be taken for exactly's own.
+const ReservedPrefix = "exactly-"
+
+// CheckStorable reports what, beyond m.Validate, keeps m from being stored in
+// the outbox as it was given: the outbox keeps Key and Headers as text (a
+// JSON object for the headers), so invalid UTF-8 would be refused by the
+// database or silently replaced with U+FFFD. It also refuses the header names
+// no broker takes (empty, with spaces or control characters) and the
+// reserved ones. Limits only some brokers have are the relay's to find: it
+// parks such a message with the reason.
+func CheckStorable(m *exactly.Message) error {
+	if !utf8.ValidString(m.Key) {
+		return fmt.Errorf("exactly: message Key %.60q is not valid UTF-8", m.Key)
+	}
+	if i := strings.IndexByte(m.Key, 0); i >= 0 {
+		return fmt.Errorf("exactly: message Key %.60q holds a NUL byte (at byte %d)", m.Key, i)
+	}
+	if len(m.Headers) == 0 {
+		return nil
+	}
+	bad := false
+	for k, v := range m.Headers {
+		if checkHeader(k, v) != nil {
+			bad = true
+			break
+		}
+	}
+	if !bad {
+		return nil
+	}
+	// Name the first bad header in name order, so the error is the same on
+	// every run.
+	names := make([]string, 0, len(m.Headers))
+	for k := range m.Headers {
+		names = append(names, k)
+	}
+	slices.Sort(names)
+	for _, k := range names {
+		if err := checkHeader(k, m.Headers[k]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func checkHeader(name, value string) error {
+	switch {
+	case name == "":
+		return fmt.Errorf("exactly: message has a header with an empty name")
+	case !utf8.ValidString(name):
+		return fmt.Errorf("exactly: message header name %.60q is not valid UTF-8", name)
+	case len(name) >= len(ReservedPrefix) && strings.EqualFold(name[:len(ReservedPrefix)], ReservedPrefix):
+		return fmt.Errorf("exactly: message header %.60q: names starting with %q are reserved for exactly's own headers", name, ReservedPrefix)
+	case strings.IndexFunc(name, func(r rune) bool { return unicode.IsSpace(r) || unicode.IsControl(r) }) >= 0:
+		return fmt.Errorf("exactly: message header name %.60q holds a space or a control character", name)
+	case !utf8.ValidString(value):
+		return fmt.Errorf("exactly: message header %.60q: value %.60q is not valid UTF-8", name, value)
+	}
+	return nil
+}
 
 // DecodeHeaders turns the stored headers JSON into a map. Empty input gives
 // nil. What Enqueue stores (json.Marshal of a map[string]string: a flat object
