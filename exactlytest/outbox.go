@@ -56,6 +56,7 @@ func RunOutboxSuite(t *testing.T, h OutboxHarness) {
 		{"RetryKeepsKeyOrder", s.testRetryKeepsOrder},
 		{"ParkAndRedrive", s.testPark},
 		{"PublisherOutage", s.testOutage},
+		{"FailingKeyIsVisible", s.testFailingVisible},
 		{"Retention", s.testRetention},
 		{"ShutdownAndRestart", s.testShutdownRestart},
 	} {
@@ -865,6 +866,117 @@ func (s *outboxSuite) testOutage(t *testing.T) {
 	CheckKeyOrder(t, rec.Delivered())
 	if st, _ := f.ob.Status(context.Background(), f.db); st.Dead != 0 {
 		t.Errorf("%d messages parked during an outage", st.Dead)
+	}
+}
+
+// lockedBuffer collects log output written from the relay's goroutines.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// testFailingVisible: a topic the broker refuses every time (no stream for
+// it) is not retried silently: the relay warns at once with the broker's
+// reason, then at most once a minute per topic; the key it holds back shows
+// in Stats, in the Failing hook and in outbox.Status with its attempts,
+// last error and next attempt; other keys flow. Once the broker takes the
+// topic, everything goes out and the status is clear again.
+func (s *outboxSuite) testFailingVisible(t *testing.T) {
+	f := s.setup(t)
+	ctx := context.Background()
+	head := &exactly.Message{Topic: "nostream", Key: "k1", Payload: []byte("k1:0")}
+	behind := &exactly.Message{Topic: "nostream", Key: "k1", Payload: []byte("k1:1")}
+	unkeyed := &exactly.Message{Topic: "nostream", Payload: []byte(":0")}
+	other := &exactly.Message{Topic: "t", Key: "k2", Payload: []byte("k2:0")}
+	msgs := []*exactly.Message{head, behind, unkeyed, other}
+	f.enqueue(msgs...)
+
+	var broken atomic.Bool
+	broken.Store(true)
+	rec := &Recorder{}
+	rec.FailWhen(func(m *exactly.Message) error {
+		if broken.Load() && m.Topic == "nostream" {
+			return fmt.Errorf("no stream captures subject %q", m.Topic)
+		}
+		return nil
+	})
+	logs := &lockedBuffer{}
+	cfg := f.relayConfig(rec)
+	cfg.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	cfg.MaxAttempts = 1000
+	cfg.Hooks.BacklogInterval = 20 * time.Millisecond
+	var report atomic.Pointer[relay.FailingReport]
+	cfg.Hooks.Failing = func(fr relay.FailingReport) { report.Store(&fr) }
+	r, stop := f.start(cfg)
+
+	waitDistinct(t, rec, 1, 10*time.Second) // the other key flows
+	waitFor(t, "the failing head to be retried", func() bool { return rec.Attempts(head.ID) >= 4 && rec.Attempts(unkeyed.ID) >= 4 })
+	waitFor(t, "Stats to show the held-back key", func() bool { return r.Stats().BlockedKeys == 1 })
+	if st := r.Stats(); st.OldestBlocked <= 0 {
+		t.Errorf("Stats.OldestBlocked = %s, want the head's age", st.OldestBlocked)
+	}
+	waitFor(t, "the Failing hook to report the key", func() bool {
+		fr := report.Load()
+		return fr != nil && fr.Table.BlockedKeys == 1 && fr.Table.Messages == 2 && fr.BlockedKeys == 1 && fr.Table.OldestAge > 0
+	})
+
+	st, err := f.ob.Status(ctx, f.db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Failing.Messages != 2 || st.Failing.BlockedKeys != 1 || st.Failing.OldestAge <= 0 {
+		t.Errorf("status failing = %+v, want 2 messages, 1 blocked key and an age", st.Failing)
+	}
+	if len(st.Blocked) != 2 {
+		t.Fatalf("status blocked = %+v, want the head and the unkeyed message", st.Blocked)
+	}
+	for _, b := range st.Blocked {
+		want := map[string]struct {
+			key     string
+			waiting int64
+		}{head.ID: {"k1", 2}, unkeyed.ID: {"", 1}}[b.ID]
+		if b.ID != head.ID && b.ID != unkeyed.ID {
+			t.Errorf("blocked %+v: not a failing message", b)
+			continue
+		}
+		if b.Topic != "nostream" || b.Key != want.key || b.Attempts < 1 || !strings.Contains(b.LastError, "no stream captures subject") ||
+			b.NextAttemptAt.IsZero() || b.Age <= 0 || b.Waiting != want.waiting {
+			t.Errorf("blocked %+v: want topic nostream, key %q, attempts, the broker's reason, a next attempt, an age and %d waiting", b, want.key, want.waiting)
+		}
+	}
+
+	// One warn line for the topic so far, with the broker's reason.
+	var lines []string
+	for _, l := range strings.Split(logs.String(), "\n") {
+		if strings.Contains(l, "publish failed") {
+			lines = append(lines, l)
+		}
+	}
+	if len(lines) != 1 || !strings.Contains(lines[0], "level=WARN") || !strings.Contains(lines[0], "topic=nostream") ||
+		!strings.Contains(lines[0], "no stream captures subject") {
+		t.Errorf("warn lines about the failures: %q, want one with the topic and the broker's reason", lines)
+	}
+
+	broken.Store(false)
+	waitDistinct(t, rec, len(msgs), 10*time.Second)
+	waitBacklog(t, f, 0)
+	CheckKeyOrder(t, rec.Delivered())
+	waitFor(t, "Stats to show no held-back key", func() bool { return r.Stats().BlockedKeys == 0 })
+	stop()
+	if st, err := f.ob.Status(ctx, f.db); err != nil || st.Failing != (outbox.Failing{}) || len(st.Blocked) != 0 {
+		t.Errorf("status after the broker took the topic: %+v (%v), want nothing failing", st, err)
 	}
 }
 

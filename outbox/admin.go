@@ -16,13 +16,32 @@ type Status struct {
 	Dead      int64
 	OldestAge time.Duration // age of the oldest pending message
 	Topics    []TopicStatus
+	// Failing counts the pending messages whose last publish failed and the
+	// keys they hold back, from the attempts the polling relay stores in the
+	// table. (The CDC relay keeps its attempts in memory until it parks a
+	// message: its failures show in its logs and metrics, not here.)
+	Failing Failing
+	// Blocked lists the oldest of the failing messages (up to
+	// StatusBlockedLimit; ListBlocked returns more).
+	Blocked []Blocked
 }
+
+// Failing summarises the pending messages whose last publish failed.
+type Failing = outboxstore.Failing
+
+// Blocked is a pending message whose last publish failed, with its attempts,
+// last error and next attempt. It is the head of its key: the key's later
+// messages wait until it is published or parked as dead.
+type Blocked = outboxstore.Blocked
+
+// StatusBlockedLimit is how many failing messages Status lists.
+const StatusBlockedLimit = 20
 
 // TopicStatus is the backlog of one topic.
 type TopicStatus = outboxstore.TopicStatus
 
-// Status reads the backlog per topic, the oldest pending age and the dead
-// count. db is a *sql.DB or a *pgxpool.Pool.
+// Status reads the backlog per topic, the oldest pending age, the dead
+// count and the failing messages. db is a *sql.DB or a *pgxpool.Pool.
 func (o *Outbox) Status(ctx context.Context, db any) (Status, error) {
 	sdb, done, err := sqldb.Open(db)
 	if err != nil {
@@ -37,7 +56,31 @@ func (o *Outbox) Status(ctx context.Context, db any) (Status, error) {
 	if err != nil {
 		return Status{}, fmt.Errorf("outbox: status: %w", err)
 	}
-	return Status{Pending: b.Pending, Dead: b.Dead, OldestAge: b.OldestAge, Topics: topics}, nil
+	st := Status{Pending: b.Pending, Dead: b.Dead, OldestAge: b.OldestAge, Topics: topics, Failing: b.Failing}
+	if b.Failing.Messages > 0 {
+		if st.Blocked, err = o.store.ListBlocked(ctx, sdb, StatusBlockedLimit); err != nil {
+			return Status{}, fmt.Errorf("outbox: status: %w", err)
+		}
+	}
+	return st, nil
+}
+
+// ListBlocked returns up to limit pending messages whose last publish
+// failed, oldest first.
+func (o *Outbox) ListBlocked(ctx context.Context, db any, limit int) ([]Blocked, error) {
+	sdb, done, err := sqldb.Open(db)
+	if err != nil {
+		return nil, fmt.Errorf("outbox: %w", err)
+	}
+	defer done()
+	if limit <= 0 {
+		limit = StatusBlockedLimit
+	}
+	out, err := o.store.ListBlocked(ctx, sdb, limit)
+	if err != nil {
+		return nil, fmt.Errorf("outbox: list blocked: %w", err)
+	}
+	return out, nil
 }
 
 // DeadFilter selects parked messages; zero fields match all.

@@ -109,6 +109,20 @@ type Hooks struct {
 	// BacklogInterval (default 10s) when set.
 	Backlog         func(pending int64, oldest time.Duration)
 	BacklogInterval time.Duration
+	// Failing reports the failing publishes every BacklogInterval when set,
+	// read with the backlog (one scan of the pending rows).
+	Failing func(FailingReport)
+}
+
+// FailingReport is what Hooks.Failing receives.
+type FailingReport struct {
+	// Table covers the whole outbox table, every relay's partitions, from
+	// the attempts stored in it: failing messages, the keys they hold back,
+	// the age of the oldest (as outbox.Status reports them).
+	Table outbox.Failing
+	// BlockedKeys and OldestBlocked are this relay's, as in Stats.
+	BlockedKeys   int
+	OldestBlocked time.Duration
 }
 
 func (c *Config) withDefaults() (Config, error) {

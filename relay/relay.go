@@ -13,6 +13,7 @@ import (
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/internal/outboxstore"
+	"github.com/exactlyonce/exactly/internal/ratelog"
 	"github.com/exactlyonce/exactly/internal/sqldb"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jackc/pgx/v5/stdlib"
@@ -73,6 +74,7 @@ type Relay struct {
 
 	stats   counters
 	running atomic.Bool
+	failLog *ratelog.Limiter // warn-level lines about failed publishes
 
 	// afterPublish, when set (tests only), runs after the broker confirmed a
 	// batch and before the rows are marked sent: the crash window.
@@ -91,6 +93,7 @@ type block struct {
 	// freedGen is r.fetchGen when the row last left the pipeline: a read
 	// with that number or lower may have excluded it as in flight.
 	freedGen uint64
+	created  time.Time // the held row's CreatedAt (Stats.OldestBlocked)
 }
 
 // fullReadEvery bounds how long a pending row below the cursor (a late
@@ -122,6 +125,7 @@ func New(cfg Config) (*Relay, error) {
 		inflight: map[int64]struct{}{},
 		keysBusy: map[string]int{},
 		blocks:   map[string]*block{},
+		failLog:  ratelog.New(failureLogEvery),
 	}
 	r.drained = sync.NewCond(&r.mu)
 	if store.D == sqldb.Postgres {
@@ -138,6 +142,13 @@ type Stats struct {
 	Dead        int64 // messages parked as dead
 	Batches     int64
 	Partitions  int // partitions held now
+	// BlockedKeys is how many keys this relay holds back now because the
+	// head message of the key failed (or its publisher is down): the key's
+	// later messages wait until that one is confirmed or parked.
+	BlockedKeys int
+	// OldestBlocked is the age (since it was enqueued) of the oldest of
+	// those head messages; 0 when no key is held back.
+	OldestBlocked time.Duration
 }
 
 type counters struct {
@@ -147,11 +158,24 @@ type counters struct {
 
 // Stats returns the running totals.
 func (r *Relay) Stats() Stats {
-	return Stats{
+	st := Stats{
 		Published: r.stats.published.Load(), Republished: r.stats.republished.Load(),
 		Failed: r.stats.failed.Load(), Dead: r.stats.dead.Load(), Batches: r.stats.batches.Load(),
 		Partitions: int(r.stats.partitions.Load()),
 	}
+	r.mu.Lock()
+	st.BlockedKeys = len(r.blocks)
+	var oldest time.Time
+	for _, b := range r.blocks {
+		if oldest.IsZero() || b.created.Before(oldest) {
+			oldest = b.created
+		}
+	}
+	r.mu.Unlock()
+	if !oldest.IsZero() {
+		st.OldestBlocked = max(time.Since(oldest), 0)
+	}
+	return st
 }
 
 // Wake makes the relay read the table now instead of at its next poll. The
@@ -235,7 +259,7 @@ func (r *Relay) Run(ctx context.Context) error {
 	if r.cfg.Retention > 0 {
 		bg.Go(func() { r.retain(bgCtx) })
 	}
-	if r.cfg.Hooks.Backlog != nil {
+	if r.cfg.Hooks.Backlog != nil || r.cfg.Hooks.Failing != nil {
 		bg.Go(func() { r.backlog(bgCtx) })
 	}
 
@@ -441,13 +465,13 @@ func (r *Relay) admit(rows []outboxstore.Row, now time.Time, gen uint64, full bo
 				delete(r.blocks, key)
 			default: // row.Seq < b.seq: an earlier row is due first
 				if now.Before(notBefore) {
-					b.seq, b.until = row.Seq, notBefore
+					b.seq, b.until, b.created = row.Seq, notBefore, row.Msg.CreatedAt
 					due(notBefore)
 					continue
 				}
 			}
 		} else if now.Before(notBefore) {
-			r.blocks[key] = &block{seq: row.Seq, until: notBefore}
+			r.blocks[key] = &block{seq: row.Seq, until: notBefore, created: row.Msg.CreatedAt}
 			due(notBefore)
 			continue
 		}
@@ -675,6 +699,7 @@ type hookCall struct {
 	attempt int
 	err     error
 	dead    bool
+	next    time.Time // the next attempt, when not dead
 }
 
 // markPlan is what the outcome of one batch does to the table.
@@ -718,7 +743,7 @@ func (r *Relay) plan(res result, now time.Time) markPlan {
 		if res.outage {
 			if key != "" {
 				heldBack[key] = true
-				r.blocks[key] = &block{seq: row.Seq, until: now.Add(r.cfg.InitialBackoff)}
+				r.blocks[key] = &block{seq: row.Seq, until: now.Add(r.cfg.InitialBackoff), created: row.Msg.CreatedAt}
 			}
 			continue
 		}
@@ -734,11 +759,11 @@ func (r *Relay) plan(res result, now time.Time) markPlan {
 			f.NextAttemptAt = next.UnixMilli()
 			if key != "" {
 				heldBack[key] = true
-				r.blocks[key] = &block{seq: row.Seq, until: next}
+				r.blocks[key] = &block{seq: row.Seq, until: next, created: row.Msg.CreatedAt}
 			}
 		}
 		p.fails = append(p.fails, f)
-		p.calls = append(p.calls, hookCall{&row.Msg, attempt, err, f.Dead})
+		p.calls = append(p.calls, hookCall{&row.Msg, attempt, err, f.Dead, time.UnixMilli(f.NextAttemptAt)})
 	}
 	return p
 }
@@ -791,7 +816,7 @@ func (r *Relay) mark(ctx context.Context, group []result) {
 				}
 			} else {
 				r.stats.failed.Add(1)
-				r.log.Debug("publish failed; will retry", "id", c.msg.ID, "attempt", c.attempt, "err", c.err)
+				r.logFailure(c, now)
 				if h := r.cfg.Hooks.Failed; h != nil {
 					h(c.msg, c.attempt, c.err)
 				}
@@ -810,6 +835,32 @@ func (r *Relay) mark(ctx context.Context, group []result) {
 	if retry || r.cfg.StrictOrder {
 		r.Wake() // re-read: rows held back can go now
 	}
+}
+
+// failureLogEvery is how often, at most, a failed publish is logged at warn
+// level per topic; the first failure of a topic is logged at once, and each
+// line counts the failures of the topic left out since the one before.
+const failureLogEvery = time.Minute
+
+// logFailure logs a failed publish that will be retried: at warn level,
+// rate-limited per topic (a topic with no stream or no permission fails
+// every message and every retry), and at debug level every time.
+func (r *Relay) logFailure(c hookCall, now time.Time) {
+	ok, suppressed := r.failLog.Allow(c.msg.Topic, now)
+	if !ok {
+		r.log.Debug("publish failed; will retry", "id", c.msg.ID, "topic", c.msg.Topic, "key", c.msg.Key, "attempt", c.attempt, "err", c.err)
+		return
+	}
+	attrs := []any{"topic", c.msg.Topic, "key", c.msg.Key, "id", c.msg.ID, "attempt", c.attempt, "max_attempts", r.cfg.MaxAttempts,
+		"next_attempt_in", c.next.Sub(now).Round(time.Millisecond), "err", c.err}
+	if suppressed > 0 {
+		attrs = append(attrs, "suppressed", suppressed)
+	}
+	msg := "publish failed; will retry"
+	if c.msg.Key != "" {
+		msg = "publish failed; the key's later messages wait for its retry"
+	}
+	r.log.Warn(msg, attrs...)
 }
 
 // fetch reads pending rows: through pgx on PostgreSQL, database/sql
@@ -993,7 +1044,13 @@ func (r *Relay) backlog(ctx context.Context) {
 	for {
 		st, err := r.store.Backlog(ctx, r.db)
 		if err == nil {
-			r.cfg.Hooks.Backlog(st.Pending, st.OldestAge)
+			if h := r.cfg.Hooks.Backlog; h != nil {
+				h(st.Pending, st.OldestAge)
+			}
+			if h := r.cfg.Hooks.Failing; h != nil {
+				rs := r.Stats()
+				h(FailingReport{Table: st.Failing, BlockedKeys: rs.BlockedKeys, OldestBlocked: rs.OldestBlocked})
+			}
 		} else if ctx.Err() == nil {
 			r.log.Warn("reading the backlog failed", "err", err)
 		}

@@ -496,20 +496,125 @@ type Backlog struct {
 	Pending   int64
 	Dead      int64
 	OldestAge time.Duration // age of the oldest pending message; 0 when none
+	Failing   Failing
 }
 
-// Backlog counts pending rows and the age of the oldest.
+// Failing summarises the pending rows whose last publish failed: attempts
+// above 0, a last error and a next attempt are stored in them. (A whole
+// publisher outage spends no attempt, so its rows are not among them.)
+type Failing struct {
+	// Messages is how many pending messages failed at least once.
+	Messages int64
+	// BlockedKeys is how many keys have such a message at their head: the
+	// messages of the key behind it wait until it is published or parked.
+	BlockedKeys int64
+	// OldestAge is the age (since it was enqueued) of the oldest of those
+	// messages; 0 when none is failing.
+	OldestAge time.Duration
+}
+
+// Backlog counts pending rows and the age of the oldest, and the failing
+// ones among them, in one scan of the pending rows.
 func (s *Store) Backlog(ctx context.Context, db *sql.DB) (Backlog, error) {
 	var b Backlog
-	var oldest sql.NullInt64
-	if err := db.QueryRowContext(ctx, "SELECT count(*), min(created_at) FROM "+s.t+" WHERE status = 0").Scan(&b.Pending, &oldest); err != nil {
+	var oldest, failing, blocked, oldestFailing sql.NullInt64
+	if err := db.QueryRowContext(ctx, "SELECT count(*), min(created_at), "+
+		"SUM(CASE WHEN attempts > 0 THEN 1 ELSE 0 END), "+
+		"COUNT(DISTINCT CASE WHEN attempts > 0 AND msg_key <> '' THEN "+s.exactKey()+" END), "+
+		"MIN(CASE WHEN attempts > 0 THEN created_at END) "+
+		"FROM "+s.t+" WHERE status = 0").Scan(&b.Pending, &oldest, &failing, &blocked, &oldestFailing); err != nil {
 		return b, err
 	}
 	if oldest.Valid {
 		b.OldestAge = max(time.Since(time.UnixMicro(oldest.Int64)), 0)
 	}
+	b.Failing.Messages, b.Failing.BlockedKeys = failing.Int64, blocked.Int64
+	if oldestFailing.Valid {
+		b.Failing.OldestAge = max(time.Since(time.UnixMicro(oldestFailing.Int64)), 0)
+	}
 	err := db.QueryRowContext(ctx, "SELECT count(*) FROM "+s.t+" WHERE status = 2").Scan(&b.Dead)
 	return b, err
+}
+
+// exactKey is msg_key compared byte for byte: MySQL's default collations
+// take "K" and "k" for one key.
+func (s *Store) exactKey() string {
+	if s.D == sqldb.MySQL {
+		return "CAST(msg_key AS BINARY)"
+	}
+	return "msg_key"
+}
+
+// Blocked is a pending message whose last publish failed. It is the head of
+// its key: the key's later messages wait for it.
+type Blocked struct {
+	ID            string
+	Topic         string
+	Key           string // "" for an unkeyed message, which holds back only itself
+	Attempts      int
+	LastError     string
+	NextAttemptAt time.Time
+	Age           time.Duration // since it was enqueued
+	// Waiting is how many pending messages the key has, this one included.
+	Waiting int64
+}
+
+// ListBlocked returns up to limit failing pending messages, oldest first.
+func (s *Store) ListBlocked(ctx context.Context, db *sql.DB, limit int) ([]Blocked, error) {
+	a := sqldb.NewArgs(s.D)
+	rows, err := db.QueryContext(ctx, "SELECT id, topic, msg_key, attempts, last_error, next_attempt_at, created_at FROM "+s.t+
+		" WHERE status = 0 AND attempts > 0 ORDER BY seq LIMIT "+a.Add(limit), a.Vals...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []Blocked
+	var keys []string
+	for rows.Next() {
+		var b Blocked
+		var lastErr sql.NullString
+		var next, created int64
+		if err := rows.Scan(&b.ID, &b.Topic, &b.Key, &b.Attempts, &lastErr, &next, &created); err != nil {
+			return nil, err
+		}
+		b.LastError = lastErr.String
+		b.NextAttemptAt = time.UnixMilli(next)
+		b.Age = max(time.Since(time.UnixMicro(created)), 0)
+		b.Waiting = 1
+		if b.Key != "" {
+			keys = append(keys, b.Key)
+		}
+		out = append(out, b)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	if len(keys) == 0 {
+		return out, nil
+	}
+	a = sqldb.NewArgs(s.D)
+	k := s.exactKey()
+	counts, err := db.QueryContext(ctx, "SELECT "+k+", count(*) FROM "+s.t+" WHERE status = 0 AND "+
+		sqldb.In(a, k, keys, false)+" GROUP BY "+k, a.Vals...)
+	if err != nil {
+		return nil, err
+	}
+	defer counts.Close()
+	waiting := map[string]int64{}
+	for counts.Next() {
+		var k string
+		var n int64
+		if err := counts.Scan(&k, &n); err != nil {
+			return nil, err
+		}
+		waiting[k] = n
+	}
+	for i := range out {
+		if n, ok := waiting[out[i].Key]; ok && out[i].Key != "" {
+			out[i].Waiting = n
+		}
+	}
+	return out, counts.Err()
 }
 
 // DeadFilter selects dead rows. Zero fields match everything.
