@@ -83,6 +83,25 @@ type statusJSON struct {
 	Dead             int64             `json:"dead"`
 	OldestAgeSeconds float64           `json:"oldest_pending_age_seconds"`
 	Topics           []topicStatusJSON `json:"topics"`
+	Failing          failingJSON       `json:"failing"`
+	Blocked          []blockedJSON     `json:"blocked"`
+}
+
+type failingJSON struct {
+	Messages                int64   `json:"messages"`
+	BlockedKeys             int64   `json:"blocked_keys"`
+	OldestFailingAgeSeconds float64 `json:"oldest_failing_age_seconds"`
+}
+
+type blockedJSON struct {
+	ID            string    `json:"id"`
+	Topic         string    `json:"topic"`
+	Key           string    `json:"key"`
+	Attempts      int       `json:"attempts"`
+	LastError     string    `json:"last_error"`
+	NextAttemptAt time.Time `json:"next_attempt_at"`
+	AgeSeconds    float64   `json:"age_seconds"`
+	Waiting       int64     `json:"waiting"`
 }
 
 func outboxStatusCmd() *cobra.Command {
@@ -90,8 +109,12 @@ func outboxStatusCmd() *cobra.Command {
 	var asJSON bool
 	cmd := &cobra.Command{
 		Use:   "status",
-		Short: "Show the pending and dead messages, overall and per topic",
-		Args:  cobra.NoArgs,
+		Short: "Show the pending, failing and dead messages, overall and per topic, and the keys held back",
+		Long: `Show the pending and dead messages, overall and per topic, and the failing ones:
+pending messages whose last publish failed (with the attempts the polling relay
+stores in the table), the keys they hold back (the key's later messages wait
+for them), and the oldest of them with its last error and next attempt.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			db, ob, err := f.openOutbox(cmd)
 			if err != nil {
@@ -105,9 +128,16 @@ func outboxStatusCmd() *cobra.Command {
 			out := cmd.OutOrStdout()
 			if asJSON {
 				js := statusJSON{Table: ob.Table(), Pending: st.Pending, Dead: st.Dead,
-					OldestAgeSeconds: st.OldestAge.Seconds(), Topics: []topicStatusJSON{}}
+					OldestAgeSeconds: st.OldestAge.Seconds(), Topics: []topicStatusJSON{},
+					Failing: failingJSON{Messages: st.Failing.Messages, BlockedKeys: st.Failing.BlockedKeys,
+						OldestFailingAgeSeconds: st.Failing.OldestAge.Seconds()},
+					Blocked: []blockedJSON{}}
 				for _, t := range st.Topics {
 					js.Topics = append(js.Topics, topicStatusJSON{Topic: t.Topic, Pending: t.Pending, Dead: t.Dead, OldestAgeSeconds: t.OldestAge.Seconds()})
+				}
+				for _, b := range st.Blocked {
+					js.Blocked = append(js.Blocked, blockedJSON{ID: b.ID, Topic: b.Topic, Key: b.Key, Attempts: b.Attempts, LastError: b.LastError,
+						NextAttemptAt: b.NextAttemptAt.UTC(), AgeSeconds: b.Age.Seconds(), Waiting: b.Waiting})
 				}
 				return writeJSON(out, js)
 			}
@@ -116,17 +146,46 @@ func outboxStatusCmd() *cobra.Command {
 			fmt.Fprintf(tw, "pending\t%d\n", st.Pending)
 			fmt.Fprintf(tw, "dead\t%d\n", st.Dead)
 			fmt.Fprintf(tw, "oldest pending age\t%s\n", age(st.OldestAge, st.Pending))
+			fmt.Fprintf(tw, "failing\t%d\n", st.Failing.Messages)
+			fmt.Fprintf(tw, "blocked keys\t%d\n", st.Failing.BlockedKeys)
+			fmt.Fprintf(tw, "oldest failing age\t%s\n", age(st.Failing.OldestAge, st.Failing.Messages))
 			if err := tw.Flush(); err != nil {
 				return err
 			}
-			if len(st.Topics) == 0 {
+			if len(st.Topics) > 0 {
+				fmt.Fprintln(out)
+				tw = tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+				fmt.Fprintln(tw, "TOPIC\tPENDING\tDEAD\tOLDEST PENDING AGE")
+				for _, t := range st.Topics {
+					fmt.Fprintf(tw, "%s\t%d\t%d\t%s\n", t.Topic, t.Pending, t.Dead, age(t.OldestAge, t.Pending))
+				}
+				if err := tw.Flush(); err != nil {
+					return err
+				}
+			}
+			if len(st.Blocked) == 0 {
 				return nil
 			}
 			fmt.Fprintln(out)
+			if n := st.Failing.Messages; n > int64(len(st.Blocked)) {
+				fmt.Fprintf(out, "failing messages, the oldest %d of %d:\n", len(st.Blocked), n)
+			} else {
+				fmt.Fprintln(out, "failing messages:")
+			}
 			tw = tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "TOPIC\tPENDING\tDEAD\tOLDEST PENDING AGE")
-			for _, t := range st.Topics {
-				fmt.Fprintf(tw, "%s\t%d\t%d\t%s\n", t.Topic, t.Pending, t.Dead, age(t.OldestAge, t.Pending))
+			fmt.Fprintln(tw, "TOPIC\tKEY\tWAITING\tATTEMPTS\tNEXT ATTEMPT\tAGE\tID\tLAST ERROR")
+			now := time.Now()
+			for _, b := range st.Blocked {
+				key := oneLine(b.Key, 40)
+				if b.Key == "" {
+					key = "-"
+				}
+				next := "due"
+				if d := b.NextAttemptAt.Sub(now); d > 0 {
+					next = "in " + age(d, 1)
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\n", oneLine(b.Topic, 40), key, b.Waiting, b.Attempts, next,
+					age(b.Age, 1), b.ID, oneLine(b.LastError, lastErrorWidth))
 			}
 			return tw.Flush()
 		},

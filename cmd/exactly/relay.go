@@ -385,6 +385,13 @@ type relayMetrics struct {
 	took      prometheus.Histogram
 	pending   prometheus.Gauge
 	oldest    prometheus.Gauge
+	// blockedKeys is this relay's held-back keys (relay.Stats.BlockedKeys);
+	// the outbox gauges below cover the whole table, from the attempts the
+	// polling relay stores in it.
+	blockedKeys      prometheus.Gauge
+	outboxFailing    prometheus.Gauge
+	outboxBlocked    prometheus.Gauge
+	outboxOldestFail prometheus.Gauge
 	// cdcSlotLag is the replication slot's lag behind the WAL, for the cdc
 	// source; registered by registerCDC, so the poll source does not
 	// export a lag that cannot exist.
@@ -407,10 +414,19 @@ func newRelayMetrics(partitions func() float64) *relayMetrics {
 			Help: "Pending rows in the outbox table."}),
 		oldest: prometheus.NewGauge(prometheus.GaugeOpts{Name: "exactly_outbox_oldest_pending_seconds",
 			Help: "Age of the oldest pending row, 0 when none is."}),
+		blockedKeys: prometheus.NewGauge(prometheus.GaugeOpts{Name: "exactly_relay_blocked_keys",
+			Help: "Keys this relay holds back because their head message failed to publish: the key's later messages wait for its retry."}),
+		outboxFailing: prometheus.NewGauge(prometheus.GaugeOpts{Name: "exactly_outbox_failing",
+			Help: "Pending rows in the outbox table whose last publish failed (attempts above 0)."}),
+		outboxBlocked: prometheus.NewGauge(prometheus.GaugeOpts{Name: "exactly_outbox_blocked_keys",
+			Help: "Keys in the outbox table whose head message failed to publish, over every relay's partitions."}),
+		outboxOldestFail: prometheus.NewGauge(prometheus.GaugeOpts{Name: "exactly_outbox_oldest_failing_seconds",
+			Help: "Age (since it was enqueued) of the oldest pending row whose last publish failed, 0 when none is failing."}),
 	}
 	held := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "exactly_relay_partitions_held",
 		Help: "Partitions of the outbox this relay holds."}, partitions)
-	m.reg.MustRegister(m.published, m.failed, m.dead, m.took, m.pending, m.oldest, held)
+	m.reg.MustRegister(m.published, m.failed, m.dead, m.took, m.pending, m.oldest, held,
+		m.blockedKeys, m.outboxFailing, m.outboxBlocked, m.outboxOldestFail)
 	m.cdcSlotLag = prometheus.NewGauge(prometheus.GaugeOpts{Name: "exactly_cdc_slot_lag_bytes",
 		Help: "Bytes of WAL the replication slot holds back: the current WAL position minus the slot's confirmed flush position."})
 	m.cdcLagSeconds = prometheus.NewGauge(prometheus.GaugeOpts{Name: "exactly_cdc_slot_lag_seconds",
@@ -419,8 +435,15 @@ func newRelayMetrics(partitions func() float64) *relayMetrics {
 }
 
 // registerCDC exports the metrics of the cdc source; the source sets
-// them through cdcHooks as it reads the slot.
-func (m *relayMetrics) registerCDC() { m.reg.MustRegister(m.cdcSlotLag, m.cdcLagSeconds) }
+// them through cdcHooks as it reads the slot. The failing gauges of the
+// polling relay are left out: the cdc source keeps its attempts in memory
+// (its failures show as exactly_relay_failed_total and in its warn logs).
+func (m *relayMetrics) registerCDC() {
+	for _, g := range []prometheus.Collector{m.blockedKeys, m.outboxFailing, m.outboxBlocked, m.outboxOldestFail} {
+		m.reg.Unregister(g)
+	}
+	m.reg.MustRegister(m.cdcSlotLag, m.cdcLagSeconds)
+}
 
 // cdcHooks feed the metrics from the cdc source.
 func (m *relayMetrics) cdcHooks() pgcdc.Hooks {
@@ -449,6 +472,12 @@ func (m *relayMetrics) hooks() relay.Hooks {
 		Backlog: func(pending int64, oldest time.Duration) {
 			m.pending.Set(float64(pending))
 			m.oldest.Set(oldest.Seconds())
+		},
+		Failing: func(f relay.FailingReport) {
+			m.blockedKeys.Set(float64(f.BlockedKeys))
+			m.outboxFailing.Set(float64(f.Table.Messages))
+			m.outboxBlocked.Set(float64(f.Table.BlockedKeys))
+			m.outboxOldestFail.Set(f.Table.OldestAge.Seconds())
 		},
 		BacklogInterval: 5 * time.Second,
 	}
