@@ -32,7 +32,7 @@ const (
 	inboxSQL      = "sql"   // commit offsets after the effect; the SQL inbox absorbs redeliveries
 	inboxRedis    = "redis" // the same with the Redis inbox
 	offsetsKafka  = "kafka" // offsets committed to Kafka after the effect (with an inbox)
-	offsetsDB     = "db"    // offsets stored in the effect's transaction (no inbox)
+	offsetsDB     = "db"    // offsets stored in the effect's transaction, with the id claimed there too (inbox.SQL.Claim)
 	demoGroupSize = 3
 )
 
@@ -68,8 +68,10 @@ broker accepted, relay crashes after the broker confirmed and before the rows
 were marked sent, consumer crashes after the effect and before the offset
 commit, and rebalances (members leaving and joining). At the end it reads the
 database and prints what was written, published, delivered and applied. It
-exits 1 if any order's promotion was lost or applied twice, or if a fault
-kind was never injected.
+exits 1 if any order's promotion was lost or applied twice (with the Redis
+inbox: applied twice in a way its documented limits do not explain; each
+double application is listed with the window that let it happen), if a
+fault kind was never injected, or if nothing progressed for --timeout.
 
 By default it needs no server: SQLite in a temporary directory and an
 in-process Kafka-protocol broker (franz-go's kfake). The flags point it at
@@ -79,8 +81,11 @@ real services and pick the strategy:
   --kafka host:port,...               a real Kafka (topics of the run's own, deleted at the end)
   --nats nats://host:4222             NATS JetStream instead of Kafka
   --redis redis://host:6379           the Redis inbox instead of the SQL one
-  --offsets db                        Kafka offsets stored in the effect's transaction, no inbox
-  --relay poll|cdc                    the outbox source`,
+  --offsets db                        Kafka offsets stored in the effect's transaction, and each id
+                                      claimed in it too (inbox.SQL.Claim), for the relay's re-sends
+  --relay poll|cdc                    the outbox source
+  --timeout 60s                       stop when nothing progressed for this long (a slow machine
+                                      only makes the run longer)`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := o.validate(); err != nil {
@@ -92,7 +97,7 @@ real services and pick the strategy:
 	f := cmd.Flags()
 	f.IntVar(&o.orders, "orders", 10000, "orders to write")
 	f.IntVar(&o.writers, "writers", 4, "concurrent order-service writers")
-	f.DurationVar(&o.timeout, "timeout", 55*time.Second, "give up after this long")
+	f.DurationVar(&o.timeout, "timeout", 60*time.Second, "give up when nothing progressed for this long (no order written, delivered for the first time or applied, no outbox row sent once all are applied); the run itself may take longer")
 	f.Uint64Var(&o.seed, "seed", 0, "seed for the fault schedule (0 picks one and prints it)")
 	f.BoolVar(&o.verbose, "verbose", false, "log the relay's and the consumers' warnings")
 	f.StringVar(&o.db, "db", "", "database: postgres://... or mysql://...; default an embedded SQLite")
@@ -101,7 +106,7 @@ real services and pick the strategy:
 	f.StringVar(&o.redis, "redis", "", "Redis address (redis://host:6379/0 or host:port) for the Redis inbox")
 	f.StringVar(&o.relay, "relay", sourcePoll, "outbox source of the relay: poll or cdc")
 	f.StringVar(&o.inbox, "inbox", "", "inbox: sql or redis (default redis when --redis is given, else sql)")
-	f.StringVar(&o.offsets, "offsets", offsetsKafka, "Kafka consumer positions: kafka (committed after the effect, with the inbox) or db (stored in the effect's transaction, no inbox)")
+	f.StringVar(&o.offsets, "offsets", offsetsKafka, "Kafka consumer positions: kafka (committed after the effect, with the inbox) or db (stored in the effect's transaction, where the SQL inbox's Claim also records each id, for the relay's re-sends)")
 	return cmd
 }
 
@@ -156,7 +161,7 @@ func (o *demoOptions) validate() error {
 			return errors.New("--offsets db is for Kafka; NATS tracks its consumers' positions itself")
 		}
 		if o.redis != "" || o.inbox != inboxSQL {
-			return errors.New("--offsets db takes no inbox: the stored offset deduplicates; leave out --redis and --inbox")
+			return errors.New("--offsets db claims each id in the effect's transaction with the SQL inbox, which --redis and --inbox would replace; leave them out")
 		}
 	default:
 		return fmt.Errorf("--offsets: unknown value %q (want kafka or db)", o.offsets)
@@ -193,6 +198,128 @@ func (d *deliveries) distinct() int {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return len(d.count)
+}
+
+// attemptLog records every run of the effect under the Redis inbox, and
+// what the inbox reported about each message, so that the verdict can tell
+// a double application that a documented limit of the Redis store accounts
+// for from one that nothing explains. Each promotion row carries the number
+// of the run that wrote it.
+type attemptLog struct {
+	mu           sync.Mutex
+	runs         []*attempt // runs[n-1] is attempt n
+	leaseExpired map[string]int
+	markFailed   map[string]int
+}
+
+// attempt is one run of the effect.
+type attempt struct {
+	n          int64
+	msg        string
+	member     string
+	start, end time.Time
+	deadline   time.Time // when its lease ran out: the handler's context deadline
+	err        error     // what the effect returned; nil when it committed
+	left       error     // why the member was leaving when it returned (errCrashed, errRebalanced), or nil
+}
+
+func newAttemptLog() *attemptLog {
+	return &attemptLog{leaseExpired: map[string]int{}, markFailed: map[string]int{}}
+}
+
+func (l *attemptLog) begin(ctx context.Context, msg, member string) *attempt {
+	a := &attempt{msg: msg, member: member, start: time.Now()}
+	a.deadline, _ = ctx.Deadline()
+	l.mu.Lock()
+	l.runs = append(l.runs, a)
+	a.n = int64(len(l.runs))
+	l.mu.Unlock()
+	return a
+}
+
+func (l *attemptLog) finish(a *attempt, err, left error) {
+	l.mu.Lock()
+	a.end, a.err, a.left = time.Now(), err, left
+	l.mu.Unlock()
+}
+
+func (l *attemptLog) hooks() inbox.Hooks {
+	return inbox.Hooks{
+		LeaseExpired: func(m *exactly.Message, _ bool) {
+			l.mu.Lock()
+			l.leaseExpired[m.ID]++
+			l.mu.Unlock()
+		},
+		MarkFailed: func(m *exactly.Message, _ error) {
+			l.mu.Lock()
+			l.markFailed[m.ID]++
+			l.mu.Unlock()
+		},
+	}
+}
+
+// doubleApplication is an order applied more than once, and what let it happen.
+type doubleApplication struct {
+	order     string
+	times     int
+	explained bool
+	why       string
+}
+
+// explain accounts for the orders applied more than once. An order is
+// explained when each of its applications but the last is followed by a
+// window that the Redis store documents: the run's effect committed but
+// its handler returned an error (the effect and the done marker are not
+// atomic, and a failed run releases its lease for a retry), its lease ran
+// out while it ran (another runner could take the message), or its done
+// marker could not be written. The runs are in the order they started.
+func (l *attemptLog) explain(apps []application) []doubleApplication {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []doubleApplication
+	for i := 0; i < len(apps); {
+		j := i
+		for j < len(apps) && apps[j].order == apps[i].order {
+			j++
+		}
+		d := doubleApplication{order: apps[i].order, times: j - i, explained: true}
+		var whys []string
+		for _, app := range apps[i : j-1] {
+			why, ok := l.why(app)
+			whys = append(whys, why)
+			d.explained = d.explained && ok
+		}
+		d.why = strings.Join(whys, "; ")
+		out = append(out, d)
+		i = j
+	}
+	return out
+}
+
+// why says what let another run apply the effect again after app's.
+func (l *attemptLog) why(app application) (string, bool) {
+	if app.attempt < 1 || app.attempt > int64(len(l.runs)) {
+		return fmt.Sprintf("a promotion by %s of no recorded run: unexplained", app.member), false
+	}
+	a := l.runs[app.attempt-1]
+	run := fmt.Sprintf("run %d (%s, %s after the claim)", a.n, a.member, a.end.Sub(a.start).Round(time.Millisecond))
+	leaseOut := !a.deadline.IsZero() && !a.end.Before(a.deadline)
+	switch {
+	case a.err != nil:
+		cause := ""
+		switch {
+		case leaseOut:
+			cause = " as its lease ran out"
+		case a.left != nil:
+			cause = fmt.Sprintf(" as its member stopped (%v)", a.left)
+		}
+		return fmt.Sprintf("%s committed, yet its commit returned %q%s: the inbox released the lease and a retry applied it again", run, a.err, cause), true
+	case leaseOut || l.leaseExpired[a.msg] > 0:
+		return fmt.Sprintf("%s outlived its lease, so another runner took the message", run), true
+	case l.markFailed[a.msg] > 0:
+		return fmt.Sprintf("%s could not write its done marker", run), true
+	}
+	return fmt.Sprintf("%s committed within its lease and was marked done: unexplained", run), false
 }
 
 // faults are the duplicate causes the demo injects, and its dice.
@@ -279,17 +406,21 @@ func (p *faultyPublisher) Publish(ctx context.Context, msgs []*exactly.Message) 
 	return nil
 }
 
-var errCrashed = errors.New("member crashed (injected) after the effect, before acknowledging")
+var (
+	errCrashed    = errors.New("member crashed (injected) after the effect, before acknowledging")
+	errRebalanced = errors.New("member left the group (injected rebalance)")
+)
 
 // group runs the consumer group: demoGroupSize member slots, each running
 // one member incarnation after the other. Cancelling an incarnation makes
-// it leave the group; its slot then starts the next, which joins.
+// it leave the group (context.Cause says why: errCrashed, errRebalanced);
+// its slot then starts the next, which joins.
 type group struct {
 	ctx     context.Context
-	run     func(ctx context.Context, crash context.CancelFunc, name string) error
+	run     func(ctx context.Context, crash func(), name string) error
 	wg      sync.WaitGroup
 	mu      sync.Mutex
-	cancels [demoGroupSize]context.CancelFunc
+	cancels [demoGroupSize]context.CancelCauseFunc
 	err     atomic.Pointer[error]
 }
 
@@ -297,12 +428,12 @@ func (g *group) start() {
 	for i := range demoGroupSize {
 		g.wg.Go(func() {
 			for n := 1; g.ctx.Err() == nil; n++ {
-				ctx, cancel := context.WithCancel(g.ctx)
+				ctx, cancel := context.WithCancelCause(g.ctx)
 				g.mu.Lock()
 				g.cancels[i] = cancel
 				g.mu.Unlock()
-				err := g.run(ctx, cancel, fmt.Sprintf("member-%d.%d", i+1, n))
-				cancel()
+				err := g.run(ctx, func() { cancel(errCrashed) }, fmt.Sprintf("member-%d.%d", i+1, n))
+				cancel(nil)
 				if err != nil && g.ctx.Err() == nil {
 					g.err.CompareAndSwap(nil, &err)
 					return
@@ -318,7 +449,7 @@ func (g *group) bounce(i int) {
 	c := g.cancels[i]
 	g.mu.Unlock()
 	if c != nil {
-		c()
+		c(errRebalanced)
 	}
 }
 
@@ -341,7 +472,7 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 	}
 	start := time.Now()
 	parent := ctx
-	ctx, cancel := context.WithTimeout(ctx, o.timeout)
+	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	logLevel := slog.LevelError + 4
 	if o.verbose {
@@ -401,6 +532,7 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 	var redisIn *inbox.Redis
 	var claims *inbox.SQL // offsets in the database: claims in the effect's transaction
 	var claimDuplicates atomic.Int64
+	var attempts *attemptLog // the Redis inbox's runs
 	switch {
 	case o.offsets == offsetsDB:
 		if err := kafka.MigrateOffsets(setupCtx, db.db, db.dialect, db.table(demoOffsetsTable)); err != nil {
@@ -424,8 +556,9 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 		defer rc.Close()
 		prefix := "exactly:demo:" + run + ":"
 		defer deleteRedisKeys(rc, prefix)
+		attempts = newAttemptLog()
 		if redisIn, err = inbox.NewRedis(rc, inbox.RedisConfig{Prefix: prefix, Consumer: "promotions",
-			Lease: 10 * time.Second, TTL: 10 * time.Minute}); err != nil {
+			Lease: 10 * time.Second, TTL: 10 * time.Minute, Hooks: attempts.hooks()}); err != nil {
 			return err
 		}
 	default:
@@ -495,7 +628,7 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 
 	// The consumer group.
 	g := &group{ctx: workCtx}
-	g.run = func(ctx context.Context, crash context.CancelFunc, name string) error {
+	g.run = func(ctx context.Context, crash func(), name string) error {
 		spec := memberSpec{name: name, deadLettered: func(*exactly.Message, error) { deadLettered.Add(1) }}
 		// crashed reports an injected crash: the member dies, the
 		// delivery stays unacknowledged and comes again.
@@ -516,7 +649,7 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 					claimDuplicates.Add(1) // a re-send: the offset advances, nothing else
 					return nil
 				}
-				if err := db.applyPromotion(ctx, tx, m, name); err != nil {
+				if err := db.applyPromotion(ctx, tx, m, name, 0); err != nil {
 					return err
 				}
 				if f.applied() {
@@ -529,12 +662,10 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 			apply := func(ctx context.Context, m *exactly.Message) (inbox.Outcome, error) {
 				if sqlIn != nil {
 					return sqlIn.Handle(ctx, db.db, m, func(ctx context.Context, tx *sql.Tx) error {
-						return db.applyPromotion(ctx, tx, m, name)
+						return db.applyPromotion(ctx, tx, m, name, 0)
 					})
 				}
-				return redisIn.Handle(ctx, m, func(ctx context.Context, m *exactly.Message) error {
-					return db.inTx(ctx, func(tx *sql.Tx) error { return db.applyPromotion(ctx, tx, m, name) })
-				})
+				return db.applyThroughRedis(ctx, redisIn, attempts, m, name)
 			}
 			spec.handler = func(ctx context.Context, m *exactly.Message) error {
 				got.add(m.ID)
@@ -595,8 +726,13 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 			time.Since(start).Seconds(), written.Load(), pub.published.Load(), got.total.Load(), applied,
 			f.lostAcks.Load(), f.relayCrashes.Load(), f.consumerCrashes.Load(), f.rebalances.Load())
 	}
-	finished := false
-	for !finished && workCtx.Err() == nil {
+	// --timeout bounds a stall, not the run: any order written, delivered
+	// for the first time or applied, or any outbox row sent once all are
+	// applied, is progress. Re-sends and redeliveries are not.
+	finished, stalled := false, false
+	var mark [4]int64 // written, distinct deliveries, applied, -pending
+	lastProgress := time.Now()
+	for !finished && !stalled && workCtx.Err() == nil {
 		select {
 		case <-workCtx.Done():
 			continue
@@ -605,10 +741,17 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 		if n, err := db.applied(workCtx); err == nil {
 			applied = n
 		}
-		if written.Load() == int64(o.orders) && applied == int64(o.orders) {
-			if st, err := ob.Status(workCtx, db.db); err == nil && st.Pending == 0 {
-				finished = true
+		now := [4]int64{written.Load(), int64(got.distinct()), applied, mark[3]}
+		if now[0] == int64(o.orders) && applied == int64(o.orders) {
+			if st, err := ob.Status(workCtx, db.db); err == nil {
+				now[3] = -st.Pending
+				finished = st.Pending == 0
 			}
+		}
+		if now != mark {
+			mark, lastProgress = now, time.Now()
+		} else if time.Since(lastProgress) > o.timeout {
+			stalled = true
 		}
 		if tty {
 			fmt.Fprintf(out, "\r%-150s", progress())
@@ -649,6 +792,24 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 	if err != nil {
 		return fmt.Errorf("counting the records on %s: %w", broker.topic(), err)
 	}
+	// The SQL inbox and the stored offsets are exact; the Redis inbox is
+	// not, and a double application is explained when the recorded runs
+	// show one of its documented windows.
+	exact := attempts == nil
+	var doubles []doubleApplication
+	var explained int64
+	if !exact && v.appliedTwice > 0 {
+		apps, err := db.appliedTwice(vctx)
+		if err != nil {
+			return err
+		}
+		doubles = attempts.explain(apps)
+		for _, d := range doubles {
+			if d.explained {
+				explained++
+			}
+		}
+	}
 	total := got.total.Load()
 	distinct := int64(got.distinct())
 	absorbed := claimDuplicates.Load()
@@ -671,10 +832,31 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 	if finished {
 		row("lost", v.lost, "must be 0")
 	} else {
-		row("lost", v.lost, "must be 0; the run timed out, so some may still be on the way")
+		row("lost", v.lost, "must be 0; the run stalled and was stopped, so some may still be on the way")
 	}
-	row("applied twice", v.appliedTwice, "must be 0")
-	row("customer points", fmt.Sprintf("%d/%d", v.pointsGot, v.pointsWant), "applied / owed: must be equal")
+	if exact {
+		row("applied twice", v.appliedTwice, "must be 0")
+	} else {
+		row("applied twice", v.appliedTwice, "must be 0 but for the Redis inbox's documented limits:")
+		row("  explained by them", explained, "a run outlived its lease, or its effect committed and yet failed, or its marker was not written")
+	}
+	const listed = 10
+	for i, d := range doubles {
+		if i == listed {
+			fmt.Fprintf(out, "    ... and %d more\n", len(doubles)-listed)
+			break
+		}
+		verdict := "explained"
+		if !d.explained {
+			verdict = "NOT EXPLAINED"
+		}
+		fmt.Fprintf(out, "    %s applied %d times, %s: %s\n", d.order, d.times, verdict, d.why)
+	}
+	pointsNote := "applied / owed: must be equal"
+	if v.appliedTwice > 0 {
+		pointsNote = "applied / owed: the difference is what the double applications credited"
+	}
+	row("customer points", fmt.Sprintf("%d/%d", v.pointsGot, v.pointsWant), pointsNote)
 	row("outbox pending / dead", fmt.Sprintf("%d/%d", st.Pending, st.Dead), "must be 0/0")
 	row("dead-lettered", deadLettered.Load(), "must be 0")
 	fmt.Fprintln(out)
@@ -694,7 +876,8 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 
 	var problems []string
 	if !finished {
-		problems = append(problems, fmt.Sprintf("timed out after %s with %d of %d orders written and %d applied", o.timeout, written.Load(), o.orders, v.applied))
+		problems = append(problems, fmt.Sprintf("no progress for %s (after %s), with %d of %d orders written and %d applied",
+			o.timeout, lastProgress.Sub(start).Round(time.Second), written.Load(), o.orders, v.applied))
 	}
 	for _, c := range []struct {
 		bad  bool
@@ -702,9 +885,11 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 	}{
 		{v.lost > 0 && finished, fmt.Sprintf("%d lost", v.lost)},
 		{v.lost > 0 && !finished, fmt.Sprintf("%d not applied by then", v.lost)},
-		{v.appliedTwice > 0, fmt.Sprintf("%d applied twice", v.appliedTwice)},
+		{exact && v.appliedTwice > 0, fmt.Sprintf("%d applied twice", v.appliedTwice)},
+		{!exact && v.appliedTwice > explained, fmt.Sprintf("%d applied twice outside the Redis inbox's documented limits", v.appliedTwice-explained)},
 		{v.strangers > 0, fmt.Sprintf("%d promotions of unknown events", v.strangers)},
-		{v.pointsGot != v.pointsWant, fmt.Sprintf("customer points %d, owed %d", v.pointsGot, v.pointsWant)},
+		{v.appliedTwice == 0 && v.pointsGot != v.pointsWant, fmt.Sprintf("customer points %d, owed %d", v.pointsGot, v.pointsWant)},
+		{v.pointsGot != v.pointsPromoted, fmt.Sprintf("customer points %d, while the promotions credit %d", v.pointsGot, v.pointsPromoted)},
 		{st.Pending > 0 || st.Dead > 0, fmt.Sprintf("outbox still holds %d pending and %d dead", st.Pending, st.Dead)},
 		{deadLettered.Load() > 0, fmt.Sprintf("%d dead-lettered", deadLettered.Load())},
 	} {
@@ -718,8 +903,48 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 	if f.lostAcks.Load() == 0 || f.relayCrashes.Load() == 0 || f.consumerCrashes.Load() == 0 || f.rebalances.Load() == 0 {
 		return &exitError{1, "a fault kind was never injected: the run proved less than it should"}
 	}
-	fmt.Fprintln(out, "OK: every order's promotion applied exactly once, through every fault")
+	switch {
+	case exact:
+		fmt.Fprintln(out, "OK: every order's promotion applied exactly once, through every fault")
+	case v.appliedTwice == 0:
+		fmt.Fprintln(out, "OK: every order's promotion applied once, through every fault. The Redis inbox promises one run at a time")
+		fmt.Fprintln(out, "and a done marker for its TTL, not exactly once: a run that outlives its lease, an effect that commits and")
+		fmt.Fprintln(out, "yet fails, or a marker not written would apply again (none did here)")
+	default:
+		fmt.Fprintf(out, "OK: every order's promotion applied, through every fault; %d applied twice, each in a window the Redis\n", v.appliedTwice)
+		fmt.Fprintln(out, "inbox documents (listed above): it promises one run at a time and a done marker for its TTL, not exactly once.")
+		fmt.Fprintln(out, "For exactly once, keep the effect in the database and use the SQL inbox")
+	}
 	return nil
+}
+
+// applyThroughRedis applies m's promotion through the Redis inbox, in a
+// transaction of its own, and records the run in attempts. ctx is the
+// member's: it ends when the member leaves the group.
+//
+// The transaction does not end with the member: a commit cut short by it
+// may still complete at the server (pgx gives up on the reply, the server
+// commits), and the inbox, told that the effect failed, would release the
+// lease so that the redelivery applies it again. The Redis inbox cannot
+// share the effect's transaction, so the effect must know its own outcome:
+// it runs to its end, bounded by the lease alone, after which a second
+// runner may take the message anyway (the limit the Redis store documents).
+func (d *demoDB) applyThroughRedis(ctx context.Context, in *inbox.Redis, attempts *attemptLog, m *exactly.Message, member string) (inbox.Outcome, error) {
+	return in.Handle(ctx, m, func(hctx context.Context, m *exactly.Message) error {
+		tctx, cancel := context.WithoutCancel(hctx), context.CancelFunc(func() {})
+		if deadline, ok := hctx.Deadline(); ok {
+			tctx, cancel = context.WithDeadline(tctx, deadline)
+		}
+		defer cancel()
+		a := attempts.begin(tctx, m.ID, member)
+		err := d.inTx(tctx, func(tx *sql.Tx) error { return d.applyPromotion(tctx, tx, m, member, a.n) })
+		var left error
+		if ctx.Err() != nil {
+			left = context.Cause(ctx)
+		}
+		attempts.finish(a, err, left)
+		return err
+	})
 }
 
 // inTx runs fn in a transaction of its own and commits it.

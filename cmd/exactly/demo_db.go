@@ -119,7 +119,7 @@ func openDemoDB(ctx context.Context, dsn, run string) (*demoDB, error) {
 			"amount_cents BIGINT NOT NULL, points BIGINT NOT NULL, event_id VARCHAR(128) NOT NULL)",
 		// No unique key on order_id: a promotion applied twice must show.
 		"CREATE TABLE " + d.table("promotions") + " (order_id VARCHAR(64) NOT NULL, event_id VARCHAR(128) NOT NULL, " +
-			"customer VARCHAR(64) NOT NULL, points BIGINT NOT NULL, member VARCHAR(64) NOT NULL)",
+			"customer VARCHAR(64) NOT NULL, points BIGINT NOT NULL, member VARCHAR(64) NOT NULL, attempt BIGINT NOT NULL)",
 		"CREATE INDEX promotions_order_idx ON " + d.table("promotions") + " (order_id)",
 	}
 	for _, s := range stmts {
@@ -192,14 +192,15 @@ func (d *demoDB) placeOrder(ctx context.Context, ob *outbox.Outbox, topic string
 }
 
 // applyPromotion is the consumer's effect, in tx: a promotion row for the
-// order and the customer's points.
-func (d *demoDB) applyPromotion(ctx context.Context, tx *sql.Tx, msg *exactly.Message, member string) error {
+// order and the customer's points. attempt numbers the handler run that
+// applied it (see attemptLog); 0 where none is kept.
+func (d *demoDB) applyPromotion(ctx context.Context, tx *sql.Tx, msg *exactly.Message, member string, attempt int64) error {
 	var o order
 	if err := json.Unmarshal(msg.Payload, &o); err != nil {
 		return fmt.Errorf("undecodable order event %s: %w", msg.ID, err)
 	}
-	if _, err := tx.ExecContext(ctx, d.bind("INSERT INTO "+d.table("promotions")+" (order_id, event_id, customer, points, member) VALUES (?, ?, ?, ?, ?)"),
-		o.ID, msg.ID, o.Customer, o.Points, member); err != nil {
+	if _, err := tx.ExecContext(ctx, d.bind("INSERT INTO "+d.table("promotions")+" (order_id, event_id, customer, points, member, attempt) VALUES (?, ?, ?, ?, ?, ?)"),
+		o.ID, msg.ID, o.Customer, o.Points, member, attempt); err != nil {
 		return err
 	}
 	_, err := tx.ExecContext(ctx, d.bind("UPDATE "+d.table("customers")+" SET points = points + ? WHERE id = ?"), o.Points, o.Customer)
@@ -223,6 +224,9 @@ type verdict struct {
 	strangers    int64 // promotions of no committed order
 	pointsWant   int64 // sum of the orders' points
 	pointsGot    int64 // sum of the customers' points
+	// sum of the promotions' points: pointsGot when each promotion credited
+	// its customer once, pointsWant as well when none was applied twice
+	pointsPromoted int64
 }
 
 func (d *demoDB) verify(ctx context.Context) (verdict, error) {
@@ -240,10 +244,39 @@ func (d *demoDB) verify(ctx context.Context) (verdict, error) {
 		{"SELECT COUNT(*) FROM " + p + " p WHERE NOT EXISTS (SELECT 1 FROM " + o + " o WHERE o.id = p.order_id AND o.event_id = p.event_id)", &v.strangers},
 		{"SELECT COALESCE(SUM(points), 0) FROM " + o, &v.pointsWant},
 		{"SELECT COALESCE(SUM(points), 0) FROM " + c, &v.pointsGot},
+		{"SELECT COALESCE(SUM(points), 0) FROM " + p, &v.pointsPromoted},
 	} {
 		if err := d.db.QueryRowContext(ctx, q.sql).Scan(q.dst); err != nil {
 			return v, fmt.Errorf("verifying (%s): %w", q.sql, err)
 		}
 	}
 	return v, nil
+}
+
+// application is one promotion row of an order applied more than once.
+type application struct {
+	order   string
+	member  string
+	attempt int64
+}
+
+// appliedTwice returns the promotion rows of the orders with more than one,
+// by order.
+func (d *demoDB) appliedTwice(ctx context.Context) ([]application, error) {
+	p := d.table("promotions")
+	rows, err := d.db.QueryContext(ctx, "SELECT order_id, member, attempt FROM "+p+" WHERE order_id IN "+
+		"(SELECT order_id FROM "+p+" GROUP BY order_id HAVING COUNT(*) > 1) ORDER BY order_id, attempt")
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []application
+	for rows.Next() {
+		var a application
+		if err := rows.Scan(&a.order, &a.member, &a.attempt); err != nil {
+			return nil, err
+		}
+		out = append(out, a)
+	}
+	return out, rows.Err()
 }

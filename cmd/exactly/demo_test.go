@@ -14,11 +14,14 @@ import (
 
 	"github.com/twmb/franz-go/pkg/kfake"
 
+	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/inbox"
 	"github.com/exactlyonce/exactly/internal/testenv"
 )
 
 // checkDemoTable requires the demo's final table to show every order
-// applied, none lost, none applied twice, and every fault kind injected at
+// applied, none lost, none applied twice (with the Redis inbox: none but
+// those its documented limits explain), and every fault kind injected at
 // least once.
 func checkDemoTable(t *testing.T, out string, orders int) {
 	t.Helper()
@@ -27,18 +30,29 @@ func checkDemoTable(t *testing.T, out string, orders int) {
 		regexp.MustCompile(`(?m)^  orders written\s+` + n + `\s`),
 		regexp.MustCompile(`(?m)^  effects applied\s+` + n + `\s`),
 		regexp.MustCompile(`(?m)^  lost\s+0\s`),
-		regexp.MustCompile(`(?m)^  applied twice\s+0\s`),
 		regexp.MustCompile(`(?m)^  outbox pending / dead\s+0/0\s`),
 		regexp.MustCompile(`(?m)^  dead-lettered\s+0\s`),
 		regexp.MustCompile(`(?m)^    publish ack lost \(a timeout after the broker accepted\)\s+[1-9]\d*$`),
 		regexp.MustCompile(`(?m)^    relay crash after the broker confirmed, before mark-sent\s+[1-9]\d*$`),
 		regexp.MustCompile(`(?m)^    consumer crash after the effect, before the (offset commit|ack|commit)\s+[1-9]\d*$`),
 		regexp.MustCompile(`(?m)^    rebalance \(a member left the group, another joined\)\s+[1-9]\d*$`),
-		regexp.MustCompile(`(?m)^OK: every order's promotion applied exactly once`),
+		regexp.MustCompile(`(?m)^OK: every order's promotion applied`),
 	} {
 		if !want.MatchString(out) {
 			t.Errorf("demo output lacks %s:\n%s", want, out)
 		}
+	}
+	twice := regexp.MustCompile(`(?m)^  applied twice\s+(\d+)\s`).FindStringSubmatch(out)
+	explained := regexp.MustCompile(`(?m)^    explained by them\s+(\d+)\s`).FindStringSubmatch(out)
+	switch {
+	case twice == nil:
+		t.Errorf("no applied-twice row:\n%s", out)
+	case explained == nil && twice[1] != "0":
+		t.Errorf("applied twice with an exact strategy:\n%s", out)
+	case explained != nil && twice[1] != explained[1]:
+		t.Errorf("applied twice outside the Redis inbox's documented limits:\n%s", out)
+	case twice[1] != "0":
+		t.Logf("applied twice %s times, each explained by a documented limit of the Redis inbox:\n%s", twice[1], out)
 	}
 	// The points owed equal the points applied.
 	m := regexp.MustCompile(`(?m)^  customer points\s+(\d+)/(\d+)\s`).FindStringSubmatch(out)
@@ -61,8 +75,8 @@ func runDemoT(t *testing.T, o demoOptions) string {
 		o.writers = 4
 	}
 	if o.timeout == 0 {
-		// Far above the few seconds a run takes, so that a machine busy
-		// with other test packages does not turn a slow run into a failure.
+		// A stall this long fails the run; a machine busy with other test
+		// packages only makes it slower.
 		o.timeout = 2 * time.Minute
 	}
 	if o.relay == "" {
@@ -161,6 +175,102 @@ func TestDemoStrategies(t *testing.T) {
 	})
 }
 
+// A member that leaves the group (an injected crash or a rebalance cancels
+// its context) while its effect's COMMIT is at the server: pgx then returns
+// "context canceled" though the server commits, the Redis inbox takes that
+// for a failure and releases the lease, and the redelivery applies the
+// promotion again (issue 11: applied twice on PostgreSQL with NATS and
+// Redis). The commit must run to its end, bounded by the lease only.
+//
+// A private server holds the commit: a trigger makes the promotion's
+// transaction wait for a synchronous standby that does not exist, after it
+// committed locally, until the test turns synchronous replication off.
+func TestDemoRedisEffectOutlastsMemberLeaving(t *testing.T) {
+	testenv.Need(t, testenv.Redis)
+	pg := testenv.LogicalPostgres(t, map[string]string{"synchronous_standby_names": "'nobody'", "synchronous_commit": "local"})
+	ctx := context.Background()
+	run := newRunID()
+	db, err := openDemoDB(ctx, pg.DSN("test"), run)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.close()
+	for _, q := range []string{
+		"CREATE FUNCTION " + db.table("sync_commit") + "() RETURNS trigger LANGUAGE plpgsql AS " +
+			"$$ BEGIN PERFORM set_config('synchronous_commit', 'on', true); RETURN NULL; END $$",
+		"CREATE CONSTRAINT TRIGGER sync_commit AFTER INSERT ON " + db.table("promotions") +
+			" DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION " + db.table("sync_commit") + "()",
+	} {
+		if _, err := db.db.ExecContext(ctx, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rc, err := openRedis(ctx, "redis://"+testenv.Redis.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	prefix := "exactly:demotest:" + run + ":"
+	defer deleteRedisKeys(rc, prefix)
+	attempts := newAttemptLog()
+	in, err := inbox.NewRedis(rc, inbox.RedisConfig{Prefix: prefix, Consumer: "promotions", Lease: 30 * time.Second,
+		TTL: time.Minute, Hooks: attempts.hooks()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg := &exactly.Message{ID: "evt-" + run, Topic: "order.created", Key: customerID(1),
+		Payload: []byte(`{"order_id":"order-000001","customer":"` + customerID(1) + `","amount_cents":1000,"points":10}`)}
+
+	member, leave := context.WithCancel(ctx)
+	type result struct {
+		out inbox.Outcome
+		err error
+	}
+	first := make(chan result, 1)
+	go func() {
+		out, err := db.applyThroughRedis(member, in, attempts, msg, "member-1.1")
+		first <- result{out, err}
+	}()
+	// Once the COMMIT waits for the standby, the member leaves; a moment
+	// later the standby "answers".
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var n int
+		if err := db.db.QueryRowContext(ctx, "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'").Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		if n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the promotion's COMMIT never waited for the standby")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	leave()
+	time.Sleep(300 * time.Millisecond)
+	for _, q := range []string{"ALTER SYSTEM SET synchronous_standby_names = ''", "SELECT pg_reload_conf()"} {
+		if _, err := db.db.ExecContext(ctx, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if r := <-first; r.err != nil || r.out != inbox.Processed {
+		t.Errorf("the run whose member left: %v, %v; want Processed, its commit run to its end", r.out, r.err)
+	}
+	// The redelivery, to the member that took over.
+	out, err := db.applyThroughRedis(ctx, in, attempts, msg, "member-2.1")
+	if err != nil || out != inbox.Duplicate {
+		t.Errorf("the redelivery: %v, %v; want Duplicate", out, err)
+	}
+	var n int
+	if err := db.db.QueryRowContext(ctx, "SELECT COUNT(*) FROM "+db.table("promotions")+" WHERE order_id = 'order-000001'").Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	if n != 1 {
+		t.Errorf("the promotion was applied %d times, want once", n)
+	}
+}
+
 // requireNoDemoSchema checks that the demo removed what it created.
 func requireNoDemoSchema(t *testing.T) {
 	t.Helper()
@@ -218,5 +328,63 @@ func TestDemoBadInput(t *testing.T) {
 		if strings.Contains(s, "panic") || strings.Contains(s, "goroutine ") {
 			t.Errorf("%v: panicked:\n%s", tc.args, s)
 		}
+	}
+}
+
+// The verdict's account of double applications under the Redis inbox: only
+// the windows its documentation states explain one, from the recorded runs.
+func TestDemoExplainsDoubleApplications(t *testing.T) {
+	l := newAttemptLog()
+	bg := context.Background()
+	lease, cancel := context.WithTimeout(bg, time.Hour)
+	defer cancel()
+	run := func(msg, member string, err, left error, took time.Duration) int64 {
+		a := l.begin(lease, msg, member)
+		l.finish(a, err, left)
+		a.end = a.start.Add(took)
+		return a.n
+	}
+	h := l.hooks()
+	apps := []application{}
+	add := func(order, member string, n int64) {
+		apps = append(apps, application{order: order, member: member, attempt: n})
+	}
+
+	// Committed, yet the commit reported the member's leaving: retried.
+	add("order-1", "m1", run("e1", "m1", context.Canceled, errRebalanced, time.Millisecond))
+	add("order-1", "m2", run("e1", "m2", nil, nil, time.Millisecond))
+	// Committed within its lease and marked done: nothing explains another.
+	add("order-2", "m1", run("e2", "m1", nil, nil, time.Millisecond))
+	add("order-2", "m2", run("e2", "m2", nil, nil, time.Millisecond))
+	// Outlived its lease.
+	add("order-3", "m1", run("e3", "m1", nil, nil, 2*time.Hour))
+	add("order-3", "m2", run("e3", "m2", nil, nil, time.Millisecond))
+	// Its done marker was not written.
+	h.MarkFailed(&exactly.Message{ID: "e4"}, errors.New("redis down"))
+	add("order-4", "m1", run("e4", "m1", nil, nil, time.Millisecond))
+	add("order-4", "m2", run("e4", "m2", nil, nil, time.Millisecond))
+	// Three times: the first explained, the second not.
+	add("order-5", "m1", run("e5", "m1", context.Canceled, errCrashed, time.Millisecond))
+	add("order-5", "m2", run("e5", "m2", nil, nil, time.Millisecond))
+	add("order-5", "m3", run("e5", "m3", nil, nil, time.Millisecond))
+	// A promotion of no recorded run.
+	add("order-6", "m1", 0)
+	add("order-6", "m2", run("e6", "m2", nil, nil, time.Millisecond))
+
+	want := map[string]bool{"order-1": true, "order-2": false, "order-3": true, "order-4": true, "order-5": false, "order-6": false}
+	got := l.explain(apps)
+	if len(got) != len(want) {
+		t.Fatalf("%d orders accounted for, want %d: %+v", len(got), len(want), got)
+	}
+	for _, d := range got {
+		if d.explained != want[d.order] {
+			t.Errorf("%s: explained %v, want %v (%s)", d.order, d.explained, want[d.order], d.why)
+		}
+	}
+	if got[0].times != 2 || !strings.Contains(got[0].why, "member left the group (injected rebalance)") {
+		t.Errorf("order-1: %+v", got[0])
+	}
+	if got[4].times != 3 {
+		t.Errorf("order-5 applied %d times, want 3", got[4].times)
 	}
 }
