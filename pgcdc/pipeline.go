@@ -171,6 +171,7 @@ func (d *dispatcher) form(now time.Time) ([]*entry, time.Duration) {
 					continue
 				}
 				delete(d.keyUntil, key)
+				d.r.stats.blockedKeys.Store(int64(len(d.keyUntil)))
 			}
 		} else if now.Before(e.until) {
 			due(e.until)
@@ -236,11 +237,12 @@ func (d *dispatcher) handle(ctx context.Context, res outcome) {
 				e.until = next
 			}
 			r.stats.failed.Add(1)
-			r.log.Debug("publish failed; will retry", "id", e.msg.ID, "attempt", e.attempts, "err", err)
+			r.logFailure(e, next, now, err)
 			if h := r.cfg.Hooks.Failed; h != nil {
 				h(&e.msg, e.attempts, err)
 			}
 		}
+		r.stats.blockedKeys.Store(int64(len(d.keyUntil)))
 	}
 	if len(confirmed) > 0 {
 		r.stats.published.Add(int64(len(confirmed)))
@@ -261,6 +263,32 @@ func (d *dispatcher) handle(ctx context.Context, res outcome) {
 		}
 	}
 	d.write(ctx, confirmed, parks)
+}
+
+// failureLogEvery is how often, at most, a failed publish is logged at warn
+// level per topic; the first failure of a topic is logged at once, and each
+// line counts the failures of the topic left out since the one before.
+const failureLogEvery = time.Minute
+
+// logFailure logs a failed publish that will be retried: at warn level,
+// rate-limited per topic (a topic with no stream or no permission fails
+// every message and every retry), and at debug level every time.
+func (r *Relay) logFailure(e *entry, next, now time.Time, err error) {
+	ok, suppressed := r.failLog.Allow(e.msg.Topic, now)
+	if !ok {
+		r.log.Debug("publish failed; will retry", "id", e.msg.ID, "topic", e.msg.Topic, "key", e.msg.Key, "attempt", e.attempts, "err", err)
+		return
+	}
+	attrs := []any{"topic", e.msg.Topic, "key", e.msg.Key, "id", e.msg.ID, "attempt", e.attempts, "max_attempts", r.cfg.MaxAttempts,
+		"next_attempt_in", next.Sub(now).Round(time.Millisecond), "err", err}
+	if suppressed > 0 {
+		attrs = append(attrs, "suppressed", suppressed)
+	}
+	msg := "publish failed; will retry"
+	if e.msg.Key != "" {
+		msg = "publish failed; the key's later messages wait for its retry"
+	}
+	r.log.Warn(msg, attrs...)
 }
 
 // handleOrdered is handle for the exactly-once mode, where a batch is one

@@ -13,6 +13,7 @@ import (
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/internal/outboxstore"
+	"github.com/exactlyonce/exactly/internal/ratelog"
 	"github.com/exactlyonce/exactly/internal/sqldb"
 )
 
@@ -41,6 +42,7 @@ type Relay struct {
 	ckpt   *position // exactly-once: the checkpoint read from Kafka
 
 	stats   counters
+	failLog *ratelog.Limiter
 	running atomic.Bool
 	// slotUp is set once the slot was checked or created in this Run;
 	// until then watchSlot does not judge it.
@@ -71,6 +73,7 @@ type counters struct {
 	receivedLSN                                                                  atomic.Uint64
 	lagBytes                                                                     atomic.Int64
 	lagSeconds                                                                   atomic.Uint64 // milliseconds
+	blockedKeys                                                                  atomic.Int64
 }
 
 // Stats are running totals since the relay started, and the slot's state.
@@ -93,6 +96,10 @@ type Stats struct {
 	// SlotLagSeconds is the age of the oldest committed transaction
 	// received and not yet confirmed; 0 when all are confirmed.
 	SlotLagSeconds float64
+	// BlockedKeys is how many keys are held back now because their head
+	// message failed to publish and waits for its retry (the attempts are
+	// kept in memory; the table shows them only once a message is parked).
+	BlockedKeys int64
 }
 
 // Stats returns the running totals.
@@ -103,6 +110,7 @@ func (r *Relay) Stats() Stats {
 		Batches: r.stats.batches.Load(), Reconnects: r.stats.reconnects.Load(), Pending: r.track.pending.Load(),
 		ReceivedLSN: LSN(r.stats.receivedLSN.Load()), ConfirmedLSN: r.track.position(),
 		SlotLagBytes: r.stats.lagBytes.Load(), SlotLagSeconds: float64(r.stats.lagSeconds.Load()) / 1000,
+		BlockedKeys: r.stats.blockedKeys.Load(),
 	}
 }
 
@@ -121,6 +129,8 @@ func New(cfg Config) (*Relay, error) {
 		store: store,
 		log:   c.Logger.With("component", "pgcdc", "slot", c.Slot),
 		fatal: make(chan struct{}),
+		// warn-level lines about failed publishes
+		failLog: ratelog.New(failureLogEvery),
 	}
 	r.tables = append(r.tables, tableRef{kind: relOutbox, quoted: store.QuotedTable()})
 	if c.Debezium != nil {
