@@ -39,7 +39,8 @@ type Message struct {
 	Key string
 	// Payload is the body, opaque to exactly.
 	Payload []byte
-	// Headers travel with the message. Names starting with "exactly-" are reserved.
+	// Headers travel with the message. Names starting with "exactly-" are
+	// reserved for exactly's own (outbox.Enqueue refuses them).
 	Headers map[string]string
 	// CreatedAt is set by Enqueue when zero.
 	CreatedAt time.Time

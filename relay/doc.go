@@ -63,6 +63,13 @@
 // retries the batch without spending attempts. Parked messages stay in the
 // table until an operator re-drives (outbox.RetryDead) or purges them.
 //
+// Failures are visible while they are retried: the first failure of a topic
+// is logged at warn level with the broker's reason, then at most one line a
+// minute per topic (with the count of failures left out); Stats.BlockedKeys
+// counts the keys held back behind a failing message; outbox.Status (and
+// `exactly outbox status`) lists the failing messages with their attempts,
+// last error and next attempt, from the table, for every relay.
+//
 // Wake-up: on PostgreSQL an insert trigger NOTIFYs at commit and the relay
 // LISTENs, so latency is a round trip; polling every PollInterval is the
 // fallback, and the mechanism on MySQL and SQLite (or call Relay.Wake).
