@@ -97,23 +97,8 @@ func (o *Outbox) Enqueue(ctx context.Context, tx any, msgs ...*exactly.Message) 
 		return nil
 	}
 	now := time.Now()
-	var ids map[string]int // caller-set ids, to refuse one given twice
-	for i, m := range msgs {
-		if err := m.Validate(); err != nil {
-			return fmt.Errorf("outbox: message %d: %w", i, err)
-		}
-		if err := outboxstore.CheckStorable(m); err != nil {
-			return fmt.Errorf("outbox: message %d: %w", i, err)
-		}
-		if m.ID != "" && len(msgs) > 1 {
-			if ids == nil {
-				ids = make(map[string]int, len(msgs))
-			}
-			if j, dup := ids[m.ID]; dup {
-				return fmt.Errorf("outbox: messages %d and %d have the same ID %q: an ID names one message (the broker would keep only the first)", j, i, m.ID)
-			}
-			ids[m.ID] = i
-		}
+	if err := outboxstore.CheckWrite(msgs); err != nil {
+		return fmt.Errorf("outbox: %w", err)
 	}
 	for _, m := range msgs {
 		if m.ID == "" {

@@ -12,6 +12,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/internal/outboxstore"
 )
 
 // Emit writes msgs as logical decoding messages (pg_logical_emit_message,
@@ -38,10 +39,10 @@ func EmitPrefix(ctx context.Context, tx any, prefix string, msgs ...*exactly.Mes
 	now := time.Now()
 	prefixes := make([]string, len(msgs))
 	bodies := make([][]byte, len(msgs))
+	if err := outboxstore.CheckWrite(msgs); err != nil {
+		return fmt.Errorf("pgcdc: Emit: %w", err)
+	}
 	for i, m := range msgs {
-		if err := m.Validate(); err != nil {
-			return fmt.Errorf("pgcdc: Emit: message %d: %w", i, err)
-		}
 		if m.ID == "" {
 			m.ID = exactly.NewID()
 		}

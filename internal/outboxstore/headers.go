@@ -16,6 +16,32 @@ import (
 // carry one: it would travel on and be taken for exactly's own.
 const ReservedPrefix = "exactly-"
 
+// CheckWrite is the check every writer of messages (outbox.Enqueue,
+// pgcdc.Emit) makes before it assigns or writes anything: each message is
+// valid (Validate) and storable (CheckStorable), and no caller-set ID is given
+// twice in one call. The error names the message by its index.
+func CheckWrite(msgs []*exactly.Message) error {
+	var ids map[string]int
+	for i, m := range msgs {
+		if err := m.Validate(); err != nil {
+			return fmt.Errorf("message %d: %w", i, err)
+		}
+		if err := CheckStorable(m); err != nil {
+			return fmt.Errorf("message %d: %w", i, err)
+		}
+		if m.ID != "" && len(msgs) > 1 {
+			if ids == nil {
+				ids = make(map[string]int, len(msgs))
+			}
+			if j, dup := ids[m.ID]; dup {
+				return fmt.Errorf("messages %d and %d have the same ID %q: an ID names one message (the broker would keep only the first)", j, i, m.ID)
+			}
+			ids[m.ID] = i
+		}
+	}
+	return nil
+}
+
 // CheckStorable reports what, beyond m.Validate, keeps m from being stored in
 // the outbox as it was given: the outbox keeps Key and Headers as text (a
 // JSON object for the headers), so invalid UTF-8 would be refused by the
