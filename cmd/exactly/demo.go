@@ -876,7 +876,7 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 
 	var problems []string
 	if !finished {
-		problems = append(problems, fmt.Sprintf("no progress for %s (after %s), with %d of %d orders written and %d applied",
+		problems = append(problems, fmt.Sprintf("nothing progressed for %s (the last progress was %s into the run), with %d of %d orders written and %d applied",
 			o.timeout, lastProgress.Sub(start).Round(time.Second), written.Load(), o.orders, v.applied))
 	}
 	for _, c := range []struct {

@@ -20,8 +20,7 @@ import (
 )
 
 // checkDemoTable requires the demo's final table to show every order
-// applied, none lost, none applied twice (with the Redis inbox: none but
-// those its documented limits explain), and every fault kind injected at
+// applied, none lost, none applied twice, and every fault kind injected at
 // least once.
 func checkDemoTable(t *testing.T, out string, orders int) {
 	t.Helper()
@@ -42,17 +41,12 @@ func checkDemoTable(t *testing.T, out string, orders int) {
 			t.Errorf("demo output lacks %s:\n%s", want, out)
 		}
 	}
-	twice := regexp.MustCompile(`(?m)^  applied twice\s+(\d+)\s`).FindStringSubmatch(out)
-	explained := regexp.MustCompile(`(?m)^    explained by them\s+(\d+)\s`).FindStringSubmatch(out)
-	switch {
-	case twice == nil:
-		t.Errorf("no applied-twice row:\n%s", out)
-	case explained == nil && twice[1] != "0":
-		t.Errorf("applied twice with an exact strategy:\n%s", out)
-	case explained != nil && twice[1] != explained[1]:
-		t.Errorf("applied twice outside the Redis inbox's documented limits:\n%s", out)
-	case twice[1] != "0":
-		t.Logf("applied twice %s times, each explained by a documented limit of the Redis inbox:\n%s", twice[1], out)
+	// With the Redis inbox the demo itself passes a double application
+	// that a documented window explains (and lists it), but none of those
+	// windows should open here: no Redis failure, and a lease (10s) far
+	// above any run. The tests take none.
+	if !regexp.MustCompile(`(?m)^  applied twice\s+0\s`).MatchString(out) {
+		t.Errorf("applied twice:\n%s", out)
 	}
 	// The points owed equal the points applied.
 	m := regexp.MustCompile(`(?m)^  customer points\s+(\d+)/(\d+)\s`).FindStringSubmatch(out)
@@ -130,6 +124,19 @@ func TestDemoStrategies(t *testing.T) {
 		if !strings.Contains(out, "-> NATS JetStream ->") {
 			t.Errorf("not NATS:\n%s", out)
 		}
+	})
+	t.Run("PostgresNATSRedis", func(t *testing.T) {
+		// Issue 11: members leaving mid-COMMIT applied promotions twice.
+		testenv.Need(t, testenv.Postgres)
+		testenv.Need(t, testenv.NATS)
+		testenv.Need(t, testenv.Redis)
+		out := runDemoT(t, demoOptions{orders: 2000, seed: 3327491020378907700, db: testenv.PostgresDSN(),
+			nats: testenv.NATSURL(), redis: "redis://" + testenv.Redis.Addr + "/0"})
+		checkDemoTable(t, out, 2000)
+		if !strings.Contains(out, "PostgreSQL outbox -> poll relay -> NATS JetStream -> consumer group of 3 -> Redis inbox") {
+			t.Errorf("unexpected set-up line:\n%s", out)
+		}
+		requireNoDemoSchema(t)
 	})
 	t.Run("KafkaOffsetsInPostgres", func(t *testing.T) {
 		testenv.Need(t, testenv.Postgres)
