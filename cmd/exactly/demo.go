@@ -463,6 +463,39 @@ func newRunID() string {
 	return string(b)
 }
 
+// demoRun is one run of the demo: what its stages share.
+type demoRun struct {
+	o     demoOptions
+	out   io.Writer
+	start time.Time
+	log   *slog.Logger
+	id    string // names the run's schema, topics, stream, slot and keys
+
+	db     *demoDB
+	ob     *outbox.Outbox
+	broker demoBroker
+	slot   string // the cdc relay's
+	// cleanups undo the set-up, last first.
+	cleanups []func() error
+
+	// The consumer side: one of these, by strategy.
+	sqlIn           *inbox.SQL   // the SQL inbox
+	redisIn         *inbox.Redis // the Redis inbox
+	attempts        *attemptLog  // the Redis inbox's runs
+	claims          *inbox.SQL   // offsets in the database: ids claimed in the effect's transaction
+	claimDuplicates atomic.Int64
+
+	f            *faults
+	pub          *faultyPublisher
+	got          *deliveries
+	deadLettered atomic.Int64
+	written      atomic.Int64
+
+	// The work's failures; each stops the run.
+	stopWork           context.CancelFunc
+	writeErr, relayErr atomic.Pointer[error]
+}
+
 func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 	if err := o.validate(); err != nil {
 		return err
@@ -470,280 +503,333 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 	if o.seed == 0 {
 		o.seed = mrand.Uint64()
 	}
-	start := time.Now()
-	parent := ctx
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	logLevel := slog.LevelError + 4
 	if o.verbose {
 		logLevel = slog.LevelWarn
 	}
-	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: logLevel}))
-	run := newRunID()
-
-	setupCtx, cancelSetup := context.WithTimeout(ctx, 20*time.Second)
-	defer cancelSetup()
-	db, err := openDemoDB(setupCtx, o.db, run)
-	if err != nil {
-		return err
-	}
+	r := &demoRun{o: o, out: out, start: time.Now(), id: newRunID(),
+		log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: logLevel}))}
 	defer func() {
-		if cerr := db.close(); cerr != nil && err == nil {
-			err = fmt.Errorf("removing the demo's tables: %w", cerr)
+		if cerr := r.cleanup(); cerr != nil && err == nil {
+			err = cerr
 		}
 	}()
-	ob, err := outbox.New(outbox.Config{Dialect: db.dialect, Table: db.table("outbox")})
+	if err := r.setup(ctx); err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "exactly demo: %d orders; %s outbox -> %s relay -> %s -> consumer group of %d -> %s; seed %d\n",
+		o.orders, r.db.label, o.relay, r.broker.label(), demoGroupSize, o.strategy(), o.seed)
+
+	r.f = newFaults(o.seed, o.orders)
+	r.pub = &faultyPublisher{inner: r.broker.publisher(), f: r.f, crash: make(chan struct{}, 1)}
+	r.got = &deliveries{count: map[string]int{}}
+	workCtx, stopWork := context.WithCancel(ctx)
+	defer stopWork()
+	r.stopWork = stopWork
+	var relayDone, writers sync.WaitGroup
+	relayDone.Go(func() { r.superviseRelay(workCtx) })
+	g := r.startGroup(workCtx)
+	r.startWriters(workCtx, &writers)
+	finished, lastProgress := r.watch(workCtx)
+	stopWork()
+	writers.Wait()
+	relayDone.Wait()
+	r.f.rebalancesWG.Wait()
+	g.wg.Wait()
+	for _, p := range []*atomic.Pointer[error]{&r.writeErr, &r.relayErr, &g.err} {
+		if e := p.Load(); e != nil {
+			return fmt.Errorf("the demo could not run: %w", *e)
+		}
+	}
+	if !finished && ctx.Err() != nil {
+		return &exitError{130, "interrupted"}
+	}
+	return r.verdict(context.WithoutCancel(ctx), finished, lastProgress)
+}
+
+// cleanup removes what the set-up created, last first, and returns the
+// first failure.
+func (r *demoRun) cleanup() error {
+	var err error
+	for i := len(r.cleanups) - 1; i >= 0; i-- {
+		if cerr := r.cleanups[i](); cerr != nil && err == nil {
+			err = cerr
+		}
+	}
+	r.cleanups = nil
+	return err
+}
+
+func (r *demoRun) onCleanup(fn func() error) { r.cleanups = append(r.cleanups, fn) }
+
+// setup creates the run's database namespace, outbox, broker topics or
+// stream, and the consumer side of its strategy.
+func (r *demoRun) setup(ctx context.Context) error {
+	o := r.o
+	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	db, err := openDemoDB(ctx, o.db, r.id)
 	if err != nil {
 		return err
 	}
-	if err := ob.Migrate(setupCtx, db.db); err != nil {
+	r.db = db
+	r.onCleanup(func() error {
+		if err := db.close(); err != nil {
+			return fmt.Errorf("removing the demo's tables: %w", err)
+		}
+		return nil
+	})
+	if r.ob, err = outbox.New(outbox.Config{Dialect: db.dialect, Table: db.table("outbox")}); err != nil {
+		return err
+	}
+	if err := r.ob.Migrate(ctx, db.db); err != nil {
 		return fmt.Errorf("migrating the outbox: %w", err)
 	}
 	// The cdc relay streams the run's own slot, dropped with its
 	// publication when the demo ends (after the relay stopped).
-	slot := "exactly_demo_" + run
+	r.slot = "exactly_demo_" + r.id
 	if o.relay == sourceCDC {
-		defer func() {
-			dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
+		r.onCleanup(func() error {
+			dctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 			defer cancel()
-			if derr := pgcdc.DropSlot(dctx, o.db, slot); derr != nil && !errors.Is(derr, pgcdc.ErrSlotLost) && err == nil {
-				err = fmt.Errorf("removing the demo's replication slot %s: %w", slot, derr)
+			err := pgcdc.DropSlot(dctx, o.db, r.slot)
+			db.db.ExecContext(dctx, "DROP PUBLICATION IF EXISTS "+r.slot)
+			if err != nil && !errors.Is(err, pgcdc.ErrSlotLost) {
+				return fmt.Errorf("removing the demo's replication slot %s: %w", r.slot, err)
 			}
-			db.db.ExecContext(dctx, "DROP PUBLICATION IF EXISTS "+slot)
-		}()
+			return nil
+		})
 	}
 
-	var broker demoBroker
 	var kb *kafkaBroker
 	if o.nats != "" {
-		if broker, err = newNATSBroker(setupCtx, o.nats, run, logger); err != nil {
+		if r.broker, err = newNATSBroker(ctx, o.nats, r.id, r.log); err != nil {
 			return err
 		}
 	} else {
-		if kb, err = newKafkaBroker(setupCtx, splitList(o.kafka), run, logger); err != nil {
+		if kb, err = newKafkaBroker(ctx, splitList(o.kafka), r.id, r.log); err != nil {
 			return err
 		}
-		broker = kb
+		r.broker = kb
 	}
-	defer broker.close()
+	r.onCleanup(func() error { r.broker.close(); return nil })
 
 	// The consumer side: the effect, and what makes it apply once.
-	var sqlIn *inbox.SQL
-	var redisIn *inbox.Redis
-	var claims *inbox.SQL // offsets in the database: claims in the effect's transaction
-	var claimDuplicates atomic.Int64
-	var attempts *attemptLog // the Redis inbox's runs
 	switch {
 	case o.offsets == offsetsDB:
-		if err := kafka.MigrateOffsets(setupCtx, db.db, db.dialect, db.table(demoOffsetsTable)); err != nil {
+		if err := kafka.MigrateOffsets(ctx, db.db, db.dialect, db.table(demoOffsetsTable)); err != nil {
 			return fmt.Errorf("migrating the offsets table: %w", err)
 		}
 		kb.offsets = db
 		// The stored offsets make redeliveries harmless, but a re-send by
 		// the relay is a new record at a new offset: the message id is
 		// claimed in the same transaction to absorb those.
-		if claims, err = inbox.NewSQL(inbox.Config{Dialect: db.dialect, Table: db.table("inbox"), Consumer: "promotions"}); err != nil {
+		if r.claims, err = inbox.NewSQL(inbox.Config{Dialect: db.dialect, Table: db.table("inbox"), Consumer: "promotions"}); err != nil {
 			return err
 		}
-		if err := claims.Migrate(setupCtx, db.db); err != nil {
+		if err := r.claims.Migrate(ctx, db.db); err != nil {
 			return fmt.Errorf("migrating the inbox: %w", err)
 		}
 	case o.inbox == inboxRedis:
-		rc, err := openRedis(setupCtx, o.redis)
+		rc, err := openRedis(ctx, o.redis)
 		if err != nil {
 			return err
 		}
-		defer rc.Close()
-		prefix := "exactly:demo:" + run + ":"
-		defer deleteRedisKeys(rc, prefix)
-		attempts = newAttemptLog()
-		if redisIn, err = inbox.NewRedis(rc, inbox.RedisConfig{Prefix: prefix, Consumer: "promotions",
-			Lease: 10 * time.Second, TTL: 10 * time.Minute, Hooks: attempts.hooks()}); err != nil {
+		r.onCleanup(rc.Close)
+		prefix := "exactly:demo:" + r.id + ":"
+		r.onCleanup(func() error { deleteRedisKeys(rc, prefix); return nil })
+		r.attempts = newAttemptLog()
+		if r.redisIn, err = inbox.NewRedis(rc, inbox.RedisConfig{Prefix: prefix, Consumer: "promotions",
+			Lease: 10 * time.Second, TTL: 10 * time.Minute, Hooks: r.attempts.hooks()}); err != nil {
 			return err
 		}
 	default:
-		if sqlIn, err = inbox.NewSQL(inbox.Config{Dialect: db.dialect, Table: db.table("inbox"), Consumer: "promotions"}); err != nil {
+		if r.sqlIn, err = inbox.NewSQL(inbox.Config{Dialect: db.dialect, Table: db.table("inbox"), Consumer: "promotions"}); err != nil {
 			return err
 		}
-		if err := sqlIn.Migrate(setupCtx, db.db); err != nil {
+		if err := r.sqlIn.Migrate(ctx, db.db); err != nil {
 			return fmt.Errorf("migrating the inbox: %w", err)
 		}
 	}
-	cancelSetup()
+	return nil
+}
 
-	fmt.Fprintf(out, "exactly demo: %d orders; %s outbox -> %s relay -> %s -> consumer group of %d -> %s; seed %d\n",
-		o.orders, db.label, o.relay, broker.label(), demoGroupSize, o.strategy(), o.seed)
+// fail records a failure of the work and stops the run.
+func (r *demoRun) fail(p *atomic.Pointer[error], err error) {
+	p.CompareAndSwap(nil, &err)
+	r.stopWork()
+}
 
-	f := newFaults(o.seed, o.orders)
-	pub := &faultyPublisher{inner: broker.publisher(), f: f, crash: make(chan struct{}, 1)}
-	got := &deliveries{count: map[string]int{}}
-	var deadLettered atomic.Int64
-
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	workCtx, stopWork := context.WithCancel(ctx)
-	defer stopWork()
-	var relayErr atomic.Pointer[error]
-
-	// The relay, restarted whenever the fault injector kills it.
-	wg.Go(func() {
-		for i := 1; workCtx.Err() == nil; i++ {
-			r, err := newRelayRunner(o.relay, relay.Config{
-				Outbox: ob, DB: db.db, Publisher: pub, BatchSize: 200, PollInterval: 20 * time.Millisecond,
-				InitialBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond,
-				ShutdownTimeout: 50 * time.Millisecond, LeaseTTL: 2 * time.Second, Partitions: 8,
-				InstanceID: fmt.Sprintf("demo-relay-%d", i), Logger: logger,
-			}, cdcSettings{DSN: o.db, Slot: slot})
-			if err != nil {
-				relayErr.Store(&err)
-				stopWork()
-				return
-			}
-			f.relayStarts.Add(1)
-			rctx, kill := context.WithCancel(workCtx)
-			done := make(chan error, 1)
-			go func() { done <- r.Run(rctx) }()
-			var runErr error
-			stopped := false
-			select {
-			case <-pub.crash:
-			case <-workCtx.Done():
-			case runErr = <-done:
-				stopped = true
-			}
-			kill()
-			if !stopped {
-				runErr = <-done
-			}
-			if stopped && workCtx.Err() == nil {
-				if runErr == nil {
-					runErr = errors.New("the relay stopped by itself")
-				}
-				relayErr.Store(&runErr)
-				stopWork()
-				return
-			}
+// superviseRelay runs the relay until ctx ends, starting a new one
+// whenever the fault injector kills it.
+func (r *demoRun) superviseRelay(ctx context.Context) {
+	for i := 1; ctx.Err() == nil; i++ {
+		rl, err := newRelayRunner(r.o.relay, relay.Config{
+			Outbox: r.ob, DB: r.db.db, Publisher: r.pub, BatchSize: 200, PollInterval: 20 * time.Millisecond,
+			InitialBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond,
+			ShutdownTimeout: 50 * time.Millisecond, LeaseTTL: 2 * time.Second, Partitions: 8,
+			InstanceID: fmt.Sprintf("demo-relay-%d", i), Logger: r.log,
+		}, cdcSettings{DSN: r.o.db, Slot: r.slot})
+		if err != nil {
+			r.fail(&r.relayErr, err)
+			return
 		}
-	})
-
-	// The consumer group.
-	g := &group{ctx: workCtx}
-	g.run = func(ctx context.Context, crash func(), name string) error {
-		spec := memberSpec{name: name, deadLettered: func(*exactly.Message, error) { deadLettered.Add(1) }}
-		// crashed reports an injected crash: the member dies, the
-		// delivery stays unacknowledged and comes again.
-		crashed := func() error {
-			f.consumerCrashes.Add(1)
-			crash()
-			return errCrashed
+		r.f.relayStarts.Add(1)
+		rctx, kill := context.WithCancel(ctx)
+		done := make(chan error, 1)
+		go func() { done <- rl.Run(rctx) }()
+		var runErr error
+		stopped := false
+		select {
+		case <-r.pub.crash:
+		case <-ctx.Done():
+		case runErr = <-done:
+			stopped = true
 		}
-		switch {
-		case o.offsets == offsetsDB:
-			spec.txHandler = func(ctx context.Context, tx *sql.Tx, m *exactly.Message) error {
-				got.add(m.ID)
-				fresh, err := claims.Claim(ctx, tx, m)
-				if err != nil {
-					return err
-				}
-				if !fresh {
-					claimDuplicates.Add(1) // a re-send: the offset advances, nothing else
-					return nil
-				}
-				if err := db.applyPromotion(ctx, tx, m, name, 0); err != nil {
-					return err
-				}
-				if f.applied() {
-					return crashed() // the effect and the offset roll back together
-				}
-				return nil
-			}
-		default:
-			// apply runs the effect through the inbox and reports what became of it.
-			apply := func(ctx context.Context, m *exactly.Message) (inbox.Outcome, error) {
-				if sqlIn != nil {
-					return sqlIn.Handle(ctx, db.db, m, func(ctx context.Context, tx *sql.Tx) error {
-						return db.applyPromotion(ctx, tx, m, name, 0)
-					})
-				}
-				return db.applyThroughRedis(ctx, redisIn, attempts, m, name)
-			}
-			spec.handler = func(ctx context.Context, m *exactly.Message) error {
-				got.add(m.ID)
-				out, err := apply(ctx, m)
-				if err != nil {
-					return err
-				}
-				if out == inbox.Processed && f.applied() {
-					return crashed() // the effect is committed, the offset or ack is not
-				}
-				return nil
-			}
+		kill()
+		if !stopped {
+			runErr = <-done
 		}
-		return broker.member(ctx, spec)
+		if stopped && ctx.Err() == nil {
+			if runErr == nil {
+				runErr = errors.New("the relay stopped by itself")
+			}
+			r.fail(&r.relayErr, runErr)
+			return
+		}
 	}
-	bounce := mrand.New(mrand.NewPCG(o.seed, 2))
+}
+
+// startGroup starts the consumer group, whose members apply the promotions
+// until ctx ends.
+func (r *demoRun) startGroup(ctx context.Context) *group {
+	g := &group{ctx: ctx, run: r.member}
+	bounce := mrand.New(mrand.NewPCG(r.o.seed, 2))
 	var bounceMu sync.Mutex
-	f.rebalanceFn = func() {
+	r.f.rebalanceFn = func() {
 		bounceMu.Lock()
 		i := bounce.IntN(demoGroupSize)
 		bounceMu.Unlock()
 		g.bounce(i)
 	}
 	g.start()
-	defer g.wg.Wait()
+	return g
+}
 
-	// The order service.
-	var written, next atomic.Int64
-	var writeErr atomic.Pointer[error]
-	var writers sync.WaitGroup
-	for range o.writers {
+// member runs one incarnation of a member of the group until ctx ends;
+// crash makes it leave as if it had crashed.
+func (r *demoRun) member(ctx context.Context, crash func(), name string) error {
+	db, f := r.db, r.f
+	spec := memberSpec{name: name, deadLettered: func(*exactly.Message, error) { r.deadLettered.Add(1) }}
+	// crashed reports an injected crash: the member dies, the delivery
+	// stays unacknowledged and comes again.
+	crashed := func() error {
+		f.consumerCrashes.Add(1)
+		crash()
+		return errCrashed
+	}
+	switch {
+	case r.claims != nil:
+		spec.txHandler = func(ctx context.Context, tx *sql.Tx, m *exactly.Message) error {
+			r.got.add(m.ID)
+			fresh, err := r.claims.Claim(ctx, tx, m)
+			if err != nil {
+				return err
+			}
+			if !fresh {
+				r.claimDuplicates.Add(1) // a re-send: the offset advances, nothing else
+				return nil
+			}
+			if err := db.applyPromotion(ctx, tx, m, name, 0); err != nil {
+				return err
+			}
+			if f.applied() {
+				return crashed() // the effect and the offset roll back together
+			}
+			return nil
+		}
+	default:
+		// apply runs the effect through the inbox and reports what became of it.
+		apply := func(ctx context.Context, m *exactly.Message) (inbox.Outcome, error) {
+			if r.sqlIn != nil {
+				return r.sqlIn.Handle(ctx, db.db, m, func(ctx context.Context, tx *sql.Tx) error {
+					return db.applyPromotion(ctx, tx, m, name, 0)
+				})
+			}
+			return db.applyThroughRedis(ctx, r.redisIn, r.attempts, m, name)
+		}
+		spec.handler = func(ctx context.Context, m *exactly.Message) error {
+			r.got.add(m.ID)
+			out, err := apply(ctx, m)
+			if err != nil {
+				return err
+			}
+			if out == inbox.Processed && f.applied() {
+				return crashed() // the effect is committed, the offset or ack is not
+			}
+			return nil
+		}
+	}
+	return r.broker.member(ctx, spec)
+}
+
+// startWriters starts the order service's writers, which place the orders
+// until all are written or ctx ends.
+func (r *demoRun) startWriters(ctx context.Context, writers *sync.WaitGroup) {
+	var next atomic.Int64
+	for range r.o.writers {
 		writers.Go(func() {
-			for workCtx.Err() == nil {
+			for ctx.Err() == nil {
 				n := next.Add(1)
-				if n > int64(o.orders) {
+				if n > int64(r.o.orders) {
 					return
 				}
-				if err := db.placeOrder(workCtx, ob, broker.topic(), n); err != nil {
-					if workCtx.Err() == nil {
-						writeErr.Store(&err)
-						stopWork()
+				if err := r.db.placeOrder(ctx, r.ob, r.broker.topic(), n); err != nil {
+					if ctx.Err() == nil {
+						r.fail(&r.writeErr, err)
 					}
 					return
 				}
-				written.Add(1)
+				r.written.Add(1)
 			}
 		})
 	}
+}
 
-	// Progress, until every order's promotion is applied and the outbox is empty.
-	tty := isTerminal(out)
+// watch prints the progress until every order's promotion is applied and
+// the outbox is empty (finished), or nothing progressed for --timeout, or
+// ctx ended. It returns when the run last progressed.
+//
+// --timeout bounds a stall, not the run: any order written, delivered for
+// the first time or applied, or any outbox row sent once all are applied,
+// is progress. Re-sends and redeliveries are not.
+func (r *demoRun) watch(ctx context.Context) (finished bool, lastProgress time.Time) {
+	o, f := r.o, r.f
+	tty := isTerminal(r.out)
 	tick := time.NewTicker(200 * time.Millisecond)
 	defer tick.Stop()
 	var lastLine time.Time
 	var applied int64
 	progress := func() string {
 		return fmt.Sprintf("  %5.1fs  written %d  published %d  delivered %d  applied %d  |  faults: %d lost acks, %d relay crashes, %d consumer crashes, %d rebalances",
-			time.Since(start).Seconds(), written.Load(), pub.published.Load(), got.total.Load(), applied,
+			time.Since(r.start).Seconds(), r.written.Load(), r.pub.published.Load(), r.got.total.Load(), applied,
 			f.lostAcks.Load(), f.relayCrashes.Load(), f.consumerCrashes.Load(), f.rebalances.Load())
 	}
-	// --timeout bounds a stall, not the run: any order written, delivered
-	// for the first time or applied, or any outbox row sent once all are
-	// applied, is progress. Re-sends and redeliveries are not.
-	finished, stalled := false, false
+	stalled := false
 	var mark [4]int64 // written, distinct deliveries, applied, -pending
-	lastProgress := time.Now()
-	for !finished && !stalled && workCtx.Err() == nil {
+	lastProgress = time.Now()
+	for !finished && !stalled && ctx.Err() == nil {
 		select {
-		case <-workCtx.Done():
+		case <-ctx.Done():
 			continue
 		case <-tick.C:
 		}
-		if n, err := db.applied(workCtx); err == nil {
+		if n, err := r.db.applied(ctx); err == nil {
 			applied = n
 		}
-		now := [4]int64{written.Load(), int64(got.distinct()), applied, mark[3]}
+		now := [4]int64{r.written.Load(), int64(r.got.distinct()), applied, mark[3]}
 		if now[0] == int64(o.orders) && applied == int64(o.orders) {
-			if st, err := ob.Status(workCtx, db.db); err == nil {
+			if st, err := r.ob.Status(ctx, r.db.db); err == nil {
 				now[3] = -st.Pending
 				finished = st.Pending == 0
 			}
@@ -754,77 +840,70 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 			stalled = true
 		}
 		if tty {
-			fmt.Fprintf(out, "\r%-150s", progress())
+			fmt.Fprintf(r.out, "\r%-150s", progress())
 		} else if time.Since(lastLine) > 5*time.Second || finished {
-			fmt.Fprintln(out, progress())
+			fmt.Fprintln(r.out, progress())
 			lastLine = time.Now()
 		}
 	}
 	if tty {
-		fmt.Fprintln(out)
+		fmt.Fprintln(r.out)
 	}
-	stopWork()
-	writers.Wait()
-	wg.Wait()
-	f.rebalancesWG.Wait()
-	g.wg.Wait()
-	for _, p := range []*atomic.Pointer[error]{&writeErr, &relayErr, &g.err} {
-		if e := p.Load(); e != nil {
-			return fmt.Errorf("the demo could not run: %w", *e)
-		}
-	}
-	if !finished && parent.Err() != nil {
-		return &exitError{130, "interrupted"}
-	}
+	return finished, lastProgress
+}
 
-	// The verdict, from the database.
-	vctx, cancelVerify := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
-	defer cancelVerify()
-	v, err := db.verify(vctx)
+// verdict reads the database once everything stopped, prints the table and
+// returns an *exitError when a promise was broken.
+func (r *demoRun) verdict(ctx context.Context, finished bool, lastProgress time.Time) error {
+	o, f, db, out := r.o, r.f, r.db, r.out
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	v, err := db.verify(ctx)
 	if err != nil {
 		return err
 	}
-	st, err := ob.Status(vctx, db.db)
+	st, err := r.ob.Status(ctx, db.db)
 	if err != nil {
 		return err
 	}
-	onBroker, err := broker.stored(vctx)
+	onBroker, err := r.broker.stored(ctx)
 	if err != nil {
-		return fmt.Errorf("counting the records on %s: %w", broker.topic(), err)
+		return fmt.Errorf("counting the records on %s: %w", r.broker.topic(), err)
 	}
 	// The SQL inbox and the stored offsets are exact; the Redis inbox is
 	// not, and a double application is explained when the recorded runs
 	// show one of its documented windows.
-	exact := attempts == nil
+	exact := r.attempts == nil
 	var doubles []doubleApplication
 	var explained int64
 	if !exact && v.appliedTwice > 0 {
-		apps, err := db.appliedTwice(vctx)
+		apps, err := db.appliedTwice(ctx)
 		if err != nil {
 			return err
 		}
-		doubles = attempts.explain(apps)
+		doubles = r.attempts.explain(apps)
 		for _, d := range doubles {
 			if d.explained {
 				explained++
 			}
 		}
 	}
-	total := got.total.Load()
-	distinct := int64(got.distinct())
-	absorbed := claimDuplicates.Load()
+	total := r.got.total.Load()
+	distinct := int64(r.got.distinct())
+	absorbed := r.claimDuplicates.Load()
 	absorbedBy := "re-sends, by the id's claim; redeliveries never pass the stored offset"
 	switch {
-	case sqlIn != nil:
-		absorbed, absorbedBy = sqlIn.Stats().Duplicates, "by the SQL inbox: the id's claim commits with the effect"
-	case redisIn != nil:
-		absorbed, absorbedBy = redisIn.Stats().Duplicates, "by the Redis inbox: done marker after the effect"
+	case r.sqlIn != nil:
+		absorbed, absorbedBy = r.sqlIn.Stats().Duplicates, "by the SQL inbox: the id's claim commits with the effect"
+	case r.redisIn != nil:
+		absorbed, absorbedBy = r.redisIn.Stats().Duplicates, "by the Redis inbox: done marker after the effect"
 	}
+	published := r.pub.published.Load()
 
 	fmt.Fprintln(out)
 	row := func(name string, val any, note string) { fmt.Fprintf(out, "  %-24s %15v   %s\n", name, val, note) }
 	row("orders written", v.orders, "each with its order.created event, in one transaction")
-	row("events published", pub.published.Load(), fmt.Sprintf("confirmed by the broker; %d re-sends of events already published", pub.published.Load()-v.orders))
+	row("events published", published, fmt.Sprintf("confirmed by the broker; %d re-sends of events already published", published-v.orders))
 	row("records on the broker", onBroker, map[bool]string{true: "the stream dropped re-sends within its duplicate window", false: "re-sends included"}[o.nats != ""])
 	row("deliveries", total, fmt.Sprintf("%d duplicates: re-sends, redeliveries after crashes and rebalances", total-distinct))
 	row("duplicates absorbed", absorbed, absorbedBy)
@@ -858,7 +937,7 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 	}
 	row("customer points", fmt.Sprintf("%d/%d", v.pointsGot, v.pointsWant), pointsNote)
 	row("outbox pending / dead", fmt.Sprintf("%d/%d", st.Pending, st.Dead), "must be 0/0")
-	row("dead-lettered", deadLettered.Load(), "must be 0")
+	row("dead-lettered", r.deadLettered.Load(), "must be 0")
 	fmt.Fprintln(out)
 	fmt.Fprintln(out, "  faults injected")
 	crashNote := "consumer crash after the effect, before the offset commit"
@@ -872,12 +951,12 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 	frow("relay crash after the broker confirmed, before mark-sent", f.relayCrashes.Load())
 	frow(crashNote, f.consumerCrashes.Load())
 	frow("rebalance (a member left the group, another joined)", f.rebalances.Load())
-	fmt.Fprintf(out, "\ntook %s\n", time.Since(start).Round(time.Millisecond))
+	fmt.Fprintf(out, "\ntook %s\n", time.Since(r.start).Round(time.Millisecond))
 
 	var problems []string
 	if !finished {
 		problems = append(problems, fmt.Sprintf("nothing progressed for %s (the last progress was %s into the run), with %d of %d orders written and %d applied",
-			o.timeout, lastProgress.Sub(start).Round(time.Second), written.Load(), o.orders, v.applied))
+			o.timeout, lastProgress.Sub(r.start).Round(time.Second), r.written.Load(), o.orders, v.applied))
 	}
 	for _, c := range []struct {
 		bad  bool
@@ -891,7 +970,7 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 		{v.appliedTwice == 0 && v.pointsGot != v.pointsWant, fmt.Sprintf("customer points %d, owed %d", v.pointsGot, v.pointsWant)},
 		{v.pointsGot != v.pointsPromoted, fmt.Sprintf("customer points %d, while the promotions credit %d", v.pointsGot, v.pointsPromoted)},
 		{st.Pending > 0 || st.Dead > 0, fmt.Sprintf("outbox still holds %d pending and %d dead", st.Pending, st.Dead)},
-		{deadLettered.Load() > 0, fmt.Sprintf("%d dead-lettered", deadLettered.Load())},
+		{r.deadLettered.Load() > 0, fmt.Sprintf("%d dead-lettered", r.deadLettered.Load())},
 	} {
 		if c.bad {
 			problems = append(problems, c.what)
