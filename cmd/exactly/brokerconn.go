@@ -20,6 +20,7 @@ import (
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/amqp"
+	hide "github.com/exactlyonce/exactly/internal/redact"
 	"github.com/exactlyonce/exactly/kafka"
 	"github.com/exactlyonce/exactly/nats"
 )
@@ -112,11 +113,11 @@ func newRelayPublisher(ctx context.Context, f *relayFlags, log *slog.Logger) (ex
 		}
 		cl, err := kgo.NewClient(opts...)
 		if err != nil {
-			return nil, nil, fmt.Errorf("--kafka-brokers: %w", err)
+			return nil, nil, fmt.Errorf("--kafka-brokers: %s", f.hideSecrets(err.Error()))
 		}
 		if err := cl.Ping(cctx); err != nil {
 			cl.Close()
-			return nil, nil, fmt.Errorf("cannot reach Kafka at %s within %s: %s", f.kafkaBrokers, connectTimeout, f.hideSecrets(err.Error()))
+			return nil, nil, fmt.Errorf("cannot reach Kafka at %s within %s: %s", f.hideSecrets(f.kafkaBrokers), connectTimeout, f.hideSecrets(err.Error()))
 		}
 		p, err := kafka.NewPublisher(cl)
 		if err != nil {
@@ -146,16 +147,16 @@ func newRelayPublisher(ctx context.Context, f *relayFlags, log *slog.Logger) (ex
 		}
 		nc, err := natsgo.Connect(f.natsURL, opts...)
 		if err != nil {
-			return nil, nil, fmt.Errorf("cannot connect to NATS at %s: %s", redact(f.natsURL), f.hideSecrets(err.Error()))
+			return nil, nil, fmt.Errorf("cannot connect to NATS at %s: %s", hide.String(f.natsURL), f.hideSecrets(err.Error()))
 		}
 		js, err := jetstream.New(nc)
 		if err != nil {
 			nc.Close()
-			return nil, nil, fmt.Errorf("--nats-url: %w", err)
+			return nil, nil, fmt.Errorf("--nats-url: %s", f.hideSecrets(err.Error()))
 		}
 		if _, err := js.AccountInfo(cctx); err != nil {
 			nc.Close()
-			return nil, nil, fmt.Errorf("NATS at %s does not answer JetStream requests (is JetStream enabled for this account?): %w", redact(f.natsURL), err)
+			return nil, nil, fmt.Errorf("NATS at %s does not answer JetStream requests (is JetStream enabled for this account?): %s", hide.String(f.natsURL), f.hideSecrets(err.Error()))
 		}
 		p, err := nats.NewPublisher(js)
 		if err != nil {
@@ -173,7 +174,7 @@ func newRelayPublisher(ctx context.Context, f *relayFlags, log *slog.Logger) (ex
 		cfg.Dial = amqp091.DefaultDial(connectTimeout)
 		conn, err := amqp091.DialConfig(f.amqpURL, cfg)
 		if err != nil {
-			return nil, nil, fmt.Errorf("cannot connect to AMQP at %s: %s", redact(f.amqpURL), f.hideSecrets(err.Error()))
+			return nil, nil, fmt.Errorf("cannot connect to AMQP at %s: %s", hide.String(f.amqpURL), f.hideSecrets(err.Error()))
 		}
 		conn.Close()
 		opts := []amqp.PublisherOption{amqp.DialConfig(amqp091.Config{TLSClientConfig: tlsCfg}), amqp.Logger(log)}
@@ -189,12 +190,10 @@ func newRelayPublisher(ctx context.Context, f *relayFlags, log *slog.Logger) (ex
 	return nil, nil, fmt.Errorf("--broker: unknown broker %q (want %s)", f.broker, strings.Join(brokers, ", "))
 }
 
-// hideSecrets removes every password the flags hold from msg.
+// hideSecrets removes every secret the flags hold, and every other one
+// known, from msg.
 func (f *relayFlags) hideSecrets(msg string) string {
-	for _, s := range []string{f.kafkaPassword, f.natsPassword, urlPassword(f.natsURL), urlPassword(f.amqpURL), urlPassword(f.dsn)} {
-		if s != "" {
-			msg = strings.ReplaceAll(msg, s, "***")
-		}
-	}
-	return msg
+	hide.Add(f.kafkaPassword, f.natsPassword)
+	hide.AddFrom(f.natsURL, f.amqpURL, f.dsn, f.kafkaBrokers)
+	return hide.String(msg)
 }

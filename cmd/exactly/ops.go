@@ -9,11 +9,13 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode"
 	"unicode/utf8"
 
 	"github.com/spf13/cobra"
 
 	"github.com/exactlyonce/exactly/inbox"
+	hide "github.com/exactlyonce/exactly/internal/redact"
 	"github.com/exactlyonce/exactly/outbox"
 )
 
@@ -24,7 +26,7 @@ type dbFlags struct {
 }
 
 func (f *dbFlags) add(cmd *cobra.Command, defaultTable, what string) {
-	cmd.Flags().StringVar(&f.dsn, "db", "", "database: postgres://..., mysql://user@tcp(host:3306)/db or sqlite:path (env EXACTLY_DB)")
+	cmd.Flags().StringVar(&f.dsn, "db", "", "database: postgres://..., 'mysql://root@tcp(127.0.0.1:3306)/test' (quoted for the shell) or sqlite:path (env EXACTLY_DB)")
 	cmd.Flags().StringVar(&f.table, "table", defaultTable, what+" table name, optionally schema-qualified")
 }
 
@@ -36,6 +38,7 @@ func (f *dbFlags) connect(cmd *cobra.Command, check func(dialect string) error) 
 	if dsn == "" {
 		dsn = envDefault("EXACTLY_DB", "")
 	}
+	hide.AddFrom(dsn)
 	db, dialect, err := openDB(dsn)
 	if err != nil {
 		return nil, err
@@ -46,7 +49,7 @@ func (f *dbFlags) connect(cmd *cobra.Command, check func(dialect string) error) 
 	}
 	if err := db.PingContext(cmd.Context()); err != nil {
 		db.Close()
-		return nil, fmt.Errorf("cannot reach the database %s: %w", redact(dsn), err)
+		return nil, fmt.Errorf("cannot reach the database %s: %s", hide.String(dsn), scrub(err, dsn))
 	}
 	return db, nil
 }
@@ -314,16 +317,26 @@ func deadListCmd() *cobra.Command {
 	return cmd
 }
 
-// oneLine flattens s to one line of text safe for a table, cut to width
-// runes when width > 0.
+// oneLine flattens s to one line of text safe for a table and a terminal,
+// cut to width runes when width > 0: line breaks and tabs become spaces,
+// other control characters (terminal escape sequences) and invisible
+// format characters (bidirectional overrides) are shown escaped, \x1b or
+// \u202e, and invalid UTF-8 as \ufffd.
 func oneLine(s string, width int) string {
-	s = strings.Map(func(r rune) rune {
-		switch r {
-		case '\n', '\r', '\t':
-			return ' '
+	var b strings.Builder
+	for _, r := range s {
+		switch {
+		case r == '\n', r == '\r', r == '\t':
+			b.WriteByte(' ')
+		case r < 0x20, r == 0x7f, r >= 0x80 && r < 0xa0:
+			fmt.Fprintf(&b, `\x%02x`, r)
+		case r == utf8.RuneError, unicode.Is(unicode.Cf, r):
+			fmt.Fprintf(&b, `\u%04x`, r)
+		default:
+			b.WriteRune(r)
 		}
-		return r
-	}, s)
+	}
+	s = b.String()
 	if width > 0 && utf8.RuneCountInString(s) > width {
 		return string([]rune(s)[:width-1]) + "…"
 	}
@@ -333,11 +346,15 @@ func oneLine(s string, width int) string {
 func deadRetryCmd() *cobra.Command {
 	var f dbFlags
 	var d deadFlags
+	var yes bool
 	cmd := &cobra.Command{
 		Use:   "retry",
 		Short: "Make dead messages pending again so the relay publishes them",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if d.empty() && !yes {
+				return errors.New("refusing to retry every dead message: narrow it with --topic, --key or --id, or pass --yes to retry them all")
+			}
 			db, ob, err := f.openOutbox(cmd)
 			if err != nil {
 				return err
@@ -353,6 +370,7 @@ func deadRetryCmd() *cobra.Command {
 	}
 	f.add(cmd, outbox.DefaultTable, "outbox")
 	d.add(cmd)
+	cmd.Flags().BoolVar(&yes, "yes", false, "confirm retrying every dead message when no filter is given")
 	return cmd
 }
 
@@ -396,6 +414,9 @@ func inboxCmd() *cobra.Command {
 	return cmd
 }
 
+// minGCAge is the least --older-than `inbox gc` takes.
+const minGCAge = time.Minute
+
 func inboxGCCmd() *cobra.Command {
 	var f dbFlags
 	var consumer string
@@ -415,8 +436,9 @@ func inboxGCCmd() *cobra.Command {
 			if !cmd.Flags().Changed("older-than") {
 				return errors.New("--older-than is required, for example --older-than 720h")
 			}
-			if olderThan <= 0 {
-				return fmt.Errorf("--older-than must be positive, got %s", olderThan)
+			if olderThan < minGCAge {
+				return fmt.Errorf("--older-than %s is below the floor of %s: a younger record may belong to a message the broker still redelivers, "+
+					"which would then be applied twice; keep records longer than the broker can redeliver (for example --older-than 720h)", olderThan, minGCAge)
 			}
 			if batch < 0 {
 				return fmt.Errorf("--batch must not be negative, got %d", batch)
@@ -437,7 +459,7 @@ func inboxGCCmd() *cobra.Command {
 	}
 	f.add(cmd, inbox.DefaultTable, "inbox")
 	cmd.Flags().StringVar(&consumer, "consumer", "", "consumer name whose records to delete (required)")
-	cmd.Flags().DurationVar(&olderThan, "older-than", 0, "delete records processed longer ago than this, e.g. 720h (required)")
+	cmd.Flags().DurationVar(&olderThan, "older-than", 0, "delete records processed longer ago than this, e.g. 720h; at least 1m (required)")
 	cmd.Flags().IntVar(&batch, "batch", 0, fmt.Sprintf("rows per DELETE statement (0 for %d)", inbox.DefaultGCBatch))
 	return cmd
 }

@@ -195,8 +195,17 @@ func TestOutboxDeadListRetryPurge(t *testing.T) {
 		t.Errorf("purge --topic: %s", out)
 	}
 
+	// Retry without a filter and without --yes refuses and changes nothing.
+	out, err = run(t, outboxCmd(), append([]string{"dead", "retry"}, base...)...)
+	if err == nil || !strings.Contains(err.Error(), "refusing to retry every dead message") || !strings.Contains(err.Error(), "--yes") {
+		t.Errorf("retry without --yes: got %v\n%s", err, out)
+	}
+	if d := countStatus(t, db, table, 2); d != 1 {
+		t.Errorf("refused retry changed the dead count to %d", d)
+	}
+
 	// Retry everything left, park it again, then purge --yes: only dead rows go.
-	out = mustRun(t, outboxCmd(), append([]string{"dead", "retry"}, base...)...)
+	out = mustRun(t, outboxCmd(), append([]string{"dead", "retry", "--yes"}, base...)...)
 	if !strings.Contains(out, "retried 1 dead message") {
 		t.Errorf("retry: %s", out)
 	}
@@ -244,16 +253,29 @@ func TestInboxGC(t *testing.T) {
 			}
 		}
 	}
-	time.Sleep(20 * time.Millisecond) // records are stamped in milliseconds
-
 	dsn := testenv.PostgresDSN()
 	out := mustRun(t, inboxCmd(), "gc", "--db", dsn, "--table", table, "--consumer", "billing", "--older-than", "24h")
 	if !strings.Contains(out, "deleted 0 inbox record") {
 		t.Errorf("gc --older-than 24h: %s", out)
 	}
-	out = mustRun(t, inboxCmd(), "gc", "--db", dsn, "--table", table, "--consumer", "billing", "--older-than", "1ns", "--batch", "2")
+	// Below the floor of a minute: refused, the records written just now stay.
+	for _, age := range []string{"1ns", "59s"} {
+		out, err := run(t, inboxCmd(), "gc", "--db", dsn, "--table", table, "--consumer", "billing", "--older-than", age)
+		if err == nil || !strings.Contains(err.Error(), "below the floor of 1m0s") || !strings.Contains(err.Error(), "applied twice") {
+			t.Errorf("gc --older-than %s: got %v\n%s", age, err, out)
+		}
+	}
+	var left int
+	if err := db.QueryRow("SELECT count(*) FROM " + table + " WHERE consumer = 'billing'").Scan(&left); err != nil || left != 3 {
+		t.Fatalf("after the refused gc: %d billing records (%v), want 3", left, err)
+	}
+	// Two hours old: gone with --older-than 1h.
+	if _, err := db.Exec("UPDATE "+table+" SET processed_at = processed_at - $1 WHERE consumer = 'billing'", int64(2*time.Hour/time.Millisecond)); err != nil {
+		t.Fatal(err)
+	}
+	out = mustRun(t, inboxCmd(), "gc", "--db", dsn, "--table", table, "--consumer", "billing", "--older-than", "1h", "--batch", "2")
 	if !strings.Contains(out, "deleted 3 inbox record") {
-		t.Errorf("gc --older-than 1ns: %s", out)
+		t.Errorf("gc --older-than 1h: %s", out)
 	}
 	var billing, shipping int
 	if err := db.QueryRow("SELECT count(*) FILTER (WHERE consumer = 'billing'), count(*) FILTER (WHERE consumer = 'shipping') FROM "+table).Scan(&billing, &shipping); err != nil {
@@ -274,7 +296,8 @@ func TestOpsBadInput(t *testing.T) {
 	}{
 		{outboxCmd, "status", "no database given"},
 		{outboxCmd, "dead list", "no database given"},
-		{outboxCmd, "dead retry", "no database given"},
+		{outboxCmd, "dead retry --yes", "no database given"},
+		{outboxCmd, "dead retry --db " + unreachable, "refusing to retry every dead message"},
 		{outboxCmd, "dead purge --yes", "no database given"},
 		{outboxCmd, "dead purge --db " + unreachable, "refusing to purge every dead message"},
 		{outboxCmd, "status --db oracle://u:secret@x/db", "unrecognised database DSN"},
@@ -286,8 +309,9 @@ func TestOpsBadInput(t *testing.T) {
 		{inboxCmd, "gc --db " + unreachable + " --older-than 1h", "--consumer is required"},
 		{inboxCmd, "gc --db " + unreachable + " --consumer c", "--older-than is required"},
 		{inboxCmd, "gc --db " + unreachable + " --consumer c --older-than soon", "invalid argument"},
-		{inboxCmd, "gc --db " + unreachable + " --consumer c --older-than 0s", "--older-than must be positive"},
-		{inboxCmd, "gc --db " + unreachable + " --consumer c --older-than -1h", "--older-than must be positive"},
+		{inboxCmd, "gc --db " + unreachable + " --consumer c --older-than 0s", "below the floor of 1m0s"},
+		{inboxCmd, "gc --db " + unreachable + " --consumer c --older-than -1h", "below the floor of 1m0s"},
+		{inboxCmd, "gc --db " + unreachable + " --consumer c --older-than 1ns", "below the floor of 1m0s"},
 		{inboxCmd, "gc --db " + unreachable + " --consumer c --older-than 1h --batch -1", "--batch must not be negative"},
 		{inboxCmd, "gc --db " + unreachable + " --consumer c --older-than 1h", "cannot reach the database"},
 	} {
@@ -297,6 +321,63 @@ func TestOpsBadInput(t *testing.T) {
 		}
 		if strings.Contains(out, "secret") || (err != nil && strings.Contains(err.Error(), "secret")) {
 			t.Errorf("%s: the password leaked: %v\n%s", tc.args, err, out)
+		}
+	}
+}
+
+// Keys, topics and errors holding terminal escape sequences are shown
+// escaped in the text listing; --json keeps them as they are.
+func TestDeadListEscapesControlCharacters(t *testing.T) {
+	db := pgDB(t)
+	ctx := context.Background()
+	ob := exactlytest.MigratedOutbox(t, db, outbox.Postgres, "ops_esc")
+	msg := &exactly.Message{Topic: "orders", Key: "k-\x1b[2J\x1b[31mred", Payload: []byte("1")}
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ob.Enqueue(ctx, tx, msg); err != nil {
+		tx.Rollback()
+		t.Fatal(err)
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.ExecContext(ctx, "UPDATE "+ob.Table()+" SET status = 2, attempts = 3, last_error = $1, done_at = $2 WHERE id = $3",
+		"refused \x1b]0;owned\x07 \u202eevil\x7f\u0085", time.Now().UnixMilli(), msg.ID); err != nil {
+		t.Fatal(err)
+	}
+	base := []string{"--db", testenv.PostgresDSN(), "--table", ob.Table()}
+	out := mustRun(t, outboxCmd(), append([]string{"dead", "list"}, base...)...)
+	for _, r := range out {
+		if (r < 0x20 && r != '\n') || r == 0x7f || (r >= 0x80 && r < 0xa0) || r == '\u202e' {
+			t.Fatalf("dead list prints control character %U raw:\n%q", r, out)
+		}
+	}
+	for _, want := range []string{`k-\x1b[2J\x1b[31mred`, `refused \x1b]0;owned\x07 \u202eevil\x7f\x85`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("dead list lacks %s:\n%s", want, out)
+		}
+	}
+	out = mustRun(t, outboxCmd(), append([]string{"dead", "list", "--json"}, base...)...)
+	var list []deadJSON
+	if err := json.Unmarshal([]byte(out), &list); err != nil || len(list) != 1 || list[0].Key != msg.Key {
+		t.Errorf("dead list --json: %v %+v", err, list)
+	}
+}
+
+// The help of every command taking --db shows the MySQL DSN quoted, as the
+// shell needs it.
+func TestHelpQuotesMySQLDSN(t *testing.T) {
+	const quoted = `'mysql://root@tcp(127.0.0.1:3306)/test'`
+	for _, args := range [][]string{{"relay", "--help"}, {"outbox", "status", "--help"}, {"outbox", "dead", "list", "--help"},
+		{"outbox", "dead", "retry", "--help"}, {"outbox", "dead", "purge", "--help"}, {"inbox", "gc", "--help"}} {
+		out := mustRun(t, newRoot(), args...)
+		if !strings.Contains(out, quoted) {
+			t.Errorf("%v: the help lacks %s:\n%s", args, quoted, out)
+		}
+		if strings.Contains(strings.ReplaceAll(out, quoted, ""), "mysql://user@tcp(") {
+			t.Errorf("%v: an unquoted MySQL DSN:\n%s", args, out)
 		}
 	}
 }

@@ -7,8 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/url"
-	"os"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -22,6 +20,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/exactlyonce/exactly"
+	hide "github.com/exactlyonce/exactly/internal/redact"
 	"github.com/exactlyonce/exactly/outbox"
 	"github.com/exactlyonce/exactly/pgcdc"
 	"github.com/exactlyonce/exactly/relay"
@@ -38,12 +37,6 @@ type relayFlags struct {
 	natsURL      string
 	amqpURL      string
 	amqpExchange string
-	batchSize    int
-	pollInterval time.Duration
-	maxAttempts  int
-	retention    time.Duration
-	partitions   int
-	instanceID   string
 	adminAddr    string
 	logFormat    string
 	logLevel     string
@@ -61,47 +54,26 @@ type relayFlags struct {
 	cdcMessages      bool
 	debeziumTable    string
 	kafkaExactlyOnce bool
+
+	// tune holds the relay.Config and pgcdc.Config settings (relaysettings.go).
+	tune relayTuning
+	// origin says where a setting not given as a flag came from, for errors.
+	origin map[string]string
 }
 
 // brokers the relay publishes to.
 var brokers = []string{"kafka", "nats", "amqp"}
 
-// relayEnv maps each flag to the environment variable used when the flag is
-// not given.
-var relayEnv = map[string]string{
-	"config":             "EXACTLY_CONFIG",
-	"db":                 "EXACTLY_DB",
-	"table":              "EXACTLY_TABLE",
-	"source":             "EXACTLY_SOURCE",
-	"broker":             "EXACTLY_BROKER",
-	"kafka-brokers":      "EXACTLY_KAFKA_BROKERS",
-	"nats-url":           "EXACTLY_NATS_URL",
-	"amqp-url":           "EXACTLY_AMQP_URL",
-	"amqp-exchange":      "EXACTLY_AMQP_EXCHANGE",
-	"batch-size":         "EXACTLY_BATCH_SIZE",
-	"poll-interval":      "EXACTLY_POLL_INTERVAL",
-	"max-attempts":       "EXACTLY_MAX_ATTEMPTS",
-	"retention":          "EXACTLY_RETENTION",
-	"partitions":         "EXACTLY_PARTITIONS",
-	"instance-id":        "EXACTLY_INSTANCE_ID",
-	"admin-addr":         "EXACTLY_ADMIN_ADDR",
-	"log-format":         "EXACTLY_LOG_FORMAT",
-	"log-level":          "EXACTLY_LOG_LEVEL",
-	"tls":                "EXACTLY_TLS",
-	"tls-ca":             "EXACTLY_TLS_CA",
-	"tls-cert":           "EXACTLY_TLS_CERT",
-	"tls-key":            "EXACTLY_TLS_KEY",
-	"tls-server-name":    "EXACTLY_TLS_SERVER_NAME",
-	"kafka-sasl":         "EXACTLY_KAFKA_SASL",
-	"kafka-user":         "EXACTLY_KAFKA_USER",
-	"kafka-password":     "EXACTLY_KAFKA_PASSWORD",
-	"nats-creds":         "EXACTLY_NATS_CREDS",
-	"nats-user":          "EXACTLY_NATS_USER",
-	"nats-password":      "EXACTLY_NATS_PASSWORD",
-	"slot":               "EXACTLY_SLOT",
-	"cdc-messages":       "EXACTLY_CDC_MESSAGES",
-	"debezium-table":     "EXACTLY_DEBEZIUM_TABLE",
-	"kafka-exactly-once": "EXACTLY_KAFKA_EXACTLY_ONCE",
+// relayEnv maps each flag of cmd to its environment variable, used when
+// the flag is not given: EXACTLY_ and the flag's name (envName).
+func relayEnv(fl *pflag.FlagSet) map[string]string {
+	env := map[string]string{}
+	fl.VisitAll(func(f *pflag.Flag) {
+		if f.Name != "help" {
+			env[f.Name] = envName(f.Name)
+		}
+	})
+	return env
 }
 
 // secretFlags hold secrets: their values are never printed.
@@ -134,27 +106,63 @@ scram-sha-256 or scram-sha-512; NATS takes --nats-creds or --nats-user.
 Passwords are never logged: pass them in the environment
 (EXACTLY_KAFKA_PASSWORD, EXACTLY_NATS_PASSWORD) rather than as flags.
 
-Admin HTTP on --admin-addr: /metrics (Prometheus), /healthz, /readyz.`,
+Every relay.Config setting a deployment tunes has a flag (StrictOrder:
+--strict-order, ShutdownTimeout: --shutdown-timeout, LeaseTTL: --lease-ttl,
+InitialBackoff and MaxBackoff: --initial-backoff and --max-backoff, ...),
+and so do the cdc source's (--max-pending, --status-interval, ...).
+
+Admin HTTP on --admin-addr: /metrics (Prometheus), /healthz, /readyz. They
+have no authentication: keep them on a loopback or private address.`,
+		Example: `  exactly relay --db postgres://relay@127.0.0.1:5432/app --broker nats --nats-url nats://127.0.0.1:4222
+  exactly relay --db 'mysql://root@tcp(127.0.0.1:3306)/test' --broker kafka --kafka-brokers 127.0.0.1:9092
+  EXACTLY_DB=sqlite:app.db exactly relay --broker amqp --config /etc/exactly/relay.conf
+
+Quote a MySQL DSN: the shell reads its parentheses.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := applyEnv(cmd.Flags(), relayEnv); err != nil {
+			fl := cmd.Flags()
+			f.origin = map[string]string{}
+			setByFlag := map[string]bool{}
+			fl.Visit(func(fv *pflag.Flag) { setByFlag[fv.Name] = true })
+			env := relayEnv(fl)
+			if err := applyEnv(fl, env); err != nil {
 				return err
 			}
+			fl.Visit(func(fv *pflag.Flag) {
+				if !setByFlag[fv.Name] {
+					f.origin[fv.Name], setByFlag[fv.Name] = "from "+env[fv.Name], true
+				}
+			})
+			errorLogFormat = f.logFormat
 			if f.config != "" {
-				if err := applyConfigFile(cmd.Flags(), f.config); err != nil {
+				lines, err := applyConfigFile(fl, f.config)
+				if err != nil {
 					return err
 				}
+				for name, line := range lines {
+					f.origin[name] = fmt.Sprintf("from --config %s line %d", f.config, line)
+				}
 			}
-			log, err := f.validate()
+			errorLogFormat = f.logFormat
+			hide.Add(f.kafkaPassword, f.natsPassword)
+			hide.AddFrom(f.dsn, f.natsURL, f.amqpURL, f.kafkaBrokers)
+			log, err := f.validate(fl)
 			if err != nil {
 				return err
+			}
+			if attrs := f.tune.given(fl); len(attrs) > 0 {
+				log.Info("relay settings", attrs...)
+			}
+			if !loopbackAddr(f.adminAddr) {
+				log.Warn("the admin endpoints (/metrics, /healthz, /readyz) have no authentication and listen beyond this machine; "+
+					"keep --admin-addr on a loopback or private address, or firewall it", "admin_addr", f.adminAddr)
 			}
 			return runRelay(cmd.Context(), &f, log)
 		},
 	}
 	fl := cmd.Flags()
 	fl.StringVar(&f.config, "config", "", "config file of name = value lines, read for the settings neither flags nor the environment give (env EXACTLY_CONFIG)")
-	fl.StringVar(&f.dsn, "db", "", "database: postgres://..., mysql://user@tcp(host:3306)/db or sqlite:path (env EXACTLY_DB)")
+	fl.StringVar(&f.dsn, "db", "", "database: postgres://..., 'mysql://root@tcp(127.0.0.1:3306)/test' (quoted for the shell) or sqlite:path (env EXACTLY_DB)")
 	fl.StringVar(&f.table, "table", outbox.DefaultTable, "outbox table name, optionally schema-qualified (env EXACTLY_TABLE)")
 	fl.StringVar(&f.source, "source", sourcePoll, "where the relay reads the outbox: poll, or cdc (logical replication, PostgreSQL) (env EXACTLY_SOURCE)")
 	fl.StringVar(&f.broker, "broker", "", "broker: kafka, nats or amqp (env EXACTLY_BROKER)")
@@ -162,13 +170,8 @@ Admin HTTP on --admin-addr: /metrics (Prometheus), /healthz, /readyz.`,
 	fl.StringVar(&f.natsURL, "nats-url", "", "NATS server URL, e.g. nats://127.0.0.1:4222 (env EXACTLY_NATS_URL)")
 	fl.StringVar(&f.amqpURL, "amqp-url", "", "AMQP broker URL, amqp://user:password@host:5672/vhost or amqps://... (env EXACTLY_AMQP_URL)")
 	fl.StringVar(&f.amqpExchange, "amqp-exchange", "", "AMQP exchange to publish to, the topic being the routing key; default the default exchange (env EXACTLY_AMQP_EXCHANGE)")
-	fl.IntVar(&f.batchSize, "batch-size", 0, "most rows published at once, 0 for the default 2000 (env EXACTLY_BATCH_SIZE)")
-	fl.DurationVar(&f.pollInterval, "poll-interval", 0, "how often the table is read when nothing woke the relay, 0 for the default (env EXACTLY_POLL_INTERVAL)")
-	fl.IntVar(&f.maxAttempts, "max-attempts", 0, "failed publishes before a message is parked as dead, 0 for the default 25 (env EXACTLY_MAX_ATTEMPTS)")
-	fl.DurationVar(&f.retention, "retention", 0, "keep sent rows this long, 0 deletes them once confirmed (env EXACTLY_RETENTION)")
-	fl.IntVar(&f.partitions, "partitions", 0, "key partitions shared between relays, 0 for the default 16; the same on every relay of the table (env EXACTLY_PARTITIONS)")
-	fl.StringVar(&f.instanceID, "instance-id", "", "name of this relay in the lease table, default hostname-pid-random (env EXACTLY_INSTANCE_ID)")
-	fl.StringVar(&f.adminAddr, "admin-addr", "127.0.0.1:9464", "address of the admin HTTP server (/metrics, /healthz, /readyz) (env EXACTLY_ADMIN_ADDR)")
+	addTunables(fl, f.tune.tunables())
+	fl.StringVar(&f.adminAddr, "admin-addr", "127.0.0.1:9464", "address of the admin HTTP server (/metrics, /healthz, /readyz; no authentication) (env EXACTLY_ADMIN_ADDR)")
 	fl.StringVar(&f.logFormat, "log-format", "text", "log format: text or json (env EXACTLY_LOG_FORMAT)")
 	fl.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error (env EXACTLY_LOG_LEVEL)")
 	fl.BoolVar(&f.tls.enabled, "tls", false, "connect to the broker over TLS, verified against the system roots (env EXACTLY_TLS)")
@@ -189,36 +192,9 @@ Admin HTTP on --admin-addr: /metrics (Prometheus), /healthz, /readyz.`,
 	return cmd
 }
 
-// applyEnv sets every flag not given on the command line from its
-// environment variable in envs, if that is set.
-func applyEnv(fl *pflag.FlagSet, envs map[string]string) error {
-	var err error
-	fl.VisitAll(func(f *pflag.Flag) {
-		env, ok := envs[f.Name]
-		if !ok || f.Changed || err != nil {
-			return
-		}
-		v, set := os.LookupEnv(env)
-		if !set || v == "" {
-			return
-		}
-		if e := fl.Set(f.Name, v); e != nil {
-			shown := v
-			switch {
-			case secretFlags[f.Name]:
-				shown = "***"
-			case strings.Contains(v, "://"):
-				shown = redact(v)
-			}
-			err = fmt.Errorf("invalid value %q in %s (for --%s): %v", shown, env, f.Name, e)
-		}
-	})
-	return err
-}
-
 // validate checks every setting before anything is opened and returns the
 // logger they configure.
-func (f *relayFlags) validate() (*slog.Logger, error) {
+func (f *relayFlags) validate(fl *pflag.FlagSet) (*slog.Logger, error) {
 	if f.dsn == "" {
 		return nil, errors.New("--db is required (or EXACTLY_DB): postgres://..., mysql://... or sqlite:path")
 	}
@@ -292,22 +268,8 @@ func (f *relayFlags) validate() (*slog.Logger, error) {
 	if _, err := f.tls.config(); err != nil {
 		return nil, err
 	}
-	for _, c := range []struct {
-		flag string
-		v    int64
-	}{
-		{"batch-size", int64(f.batchSize)}, {"max-attempts", int64(f.maxAttempts)}, {"partitions", int64(f.partitions)},
-		{"poll-interval", int64(f.pollInterval)}, {"retention", int64(f.retention)},
-	} {
-		if c.v < 0 {
-			return nil, fmt.Errorf("--%s must not be negative", c.flag)
-		}
-	}
-	if f.batchSize > 10000 {
-		return nil, fmt.Errorf("--batch-size %d is above the limit of 10000", f.batchSize)
-	}
-	if f.partitions > 1024 {
-		return nil, fmt.Errorf("--partitions %d is above the limit of 1024", f.partitions)
+	if err := f.checkTunables(fl); err != nil {
+		return nil, err
 	}
 	if _, _, err := net.SplitHostPort(f.adminAddr); err != nil {
 		return nil, fmt.Errorf("--admin-addr %q: %v", f.adminAddr, err)
@@ -319,9 +281,9 @@ func (f *relayFlags) validate() (*slog.Logger, error) {
 	opts := &slog.HandlerOptions{Level: level}
 	switch f.logFormat {
 	case "text":
-		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+		return slog.New(slog.NewTextHandler(logOutput, opts)), nil
 	case "json":
-		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+		return slog.New(slog.NewJSONHandler(logOutput, opts)), nil
 	}
 	return nil, fmt.Errorf("--log-format: unknown format %q (want text or json)", f.logFormat)
 }
@@ -336,15 +298,11 @@ func splitList(s string) []string {
 	return out
 }
 
-// scrub removes the DSN's password from an error message.
+// scrub removes the DSN's secrets, and every other one known, from an
+// error message.
 func scrub(err error, dsn string) string {
-	msg := err.Error()
-	if u, e := url.Parse(dsn); e == nil && u.User != nil {
-		if pw, ok := u.User.Password(); ok && pw != "" {
-			msg = strings.ReplaceAll(msg, pw, "***")
-		}
-	}
-	return msg
+	hide.AddFrom(dsn)
+	return hide.String(err.Error())
 }
 
 // relayDB is the database handle the relay uses and how to ping and close it.
@@ -361,11 +319,11 @@ func openRelayDB(ctx context.Context, dsn string) (*relayDB, error) {
 	if strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://") {
 		cfg, err := pgxpool.ParseConfig(dsn)
 		if err != nil {
-			return nil, fmt.Errorf("--db: invalid PostgreSQL DSN %s: %s", redact(dsn), scrub(err, dsn))
+			return nil, fmt.Errorf("--db: invalid PostgreSQL DSN %s: %s", hide.String(dsn), scrub(err, dsn))
 		}
 		pool, err := pgxpool.NewWithConfig(ctx, cfg)
 		if err != nil {
-			return nil, fmt.Errorf("--db: opening %s: %s", redact(dsn), scrub(err, dsn))
+			return nil, fmt.Errorf("--db: opening %s: %s", hide.String(dsn), scrub(err, dsn))
 		}
 		return &relayDB{handle: pool, dialect: outbox.Postgres, ping: pool.Ping, close: pool.Close}, nil
 	}
@@ -497,7 +455,7 @@ func runRelay(ctx context.Context, f *relayFlags, log *slog.Logger) error {
 	err = db.ping(pingCtx)
 	cancelPing()
 	if err != nil {
-		return fmt.Errorf("cannot reach the database %s: %s", redact(f.dsn), scrub(err, f.dsn))
+		return fmt.Errorf("cannot reach the database %s: %s", hide.String(f.dsn), scrub(err, f.dsn))
 	}
 
 	ln, err := net.Listen("tcp", f.adminAddr)
@@ -523,7 +481,8 @@ func runRelay(ctx context.Context, f *relayFlags, log *slog.Logger) error {
 		if err != nil {
 			return err
 		}
-		kafkaEOS = &pgcdc.KafkaExactlyOnce{Seeds: splitList(f.kafkaBrokers), Opts: opts}
+		kafkaEOS = &pgcdc.KafkaExactlyOnce{Seeds: splitList(f.kafkaBrokers), Opts: opts,
+			TransactionalID: f.tune.transactionalID, CheckpointTopic: f.tune.checkpointTopic, TransactionTimeout: f.tune.txnTime}
 	}
 
 	var rl atomic.Pointer[relayRunner]
@@ -538,20 +497,27 @@ func runRelay(ctx context.Context, f *relayFlags, log *slog.Logger) error {
 		m.registerCDC()
 	}
 	r, err := newRelayRunner(f.source, relay.Config{
-		Outbox:       ob,
-		DB:           db.handle,
-		Publisher:    pub,
-		BatchSize:    f.batchSize,
-		PollInterval: f.pollInterval,
-		MaxAttempts:  f.maxAttempts,
-		Retention:    f.retention,
-		Partitions:   f.partitions,
-		InstanceID:   f.instanceID,
-		Logger:       log,
-		Hooks:        m.hooks(),
+		Outbox:          ob,
+		DB:              db.handle,
+		Publisher:       pub,
+		BatchSize:       f.tune.batchSize,
+		PollInterval:    f.tune.pollInterval,
+		MaxAttempts:     f.tune.maxAttempts,
+		InitialBackoff:  f.tune.initialBackoff,
+		MaxBackoff:      f.tune.maxBackoff,
+		StrictOrder:     f.tune.strictOrder,
+		Retention:       f.tune.retention,
+		Partitions:      f.tune.partitions,
+		LeaseTTL:        f.tune.leaseTTL,
+		InstanceID:      f.tune.instanceID,
+		ShutdownTimeout: f.tune.shutdownTimeout,
+		Logger:          log,
+		Hooks:           m.hooks(),
 	}, cdcSettings{
 		DSN: f.dsn, Slot: f.slot, Messages: f.cdcMessages, DebeziumTable: f.debeziumTable,
-		KeepRows: f.retention > 0, KafkaEOS: kafkaEOS, Hooks: m.cdcHooks(),
+		KeepRows: f.tune.retention > 0, KafkaEOS: kafkaEOS, Hooks: m.cdcHooks(),
+		Publication: f.tune.publication, MessagePrefix: f.tune.messagePrefix, MaxPending: f.tune.maxPending,
+		HeartbeatInterval: f.tune.heartbeatInterval, StatusInterval: f.tune.statusInterval, LagInterval: f.tune.lagInterval,
 	})
 	if err != nil {
 		return fmt.Errorf("%s", scrub(err, f.dsn))
@@ -601,7 +567,7 @@ func runRelay(ctx context.Context, f *relayFlags, log *slog.Logger) error {
 		}
 		fmt.Fprintln(w, "ready")
 	})
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	srv := &http.Server{Handler: hide.Handler(mux), ReadHeaderTimeout: 5 * time.Second}
 	srvErr := make(chan error, 1)
 	go func() { srvErr <- srv.Serve(ln) }()
 
@@ -609,7 +575,7 @@ func runRelay(ctx context.Context, f *relayFlags, log *slog.Logger) error {
 	defer cancel()
 	relayErr := make(chan error, 1)
 	running.Store(true)
-	go func() { relayErr <- r.Run(runCtx) }()
+	go func() { relayErr <- runSafely(runCtx, r) }()
 	log.Info("relay started", "source", f.source, "table", ob.Table(), "dialect", db.dialect, "broker", f.broker, "tls", f.tls.wanted(),
 		"admin", ln.Addr().String(), "db", redact(f.dsn))
 
@@ -647,53 +613,4 @@ func dialectOf(dsn string) string {
 		return outbox.MySQL
 	}
 	return outbox.SQLite
-}
-
-// urlPassword returns the password in a URL, "" when it holds none.
-func urlPassword(s string) string {
-	u, err := url.Parse(s)
-	if err != nil || u.User == nil {
-		return ""
-	}
-	pw, _ := u.User.Password()
-	return pw
-}
-
-// applyConfigFile sets, from a file of "name = value" lines, every flag
-// that neither the command line nor the environment set. Unknown names, and
-// values a flag refuses, are errors naming the file and the line.
-func applyConfigFile(fl *pflag.FlagSet, path string) error {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return fmt.Errorf("--config: %w", err)
-	}
-	for i, line := range strings.Split(string(b), "\n") {
-		line = strings.TrimSpace(line)
-		if line == "" || strings.HasPrefix(line, "#") {
-			continue
-		}
-		name, value, ok := strings.Cut(line, "=")
-		if !ok {
-			return fmt.Errorf("--config %s line %d: want name = value", path, i+1)
-		}
-		name, value = strings.TrimSpace(name), strings.Trim(strings.TrimSpace(value), `"`)
-		f := fl.Lookup(name)
-		if f == nil || name == "config" {
-			return fmt.Errorf("--config %s line %d: unknown setting %q", path, i+1, name)
-		}
-		if f.Changed {
-			continue
-		}
-		if err := fl.Set(name, value); err != nil {
-			shown := value
-			switch {
-			case secretFlags[name]:
-				shown = "***"
-			case strings.Contains(value, "://"):
-				shown = redact(value)
-			}
-			return fmt.Errorf("--config %s line %d: invalid value %q for %s: %v", path, i+1, shown, name, err)
-		}
-	}
-	return nil
 }

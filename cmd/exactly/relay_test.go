@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"database/sql"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -650,4 +651,230 @@ func kafkaIDs(t *testing.T, seeds []string, topic string, n int) []string {
 		poll(extra)
 	}
 	return got
+}
+
+// The config file is bounded, a setting given twice is refused naming both
+// lines, and long values are cut in the messages.
+func TestRelayConfigFile(t *testing.T) {
+	bin := buildExactly(t)
+	huge := filepath.Join(t.TempDir(), "huge.conf")
+	if err := os.WriteFile(huge, append([]byte("broker = nats\nbatch-size = "), bytes.Repeat([]byte("9"), 10<<20)...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	long := strings.Repeat("x", 900<<10)
+	for _, tc := range []struct {
+		name, config string
+		want         []string
+	}{
+		{"DevZero", "/dev/zero", []string{"--config /dev/zero: larger than the limit of 1 MiB"}},
+		{"TenMegabyteLine", huge, []string{"larger than the limit of 1 MiB"}},
+		{"LongValue", badConfig(t, "broker = nats\nbatch-size = "+long+"\n"), []string{`line 2: invalid value "xxxx`, "bytes in all", "for batch-size: want a whole number"}},
+		{"LongName", badConfig(t, long+" = 1\n"), []string{`line 1: unknown setting "xxxx`, "bytes in all"}},
+		{"Duplicate", badConfig(t, "# relay\nbroker = nats\nnats-url = nats://127.0.0.1:1\n\nbroker = kafka\n"),
+			[]string{`"broker" is set twice, on line 2 and line 5`}},
+		{"DuplicateSameValue", badConfig(t, "batch-size = 10\nbatch-size = 10\n"), []string{`"batch-size" is set twice, on line 1 and line 2`}},
+		{"NotText", badConfig(t, "broker = nats\n\xff\xfe\n"), []string{"not UTF-8 text"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out, code := runExactly(t, bin, nil, "relay", "--config", tc.config, "--db", "postgres://u@127.0.0.1:1/db", "--admin-addr", "127.0.0.1:0")
+			if code == 0 {
+				t.Fatalf("exit 0:\n%.2000s", out)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(out, w) {
+					t.Errorf("output lacks %q:\n%.2000s", w, out)
+				}
+			}
+			if len(out) > 1000 {
+				t.Errorf("a %d-byte message:\n%.2000s", len(out), out)
+			}
+		})
+	}
+}
+
+// Every tunable of relay.Config and pgcdc.Config has a flag, a variable
+// and a config key; a bad value is refused with an error naming the
+// setting and where it came from; a good one is taken (the start-up log
+// lists it).
+func TestRelayTunables(t *testing.T) {
+	bin := buildExactly(t)
+	const dsn = "postgres://u@127.0.0.1:1/db"
+	base := func(source string, eos bool) []string {
+		args := []string{"relay", "--db", dsn, "--admin-addr", "127.0.0.1:0", "--source", source}
+		if eos {
+			return append(args, "--broker", "kafka", "--kafka-brokers", "127.0.0.1:1", "--kafka-exactly-once")
+		}
+		return append(args, "--broker", "nats", "--nats-url", "nats://127.0.0.1:1")
+	}
+	check := func(what string, env []string, args []string, want ...string) {
+		t.Helper()
+		out, code := runExactly(t, bin, env, args...)
+		if code == 0 {
+			t.Errorf("%s: exit 0\n%s", what, out)
+		}
+		for _, w := range want {
+			if !strings.Contains(out, w) {
+				t.Errorf("%s: output lacks %q:\n%s", what, w, out)
+			}
+		}
+	}
+	var tu relayTuning
+	tunables := tu.tunables()
+	for _, want := range []string{"strict-order", "shutdown-timeout", "lease-ttl", "initial-backoff", "max-backoff", "max-attempts", "batch-size",
+		"poll-interval", "retention", "partitions", "instance-id", "max-pending", "heartbeat-interval", "status-interval", "lag-interval",
+		"publication", "kafka-transactional-id", "kafka-checkpoint-topic", "kafka-transaction-timeout"} {
+		if !slicesContainsFunc(tunables, func(t tunable) bool { return t.name == want }) {
+			t.Errorf("no tunable %s", want)
+		}
+	}
+	good := map[string]string{}
+	for _, tn := range tunables {
+		source := sourcePoll
+		if tn.source == sourceCDC {
+			source = sourceCDC
+		}
+		args := base(source, tn.eos)
+		env := envName(tn.name)
+		var bad, tooBig string
+		switch tn.ptr.(type) {
+		case *int:
+			bad, good[tn.name] = "many", "100"
+			if tn.max > 0 {
+				tooBig = fmt.Sprint(tn.max + 1)
+			}
+		case *time.Duration:
+			bad, good[tn.name] = "soon", "2s"
+			if tn.max > 0 {
+				tooBig = (time.Duration(tn.max) + time.Second).String()
+			}
+		case *bool:
+			bad, good[tn.name] = "perhaps", "true"
+		case *string:
+			good[tn.name] = "relay_x"
+			if tn.re != nil {
+				bad = "Bad-Name"
+			}
+		}
+		if _, isString := tn.ptr.(*string); bad != "" && isString {
+			check(tn.name+" flag", nil, append(args, "--"+tn.name, bad), "--"+tn.name+` "`+bad+`": use`)
+			check(tn.name+" env", []string{env + "=" + bad}, args, "--"+tn.name+" (from "+env+")")
+			check(tn.name+" config", nil, append(args, "--config", badConfig(t, "\n"+tn.name+" = "+bad+"\n")), "--"+tn.name+" (from --config", "line 2)")
+		} else if bad != "" {
+			check(tn.name+" flag", nil, append(args, "--"+tn.name+"="+bad), "--"+tn.name)
+			check(tn.name+" env", []string{env + "=" + bad}, args, env+" (for --"+tn.name+")")
+			check(tn.name+" config", nil, append(args, "--config", badConfig(t, "\n"+tn.name+" = "+bad+"\n")), "line 2", "for "+tn.name)
+		}
+		if tooBig != "" {
+			check(tn.name+" flag too big", nil, append(args, "--"+tn.name, tooBig), "--"+tn.name+" "+tooBig+" is above the limit")
+			check(tn.name+" env too big", []string{env + "=" + tooBig}, args, "--"+tn.name+" (from "+env+") ", "is above the limit")
+			conf := badConfig(t, "# tunables\n"+tn.name+" = "+tooBig+"\n")
+			check(tn.name+" config too big", nil, append(args, "--config", conf), fmt.Sprintf("--%s (from --config %s line 2) ", tn.name, conf), "is above the limit")
+		}
+		switch {
+		case tn.source == sourcePoll:
+			check(tn.name+" with cdc", nil, append(base(sourceCDC, false), "--"+tn.name+"="+good[tn.name]), "--"+tn.name+" is for --source poll, not cdc")
+		case tn.source == sourceCDC && !tn.eos:
+			check(tn.name+" with poll", nil, append(base(sourcePoll, false), "--"+tn.name+"="+good[tn.name]), "--"+tn.name+" is for --source cdc, not poll")
+		case tn.eos:
+			check(tn.name+" without eos", nil, append(base(sourceCDC, false), "--"+tn.name+"="+good[tn.name]), "--"+tn.name+" is for --kafka-exactly-once")
+		}
+	}
+	check("lease-ttl below the minimum", nil, append(base(sourcePoll, false), "--lease-ttl", "100ms"), "--lease-ttl 100ms is below the minimum of 300ms")
+	check("max-backoff below initial-backoff", []string{"EXACTLY_INITIAL_BACKOFF=10m"}, base(sourcePoll, false),
+		"--max-backoff 5m0s is below --initial-backoff (from EXACTLY_INITIAL_BACKOFF) 10m0s")
+	check("max-pending below batch-size", nil, append(base(sourceCDC, false), "--max-pending", "10", "--batch-size", "20"), "--max-pending 10 is below the batch size 20")
+	check("negative", nil, append(base(sourcePoll, false), "--shutdown-timeout", "-1s"), "--shutdown-timeout must not be negative")
+
+	// Good values for every tunable of each source are taken, and listed.
+	for _, run := range []struct {
+		source string
+		eos    bool
+	}{{sourcePoll, false}, {sourceCDC, true}} {
+		args := base(run.source, run.eos)
+		var env []string
+		var conf strings.Builder
+		var want []string
+		i := 0
+		for _, tn := range tunables {
+			if tn.source != "" && tn.source != run.source {
+				continue
+			}
+			// One third each from flags, the environment and the config file.
+			switch i % 3 {
+			case 0:
+				args = append(args, "--"+tn.name+"="+good[tn.name])
+			case 1:
+				env = append(env, envName(tn.name)+"="+good[tn.name])
+			case 2:
+				fmt.Fprintf(&conf, "%s = %s\n", tn.name, good[tn.name])
+			}
+			i++
+			want = append(want, strings.ReplaceAll(tn.name, "-", "_")+"="+good[tn.name])
+		}
+		args = append(args, "--config", badConfig(t, conf.String()))
+		check(run.source+" good values", env, args, append(want, "relay settings", "cannot reach the database")...)
+	}
+}
+
+func slicesContainsFunc[T any](s []T, f func(T) bool) bool {
+	for _, v := range s {
+		if f(v) {
+			return true
+		}
+	}
+	return false
+}
+
+// --admin-addr beyond loopback warns that the endpoints have no auth.
+func TestRelayAdminAddrWarning(t *testing.T) {
+	bin := buildExactly(t)
+	for _, tc := range []struct {
+		addr string
+		warn bool
+	}{{"0.0.0.0:0", true}, {":0", true}, {"192.0.2.1:9464", true}, {"127.0.0.1:0", false}, {"localhost:0", false}, {"[::1]:0", false}} {
+		out, _ := runExactly(t, bin, nil, "relay", "--db", "postgres://u@127.0.0.1:1/db", "--broker", "nats", "--nats-url", "nats://127.0.0.1:1",
+			"--admin-addr", tc.addr)
+		if got := strings.Contains(out, "have no authentication"); got != tc.warn {
+			t.Errorf("--admin-addr %s: warning %v, want %v:\n%s", tc.addr, got, tc.warn, out)
+		}
+		if !strings.Contains(out, "cannot reach the database") {
+			t.Errorf("--admin-addr %s: did not get to the database:\n%s", tc.addr, out)
+		}
+	}
+}
+
+// With --log-format json (flag, variable or config key) a start-up error is
+// a JSON log record too.
+func TestStartupErrorsInLogFormat(t *testing.T) {
+	bin := buildExactly(t)
+	for _, tc := range []struct {
+		env  []string
+		args []string
+		want string
+	}{
+		{nil, []string{"--log-format", "json", "--db", "oracle://x/db"}, "unrecognised database DSN"},
+		{nil, []string{"--log-format=json", "--batch-size", "lots"}, `invalid argument "lots"`},
+		{nil, []string{"--log-format", "json", "--frobnicate"}, "unknown flag: --frobnicate"},
+		{[]string{"EXACTLY_LOG_FORMAT=json"}, []string{"--db", "postgres://u@127.0.0.1:1/db", "--broker", "rabbit"}, `unknown broker "rabbit"`},
+		{[]string{"EXACTLY_LOG_FORMAT=json", "EXACTLY_BATCH_SIZE=x"}, nil, "EXACTLY_BATCH_SIZE (for --batch-size)"},
+		{nil, []string{"--config", badConfig(t, "log-format = json\nbroker = nats\nnats-url = nats://127.0.0.1:1\n"), "--db", "postgres://u@127.0.0.1:1/db",
+			"--admin-addr", "127.0.0.1:0"}, "cannot reach the database"},
+	} {
+		out, code := runExactly(t, bin, tc.env, append([]string{"relay"}, tc.args...)...)
+		if code == 0 {
+			t.Errorf("%v %v: exit 0\n%s", tc.env, tc.args, out)
+			continue
+		}
+		lines := strings.Split(strings.TrimSpace(out), "\n")
+		last := lines[len(lines)-1]
+		var rec struct{ Level, Msg string }
+		if err := json.Unmarshal([]byte(last), &rec); err != nil || rec.Level != "ERROR" || !strings.Contains(rec.Msg, tc.want) {
+			t.Errorf("%v %v: want a JSON error record with %q, got %v:\n%s", tc.env, tc.args, tc.want, err, out)
+		}
+	}
+	// Text stays text.
+	out, _ := runExactly(t, bin, nil, "relay", "--db", "oracle://x/db")
+	if !strings.HasPrefix(out, "exactly: --db: unrecognised database DSN") {
+		t.Errorf("text error: %s", out)
+	}
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync/atomic"
+	"time"
 
 	"github.com/exactlyonce/exactly/pgcdc"
 	"github.com/exactlyonce/exactly/relay"
@@ -56,6 +57,11 @@ type cdcSettings struct {
 	// position commit in one Kafka transaction.
 	KafkaEOS *pgcdc.KafkaExactlyOnce
 	Hooks    pgcdc.Hooks
+
+	// The tunings of pgcdc.Config, zero for its defaults.
+	Publication, MessagePrefix                     string
+	MaxPending                                     int
+	HeartbeatInterval, StatusInterval, LagInterval time.Duration
 }
 
 // newRelayRunner builds the relay for source from cfg (and, for cdc, from
@@ -78,6 +84,8 @@ func newRelayRunner(source string, cfg relay.Config, cdc cdcSettings) (relayRunn
 			BatchSize: cfg.BatchSize, MaxAttempts: cfg.MaxAttempts,
 			InitialBackoff: cfg.InitialBackoff, MaxBackoff: cfg.MaxBackoff,
 			ShutdownTimeout: cfg.ShutdownTimeout, Logger: cfg.Logger, Hooks: cdc.Hooks,
+			Publication: cdc.Publication, MessagePrefix: cdc.MessagePrefix, MaxPending: cdc.MaxPending,
+			HeartbeatInterval: cdc.HeartbeatInterval, StatusInterval: cdc.StatusInterval, LagInterval: cdc.LagInterval,
 		}
 		if cdc.KafkaEOS == nil { // else the Kafka transactions replace the publisher
 			pc.Publisher = cfg.Publisher
