@@ -95,6 +95,9 @@ func chosenLogFormat(args []string, env string) string {
 	if errorLogFormat != "" {
 		return errorLogFormat
 	}
+	if len(args) == 0 || args[0] != "relay" { // the one command with --log-format
+		return ""
+	}
 	format := ""
 	for i, a := range args {
 		if a == "--" {

@@ -878,3 +878,16 @@ func TestStartupErrorsInLogFormat(t *testing.T) {
 		t.Errorf("text error: %s", out)
 	}
 }
+
+type panickingRunner struct{ msg string }
+
+func (p panickingRunner) Run(context.Context) error { panic(p.msg) }
+func (panickingRunner) Partitions() int             { return 0 }
+
+// A panic in the relay becomes an error, its message redacted.
+func TestRelayPanicRedacted(t *testing.T) {
+	err := runSafely(context.Background(), panickingRunner{"lost postgres://u:" + canary + "@h/db and password=" + canary})
+	if err == nil || !strings.Contains(err.Error(), "relay panicked: lost postgres://u:***@h/db and password=***") || strings.Contains(err.Error(), canary) {
+		t.Errorf("runSafely: %v", err)
+	}
+}
