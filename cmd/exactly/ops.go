@@ -160,7 +160,7 @@ for them), and the oldest of them with its last error and next attempt.`,
 				tw = tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 				fmt.Fprintln(tw, "TOPIC\tPENDING\tDEAD\tOLDEST PENDING AGE")
 				for _, t := range st.Topics {
-					fmt.Fprintf(tw, "%s\t%d\t%d\t%s\n", t.Topic, t.Pending, t.Dead, age(t.OldestAge, t.Pending))
+					fmt.Fprintf(tw, "%s\t%d\t%d\t%s\n", oneLine(t.Topic, 0), t.Pending, t.Dead, age(t.OldestAge, t.Pending))
 				}
 				if err := tw.Flush(); err != nil {
 					return err

@@ -359,6 +359,15 @@ func TestDeadListEscapesControlCharacters(t *testing.T) {
 			t.Errorf("dead list lacks %s:\n%s", want, out)
 		}
 	}
+	// outbox status names the topics; a topic written by another producer
+	// may hold escapes too.
+	if _, err := db.ExecContext(ctx, "UPDATE "+ob.Table()+" SET topic = $1 WHERE id = $2", "orders-\x1b[2J", msg.ID); err != nil {
+		t.Fatal(err)
+	}
+	status := mustRun(t, outboxCmd(), append([]string{"status"}, base...)...)
+	if strings.ContainsRune(status, 0x1b) || !strings.Contains(status, `orders-\x1b[2J`) {
+		t.Errorf("outbox status prints the topic's escape raw:\n%q", status)
+	}
 	out = mustRun(t, outboxCmd(), append([]string{"dead", "list", "--json"}, base...)...)
 	var list []deadJSON
 	if err := json.Unmarshal([]byte(out), &list); err != nil || len(list) != 1 || list[0].Key != msg.Key {
