@@ -40,6 +40,42 @@ type ConsumerConfig struct {
 	// Default 500.
 	MaxPollRecords int
 
+	// InstanceID, when set, makes this consumer a static member of its
+	// group (group.instance.id, KIP-345): a restarted process that joins
+	// with the same InstanceID takes the place, and the partitions, of its
+	// previous run, at once and without a rebalance, instead of joining as
+	// one more member while the coordinator still counts the dead one until
+	// its session times out. Use it under an orchestrator that restarts
+	// crashed processes (a Kubernetes pod name of a StatefulSet, a host
+	// name plus a slot number): the same value after every restart of the
+	// same instance, a different value for every instance running at the
+	// same time. Two running consumers with the same InstanceID fence each
+	// other and neither makes progress; a random value is a new member at
+	// every start. A static member does not leave its group when Run
+	// returns: its partitions wait until it comes back or SessionTimeout
+	// passes, so give SessionTimeout the length of a restart. Default ""
+	// (a dynamic member, which leaves the group when Run returns). 1 to
+	// 200 of a-z A-Z 0-9 . _ -.
+	InstanceID string
+	// SessionTimeout is how long the coordinator waits for a heartbeat
+	// before it declares this member dead and gives its partitions to the
+	// others. Longer: a crashed member's partitions stand still longer
+	// (for a static member, a restart inside it moves nothing). Shorter:
+	// a pause (GC, a slow machine, a network blip) costs a rebalance; the
+	// broker refuses values outside group.min.session.timeout.ms and
+	// group.max.session.timeout.ms (6s and 30min by default). Default 45s.
+	SessionTimeout time.Duration
+	// RebalanceTimeout is how long the coordinator waits for every member
+	// to rejoin during a rebalance, and so how long one member that does
+	// not rejoin (it crashed) holds up the whole group; it must also cover
+	// the work of one poll, which a rebalance waits for (up to
+	// MaxPollRecords handled, with their retries). Default 60s.
+	RebalanceTimeout time.Duration
+	// HeartbeatInterval is the time between heartbeats. Keep it a tenth of
+	// SessionTimeout or less. Default 3s, or SessionTimeout/10 when
+	// SessionTimeout is set and that is shorter.
+	HeartbeatInterval time.Duration
+
 	// Retry is the handler policy; see exactly.RetryPolicy for defaults.
 	Retry exactly.RetryPolicy
 	// DeadLetter receives messages whose handler failed Retry.MaxAttempts
@@ -75,6 +111,15 @@ type ConsumerStats struct {
 	DeadLettered int64
 	Fenced       int64 // records refused because another member owns the partition (DB offsets)
 	CommitErrors int64 // offset commits to Kafka that failed (the records come again)
+
+	// Partitions is a gauge: the partitions the group coordinator assigns
+	// this member, as it last described the group (every RebalanceTimeout/10,
+	// at most 5s apart).
+	Partitions int64
+	// Stalled is a gauge: 1 while this member has held no partition, or
+	// its group has not been Stable, for longer than RebalanceTimeout (a
+	// warning with the group's state is logged then); 0 otherwise.
+	Stalled int64
 }
 
 // Consumer consumes topics as a member of a consumer group and hands each
@@ -98,6 +143,7 @@ type Consumer struct {
 	commitToKafka bool
 
 	st      consume.Stats
+	watch   *groupWatch
 	fenced  atomic.Int64
 	commitE atomic.Int64
 	running atomic.Bool
@@ -149,14 +195,21 @@ func newConsumer(cfg ConsumerConfig, commitToKafka bool, extra ...kgo.Opt) (*Con
 	case cfg.MaxPollRecords < 0:
 		return nil, errors.New("kafka: ConsumerConfig.MaxPollRecords must not be negative")
 	}
+	group := cfg.membership()
+	if err := group.check(); err != nil {
+		return nil, err
+	}
 	if cfg.MaxPollRecords == 0 {
 		cfg.MaxPollRecords = 500
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	c := &Consumer{cfg: cfg, commitToKafka: commitToKafka,
-		log: cfg.Logger.With("component", "kafka-consumer", "group", cfg.Group)}
+	log := cfg.Logger.With("component", "kafka-consumer", "group", cfg.Group)
+	if cfg.InstanceID != "" {
+		log = log.With("instance_id", cfg.InstanceID)
+	}
+	c := &Consumer{cfg: cfg, commitToKafka: commitToKafka, log: log, watch: &groupWatch{group: cfg.Group, log: log}}
 	if cfg.DeadLetter == nil {
 		p, err := NewClientPublisher(cfg.Seeds, cfg.ClientOpts...)
 		if err != nil {
@@ -185,6 +238,7 @@ func newConsumer(cfg ConsumerConfig, commitToKafka bool, extra ...kgo.Opt) (*Con
 		kgo.ConsumeResetOffset(reset),
 		kgo.FetchIsolationLevel(kgo.ReadCommitted()),
 	}, cfg.ClientOpts...)
+	opts = append(opts, group.opts()...)
 	opts = append(opts, extra...)
 	if commitToKafka {
 		// Only records marked after their effect are committed: by the
@@ -204,6 +258,11 @@ func newConsumer(cfg ConsumerConfig, commitToKafka bool, extra ...kgo.Opt) (*Con
 	return c, nil
 }
 
+func (cfg *ConsumerConfig) membership() membership {
+	return membership{field: "ConsumerConfig", instanceID: cfg.InstanceID, sessionTimeout: cfg.SessionTimeout,
+		rebalanceTimeout: cfg.RebalanceTimeout, heartbeatInterval: cfg.HeartbeatInterval}
+}
+
 func (c *Consumer) closeDLQ() {
 	if c.ownDLQ != nil {
 		c.ownDLQ.Close()
@@ -215,6 +274,7 @@ func (c *Consumer) Stats() ConsumerStats {
 	return ConsumerStats{
 		Handled: c.st.Handled.Load(), Failed: c.st.Failed.Load(), DeadLettered: c.st.DeadLettered.Load(),
 		Fenced: c.fenced.Load(), CommitErrors: c.commitE.Load(),
+		Partitions: c.watch.partitions.Load(), Stalled: c.watch.stalled.Load(),
 	}
 }
 
@@ -227,6 +287,11 @@ func (c *Consumer) Run(ctx context.Context) error {
 	}
 	defer c.closeDLQ()
 	defer c.cl.Close()
+	wctx, stopWatch := context.WithCancel(ctx)
+	var watching sync.WaitGroup
+	watching.Go(func() { c.watch.run(wctx, c.cl, func() *kgo.Client { return c.cl }, 0) })
+	defer watching.Wait()
+	defer stopWatch()
 	for ctx.Err() == nil {
 		fs := c.cl.PollRecords(ctx, c.cfg.MaxPollRecords)
 		if fs.IsClientClosed() {

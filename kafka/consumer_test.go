@@ -346,6 +346,18 @@ func TestConsumerConfigErrors(t *testing.T) {
 			t.Errorf("missing %s: got %v", name, err)
 		}
 	}
+	for name, edit := range map[string]func(*kafka.ConsumerConfig){
+		"InstanceID":        func(c *kafka.ConsumerConfig) { c.InstanceID = "pod 1" },
+		"SessionTimeout":    func(c *kafka.ConsumerConfig) { c.SessionTimeout = -time.Second },
+		"RebalanceTimeout":  func(c *kafka.ConsumerConfig) { c.RebalanceTimeout = time.Millisecond },
+		"HeartbeatInterval": func(c *kafka.ConsumerConfig) { c.SessionTimeout, c.HeartbeatInterval = 6*time.Second, 10*time.Second },
+	} {
+		cfg := kafka.ConsumerConfig{Seeds: []string{"127.0.0.1:1"}, Group: "g", Topics: []string{"t"}}
+		edit(&cfg)
+		if _, err := kafka.NewConsumer(cfg, h); err == nil || !strings.Contains(err.Error(), name) {
+			t.Errorf("bad %s: got %v", name, err)
+		}
+	}
 	if _, err := kafka.NewDBConsumer(kafka.DBConfig{ConsumerConfig: kafka.ConsumerConfig{Seeds: []string{"x:1"}, Group: "g", Topics: []string{"t"}},
 		Dialect: "oracle", DB: &sql.DB{}}, func(context.Context, *sql.Tx, *exactly.Message) error { return nil }); err == nil {
 		t.Error("unknown dialect accepted")

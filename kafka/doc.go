@@ -152,4 +152,35 @@
 // The Publisher above stays idempotent, not transactional: its idempotence
 // covers the client's retries within one producer session, not a restarted
 // producer; see the sections above.
+//
+// # Crash loops
+//
+// A member killed with SIGKILL does not leave its group; the coordinator
+// counts it until its session times out, and a rebalance waits for it up
+// to the rebalance timeout. A restarted process without an instance id
+// joins as one more member, so an orchestrator that restarts a crashing
+// consumer every few seconds piles dead members into the group faster
+// than they expire. Give every instance a stable InstanceID
+// (ConsumerConfig.InstanceID; ProcessorConfig.StaticMembership with its
+// InstanceID): it joins as a static member (group.instance.id, KIP-345), a
+// restart takes the place and the partitions of its previous run at once,
+// and a burst of crashes leaves no dead member behind. Set SessionTimeout
+// to cover a restart, RebalanceTimeout to cover one poll's work.
+//
+// franz-go's in-process broker, kfake (the demo's and the tests' broker),
+// wedges such a group outright without static membership: a member killed
+// while its JoinGroup is parked is kept by the completed rebalance and,
+// when the answer cannot be written to its closed connection, never gets a
+// session timer, so it holds the partitions it is given for ever; and a
+// live member parked in JoinGroup is expired by its session timer without
+// an answer, so it waits out its request timeout and joins again,
+// restarting the rebalance (TestKfakeNeverExpiresMemberKilledInJoin,
+// TestKfakeExpiresMemberWaitingInJoin). Kafka's coordinator does neither.
+//
+// Every member watches its group (DescribeGroups, every RebalanceTimeout/10
+// and at most 5s apart): one that has held no partition, or whose group has
+// not been Stable, for longer than RebalanceTimeout logs a warning with the
+// state it sees and sets the Stalled gauge of its Stats (Partitions is the
+// other gauge). A member of a group with more members than partitions
+// holds none by design and reports it the same way.
 package kafka

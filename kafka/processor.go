@@ -111,6 +111,34 @@ type ProcessorConfig struct {
 	// in the transaction that advances the input's offset.
 	DeadLetterTopic func(msg *exactly.Message) string
 
+	// StaticMembership makes the processor a static member of its group
+	// with InstanceID as its group.instance.id (KIP-345): a restarted
+	// instance takes the place, and the partitions, of its previous run at
+	// once and without a rebalance, instead of joining as one more member
+	// while the coordinator still counts the dead one until its session
+	// times out. Use it under an orchestrator that restarts crashed
+	// processes. A static member does not leave its group when Run
+	// returns: its partitions wait until it comes back or SessionTimeout
+	// passes (a scale-down costs that wait), so give SessionTimeout the
+	// length of a restart. Default false (a dynamic member, which leaves
+	// the group when Run returns).
+	StaticMembership bool
+	// SessionTimeout is how long the coordinator waits for a heartbeat
+	// before it declares this member dead and gives its partitions to the
+	// others. Longer: a crashed instance's partitions stand still longer.
+	// Shorter: a pause costs a rebalance and an abort; the broker refuses
+	// values outside group.min.session.timeout.ms and
+	// group.max.session.timeout.ms (6s and 30min by default). Default 45s.
+	SessionTimeout time.Duration
+	// RebalanceTimeout is how long the coordinator waits for every member
+	// to rejoin during a rebalance, and so how long one instance that does
+	// not rejoin (it crashed) holds up the whole group. Default 60s.
+	RebalanceTimeout time.Duration
+	// HeartbeatInterval is the time between heartbeats. Keep it a tenth of
+	// SessionTimeout or less. Default 3s, or SessionTimeout/10 when
+	// SessionTimeout is set and that is shorter.
+	HeartbeatInterval time.Duration
+
 	// Logger receives the processor's logs. Default slog.Default().
 	Logger *slog.Logger
 	// Hooks receive outcomes for metrics. Handled and Failed run when the
@@ -130,6 +158,14 @@ type ProcessorStats struct {
 	Commits      int64 // transactions committed
 	Aborts       int64 // transactions aborted (their input is processed again)
 	Restarts     int64 // transactional sessions replaced after an error
+
+	// Partitions is a gauge: the input partitions the group coordinator
+	// assigns this instance, as it last described the group.
+	Partitions int64
+	// Stalled is a gauge: 1 while this instance has held no partition, or
+	// its group has not been Stable, for longer than RebalanceTimeout (a
+	// warning with the group's state is logged then); 0 otherwise.
+	Stalled int64
 }
 
 // ErrFenced is returned by Processor.Run when another producer took over
@@ -151,6 +187,7 @@ type Processor struct {
 	log   *slog.Logger
 
 	running atomic.Bool
+	watch   *groupWatch
 
 	processed, outputs, deadLettered  atomic.Int64
 	failed, commits, aborts, restarts atomic.Int64
@@ -198,12 +235,15 @@ func NewProcessor(cfg ProcessorConfig, fn ProcessFunc) (*Processor, error) {
 	case cfg.CommitInterval < 0, cfg.MaxBatchRecords < 0, cfg.MaxPollRecords < 0, cfg.TransactionTimeout < 0:
 		return nil, errors.New("kafka: ProcessorConfig: CommitInterval, MaxBatchRecords, MaxPollRecords and TransactionTimeout must not be negative")
 	}
-	if err := checkIDPart("InstanceID", cfg.InstanceID); err != nil {
+	if err := checkIDPart("ProcessorConfig", "InstanceID", cfg.InstanceID); err != nil {
+		return nil, err
+	}
+	if err := cfg.membership().check(); err != nil {
 		return nil, err
 	}
 	if cfg.TransactionalIDPrefix == "" {
 		cfg.TransactionalIDPrefix = cfg.Group
-	} else if err := checkIDPart("TransactionalIDPrefix", cfg.TransactionalIDPrefix); err != nil {
+	} else if err := checkIDPart("ProcessorConfig", "TransactionalIDPrefix", cfg.TransactionalIDPrefix); err != nil {
 		return nil, err
 	}
 	for _, t := range cfg.Topics {
@@ -238,23 +278,33 @@ func NewProcessor(cfg ProcessorConfig, fn ProcessFunc) (*Processor, error) {
 		cfg.Logger = slog.Default()
 	}
 	txnID := cfg.TransactionalIDPrefix + "-" + cfg.InstanceID
+	log := cfg.Logger.With("component", "kafka-processor", "group", cfg.Group, "transactional_id", txnID)
 	return &Processor{
-		cfg: cfg, fn: fn, txnID: txnID,
-		log:    cfg.Logger.With("component", "kafka-processor", "group", cfg.Group, "transactional_id", txnID),
+		cfg: cfg, fn: fn, txnID: txnID, log: log,
+		watch:  &groupWatch{group: cfg.Group, log: log},
 		poison: map[inputPos]suspect{},
 		owned:  map[tp]bool{},
 	}, nil
 }
 
+func (cfg *ProcessorConfig) membership() membership {
+	m := membership{field: "ProcessorConfig", sessionTimeout: cfg.SessionTimeout,
+		rebalanceTimeout: cfg.RebalanceTimeout, heartbeatInterval: cfg.HeartbeatInterval}
+	if cfg.StaticMembership {
+		m.instanceID = cfg.InstanceID
+	}
+	return m
+}
+
 // checkIDPart keeps transactional IDs readable and free of separators
 // that could make two configurations derive the same ID by accident.
-func checkIDPart(field, s string) error {
+func checkIDPart(config, field, s string) error {
 	if len(s) > 200 {
-		return fmt.Errorf("kafka: ProcessorConfig.%s is %d bytes, the limit is 200", field, len(s))
+		return fmt.Errorf("kafka: %s.%s is %d bytes, the limit is 200", config, field, len(s))
 	}
 	for _, c := range []byte(s) {
 		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '.' || c == '_' || c == '-') {
-			return fmt.Errorf("kafka: ProcessorConfig.%s %q has %q; use only a-z A-Z 0-9 . _ -", field, s, c)
+			return fmt.Errorf("kafka: %s.%s %q has %q; use only a-z A-Z 0-9 . _ -", config, field, s, c)
 		}
 	}
 	return nil
@@ -269,6 +319,7 @@ func (p *Processor) Stats() ProcessorStats {
 	return ProcessorStats{
 		Processed: p.processed.Load(), Outputs: p.outputs.Load(), DeadLettered: p.deadLettered.Load(),
 		Failed: p.failed.Load(), Commits: p.commits.Load(), Aborts: p.aborts.Load(), Restarts: p.restarts.Load(),
+		Partitions: p.watch.partitions.Load(), Stalled: p.watch.stalled.Load(),
 	}
 }
 

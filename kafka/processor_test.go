@@ -258,6 +258,12 @@ func TestProcessorConfigErrors(t *testing.T) {
 			c.TransactionTimeout = 3 * time.Second
 		}, "TransactionTimeout"},
 		{"bad retry", func(c *kafka.ProcessorConfig) { c.Retry.MaxAttempts = -1 }, "Retry"},
+		{"negative session timeout", func(c *kafka.ProcessorConfig) { c.SessionTimeout = -time.Second }, "SessionTimeout"},
+		{"heartbeat past session", func(c *kafka.ProcessorConfig) {
+			c.SessionTimeout = 6 * time.Second
+			c.HeartbeatInterval = 6 * time.Second
+		}, "HeartbeatInterval"},
+		{"tiny rebalance timeout", func(c *kafka.ProcessorConfig) { c.RebalanceTimeout = time.Millisecond }, "RebalanceTimeout"},
 	} {
 		cfg := ok
 		tc.edit(&cfg)

@@ -58,6 +58,18 @@ func (p *Processor) Run(ctx context.Context) error {
 		return fmt.Errorf("kafka: processor client: %w", err)
 	}
 	defer admin.Close()
+	wctx, stopWatch := context.WithCancel(ctx)
+	var watching sync.WaitGroup
+	watching.Go(func() {
+		p.watch.run(wctx, admin, func() *kgo.Client {
+			if h := p.cur.Load(); h != nil {
+				return h.sess.Client()
+			}
+			return nil
+		}, p.cfg.RebalanceTimeout)
+	})
+	defer watching.Wait()
+	defer stopWatch()
 	backoff := exactly.RetryPolicy{InitialBackoff: 100 * time.Millisecond, MaxBackoff: 5 * time.Second}
 	failures := 0
 	for {
@@ -120,6 +132,7 @@ func (p *Processor) session(ctx context.Context, admin *kgo.Client) (progressed 
 		kgo.OnPartitionsRevoked(p.onRevoked),
 		kgo.OnPartitionsLost(p.onRevoked),
 	)
+	opts = append(opts, p.cfg.membership().opts()...)
 	sess, err := kgo.NewGroupTransactSession(opts...)
 	if err != nil {
 		return false, &fatalError{fmt.Errorf("kafka: processor client: %w", err)}
