@@ -24,6 +24,22 @@
 //   - exactlytest: conformance suites and the fault-injecting Recorder;
 //   - exactlyprom, exactlyotel: Prometheus collectors and OpenTelemetry tracing.
 //
+// # Consumers
+//
+// Every consumer has one shape, NewConsumer(conn, Config) then Run(ctx): the
+// broker's client or URL, and a Config that embeds [ConsumerConfig] (the
+// Handler, its [RetryPolicy], the dead-letter destination, Workers,
+// [ConsumerHooks], the logger and the tracer, under the same names on every
+// broker) beside the broker's own settings. Every consumer keeps one
+// contract: the effect commits before the acknowledgement (ack, delete,
+// offset commit); a failing or panicking handler is retried with backoff
+// and, after MaxAttempts, dead-lettered with the reason headers
+// ([HeaderDeadReason] and the others), and acknowledged only once the dead
+// letter is confirmed; a handler that outlives the broker's deadline keeps
+// its message; a message without an id follows the one rule of [ErrNoID].
+// exactlytest.RunConsumerSuite holds each consumer to it. [ConsumerStats]
+// are the totals every consumer reports.
+//
 // The exactly command (cmd/exactly) runs the relay as a daemon, applies the
 // migrations, shows and re-drives dead messages, and runs the demo.
 package exactly

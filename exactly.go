@@ -112,6 +112,14 @@ func checkText(field, s string) error {
 // confirmed), or any other error, which means none of them may be assumed
 // confirmed.
 //
+// A failed message is one of three things, and callers tell them apart with
+// errors.Is: refused for good (ErrUnpublishable: park it, no retry helps);
+// sent but not confirmed (ErrOutcomeUnknown: the broker may hold it, and
+// publishing it again is safe and right); or refused for now (anything
+// else: retry it). A publisher must never report an unconfirmed message as
+// confirmed, and should wrap ErrOutcomeUnknown whenever the message may
+// have reached the broker.
+//
 // Messages with the same Key must be handed to the broker in slice order.
 // Publishers must carry Message.ID in the HeaderID header and in the
 // broker's own dedup field where it has one, so a re-publish after an

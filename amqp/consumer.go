@@ -22,245 +22,173 @@ import (
 // ErrNoID is the reason a delivery without a message id is dead-lettered:
 // its AMQP message-id property and its exactly-id header are both empty, so
 // the inbox could not deduplicate it. The handler never sees such a
-// delivery.
-var ErrNoID = errors.New("amqp: the delivery has no message id (neither the AMQP message-id property nor the exactly-id header); it was not handled")
+// delivery. It is exactly.ErrNoID; see there for the rule every consumer
+// follows.
+var ErrNoID = exactly.ErrNoID
 
-// Consumer consumes one queue with manual acknowledgements and runs an
-// exactly.Handler for each delivery, through the policy every consumer of
-// this module shares: a panic counts as a failure, a failure is retried with
-// backoff, and after the last attempt the message goes to a dead-letter
-// destination with the reason. A delivery is acknowledged only after its
-// handler returned nil or it was dead-lettered; when Run's context ends
-// first it is rejected with requeue, so the broker delivers it again. The
-// handler's context ends when Run's does, and when the connection the
-// delivery came on is lost (context.Cause then says so): the delivery can
-// no longer be acknowledged and will be redelivered.
+// errNoID is the reason a delivery without an id is dead-lettered with.
+var errNoID = fmt.Errorf("amqp: the delivery has neither the AMQP message-id property nor the exactly-id header: %w", exactly.ErrNoID)
+
+// ConsumerConfig configures a Consumer: the settings every consumer shares
+// (exactly.ConsumerConfig: Handler, Retry, DeadLetter, DeadLetterTopic,
+// Workers, Hooks, Logger, Tracer) and RabbitMQ's own. Queue and Handler are
+// required; every other field has a default. NewConsumer checks the whole
+// configuration up front and names the first bad field.
+//
+// On RabbitMQ the shared settings mean:
+//
+//   - Workers (default 1): with one, deliveries are handled one at a time in
+//     queue order, and a message being retried holds back the ones after
+//     it. With more, they are handled concurrently and complete in any
+//     order: messages of one key may be applied out of order. Use more than
+//     one only when the handler does not depend on the order of messages.
+//   - Retry: the delivery stays unacknowledged while it is retried, and
+//     RabbitMQ closes a channel whose delivery stays unacknowledged longer
+//     than its consumer_timeout (30 minutes by default), which redelivers
+//     it: keep MaxAttempts times MaxBackoff, plus the handler's own time,
+//     well below it. Attempts are counted per delivery.
+//   - DeadLetter: nil (the default) publishes dead letters to
+//     DeadLetterQueue, which the Consumer declares; any exactly.Publisher
+//     (an exchange, another broker) instead gets them with Message.Topic set
+//     to DeadLetterTopic(msg). DeadLetterTopic is for that case only.
+//   - Logger: connection events, reconnects, acknowledgements that could not
+//     be sent and dead letters.
+type ConsumerConfig struct {
+	exactly.ConsumerConfig
+
+	// Queue is the queue to consume. Required, at most 255 bytes. It must
+	// exist: the Consumer does not declare it, since its type and arguments
+	// are yours, and Run fails when it is missing.
+	Queue string
+
+	// Prefetch is how many unacknowledged deliveries the broker sends ahead
+	// (basic.qos). Default 64, or Workers when that is higher. Too low a
+	// value leaves the consumer waiting for the network between messages;
+	// too high a value holds messages in one consumer's memory that other
+	// consumers of the queue could be handling, and all of them are
+	// redelivered if the connection drops. It must be at least Workers, or
+	// workers would sit idle, and at most 65535.
+	Prefetch int
+
+	// DeadLetterQueue is the queue dead letters go to when DeadLetter is
+	// nil. Default Queue + ".dlq". The Consumer declares it (durable, no
+	// arguments) each time it connects, and publishes to it through the
+	// default exchange with publisher confirms, on a connection of its own,
+	// before it acknowledges the original. If a queue of that name exists
+	// with other arguments the declaration fails and Run returns the error.
+	// It must not be Queue, and must be empty when DeadLetter is set.
+	DeadLetterQueue string
+
+	// ReconnectBackoff and ReconnectMaxBackoff bound the wait between
+	// attempts to reconnect after the connection is lost: it starts at
+	// ReconnectBackoff and doubles up to ReconnectMaxBackoff, with jitter.
+	// Defaults 250ms and 10s. A short maximum makes many consumers hammer a
+	// broker that is restarting; a long one delays recovery by up to that
+	// much. The maximum must not be below the first.
+	ReconnectBackoff, ReconnectMaxBackoff time.Duration
+
+	// DialConfig is the amqp091-go configuration of every connection the
+	// Consumer opens, its default dead-letter publisher's included (TLS,
+	// SASL, vhost, heartbeat, a custom Dial), as for the DialConfig option
+	// of a Publisher; its Recovery must be nil. Default: amqp091-go's.
+	DialConfig amqp091.Config
+}
+
+// Consumer consumes one queue with manual acknowledgements and runs
+// ConsumerConfig.Handler for each delivery, through the policy every
+// consumer of this module shares: a panic counts as a failure, a failure is
+// retried with backoff, and after the last attempt the message goes to a
+// dead-letter destination with the reason. A delivery is acknowledged only
+// after its handler returned nil or it was dead-lettered; when Run's
+// context ends first it is rejected with requeue, so the broker delivers it
+// again. The handler's context ends when Run's does, and when the
+// connection the delivery came on is lost (context.Cause then says so): the
+// delivery can no longer be acknowledged and will be redelivered.
 //
 // RabbitMQ delivers at least once: after a lost connection it redelivers
 // every unacknowledged delivery (with the Redelivered flag), so a handler
 // runs more than once for the same Message.ID. Wrap it with the inbox to
 // apply its effect once per ID.
 type Consumer struct {
-	dial      *dialer
-	url       string
-	conn      connOptions
-	log       *slog.Logger
-	queue     string
-	handler   exactly.Handler
-	prefetch  int
-	workers   int
-	retry     exactly.RetryPolicy
-	reconnect exactly.RetryPolicy // only its backoff is used
-	dlQueue   string              // declared and published to when dlPub is nil
-	dlPub     exactly.Publisher
-	dlTopic   string
+	dial    *dialer
+	url     string
+	conn    connOptions
+	log     *slog.Logger
+	cfg     ConsumerConfig // defaults applied
+	dlTopic string         // the dead-letter queue, when dead letters are ours to publish
 
-	hooks  ConsumerHooks
-	tracer exactly.Tracer
-
-	running     atomic.Bool
-	stats       consume.Stats
-	received    atomic.Int64
-	ackFailures atomic.Int64
-	redelivered atomic.Int64
-	reconnects  atomic.Int64
+	running    atomic.Bool
+	stats      consume.Stats
+	reconnects atomic.Int64
 }
 
-type consumerOptions struct {
-	conn      connOptions
-	prefetch  int
-	workers   int
-	retry     exactly.RetryPolicy
-	reconnect exactly.RetryPolicy
-	dlQueue   string
-	dlPub     exactly.Publisher
-	dlTopic   string
-	hooks     ConsumerHooks
-	tracer    exactly.Tracer
-}
-
-type consumerOption func(*consumerOptions)
-
-func (o consumerOption) applyConsumer(c *consumerOptions) { o(c) }
-
-// Prefetch sets how many unacknowledged deliveries the broker sends ahead
-// (basic.qos), overriding the default of 64. Too low a value leaves the
-// consumer waiting for the network between messages; too high a value holds
-// messages in one consumer's memory that other consumers of the queue could
-// be handling, and all of them are redelivered if the connection drops. It
-// must be at least Workers, or workers would sit idle, and at most 65535.
-func Prefetch(n int) ConsumerOption {
-	return consumerOption(func(o *consumerOptions) { o.prefetch = n })
-}
-
-// Workers sets how many deliveries are handled at once, overriding the
-// default of 1. With 1, deliveries are handled one at a time in queue
-// order. With more, they are handled concurrently and complete in any
-// order: messages of one key may be applied out of order, and a message
-// that is being retried no longer holds back the others. Use more than one
-// only when the handler does not depend on the order of messages. n must be
-// between 1 and Prefetch.
-func Workers(n int) ConsumerOption {
-	return consumerOption(func(o *consumerOptions) { o.workers = n })
-}
-
-// Retry sets how a failing handler is retried before its message is
-// dead-lettered, overriding the defaults of exactly.RetryPolicy (5 attempts,
-// backoff from 100ms doubling to 10s). The delivery stays unacknowledged
-// while it is retried, and RabbitMQ closes a channel whose delivery stays
-// unacknowledged longer than its consumer_timeout (30 minutes by default),
-// which redelivers it: keep MaxAttempts times MaxBackoff, plus the
-// handler's own time, well below it. A single worker handles nothing else
-// meanwhile.
-func Retry(p exactly.RetryPolicy) ConsumerOption {
-	return consumerOption(func(o *consumerOptions) { o.retry = p })
-}
-
-// ReconnectBackoff sets the wait between attempts to reconnect after the
-// connection is lost, overriding the defaults of 250ms doubling up to 10s,
-// with jitter; a zero argument keeps its default. A short maximum makes
-// many consumers hammer a broker that is restarting; a long one delays
-// recovery by up to that much. max must not be below initial.
-func ReconnectBackoff(initial, max time.Duration) ConsumerOption {
-	return consumerOption(func(o *consumerOptions) {
-		o.reconnect.InitialBackoff, o.reconnect.MaxBackoff = initial, max
-	})
-}
-
-// DeadLetterQueue sets the queue that messages whose handler kept failing
-// are published to, overriding the default of the consumed queue's name
-// plus ".dlq". The Consumer declares it (durable, no arguments) each time
-// it connects, and publishes to it through the default exchange with
-// publisher confirms, on a connection of its own, before it acknowledges
-// the original. If a queue of that name exists with other arguments the
-// declaration fails and Run returns the error. Not to be combined with
-// DeadLetterPublisher.
-func DeadLetterQueue(name string) ConsumerOption {
-	return consumerOption(func(o *consumerOptions) { o.dlQueue = name })
-}
-
-// DeadLetterPublisher sends messages whose handler kept failing to pub,
-// with Message.Topic set to topic, instead of to the dead-letter queue the
-// Consumer declares (see DeadLetterQueue). Use it to dead-letter to an
-// exchange or another broker. pub must confirm before it returns (every
-// exactly.Publisher does): the original is acknowledged as soon as Publish
-// returns nil, and while Publish fails the delivery is held and the
-// dead-letter publish retried, so a destination that never accepts the
-// message stalls the consumer instead of losing it.
-func DeadLetterPublisher(pub exactly.Publisher, topic string) ConsumerOption {
-	return consumerOption(func(o *consumerOptions) { o.dlPub, o.dlTopic = pub, topic })
-}
-
-// Hooks sets functions the Consumer calls as it handles deliveries, for
-// metrics; see ConsumerHooks. By default there are none; Stats keeps the
-// totals either way.
-func Hooks(h ConsumerHooks) ConsumerOption {
-	return consumerOption(func(o *consumerOptions) { o.hooks = h })
-}
-
-// Tracer runs each delivery's handling in a span that continues the trace
-// the message carries (its traceparent header, written by outbox.Enqueue
-// with a Tracer), so the handler's context holds that span; see
-// exactlyotel.New. By default there is none: no spans, no overhead.
-func Tracer(t exactly.Tracer) ConsumerOption {
-	return consumerOption(func(o *consumerOptions) { o.tracer = t })
-}
-
-// NewConsumer returns a Consumer of queue at url
-// (amqp://user:password@host:port/vhost) that runs h for each delivery.
-// It does not connect: Run does. The queue must exist; the Consumer does
-// not declare it, since its type and arguments are yours.
-func NewConsumer(url, queue string, h exactly.Handler, opts ...ConsumerOption) (*Consumer, error) {
-	o := consumerOptions{prefetch: 64, workers: 1}
-	for _, opt := range opts {
-		opt.applyConsumer(&o)
-	}
-	if o.reconnect.InitialBackoff == 0 {
-		o.reconnect.InitialBackoff = 250 * time.Millisecond
-	}
-	if o.reconnect.MaxBackoff == 0 {
-		o.reconnect.MaxBackoff = max(10*time.Second, o.reconnect.InitialBackoff)
-	}
-	if o.dlQueue == "" && o.dlPub == nil {
-		o.dlQueue = queue + ".dlq"
-	}
-	retry, err := o.retry.WithDefaults()
-	if err != nil {
-		return nil, fmt.Errorf("amqp: NewConsumer: Retry: %w", err)
-	}
-	reconnect, err := o.reconnect.WithDefaults()
-	if err != nil {
-		return nil, fmt.Errorf("amqp: NewConsumer: ReconnectBackoff: %w", err)
+// NewConsumer returns a Consumer of cfg.Queue at url
+// (amqp://user:password@host:port/vhost). It checks cfg and does no I/O:
+// Run connects, and reconnects whenever the connection is lost, so the
+// Consumer takes the URL rather than a connection.
+func NewConsumer(url string, cfg ConsumerConfig) (*Consumer, error) {
+	bad := func(field, format string, args ...any) (*Consumer, error) {
+		return nil, fmt.Errorf("amqp: NewConsumer: %w", &exactly.ConfigError{Field: field, Err: fmt.Errorf(format, args...)})
 	}
 	switch {
-	case queue == "":
-		return nil, errors.New("amqp: NewConsumer: the queue name is empty")
-	case len(queue) > maxShortString:
-		return nil, fmt.Errorf("amqp: NewConsumer: the queue name is %d bytes, AMQP's limit is %d", len(queue), maxShortString)
-	case h == nil:
-		return nil, errors.New("amqp: NewConsumer: the handler is nil")
-	case o.workers < 1:
-		return nil, fmt.Errorf("amqp: NewConsumer: Workers is %d, it must be at least 1", o.workers)
-	case o.prefetch < o.workers || o.prefetch > 65535:
-		return nil, fmt.Errorf("amqp: NewConsumer: Prefetch is %d, it must be between Workers (%d) and 65535", o.prefetch, o.workers)
-	case o.dlPub != nil && o.dlQueue != "":
-		return nil, errors.New("amqp: NewConsumer: DeadLetterQueue and DeadLetterPublisher both set; choose one destination")
-	case o.dlPub != nil && o.dlTopic == "":
-		return nil, errors.New("amqp: NewConsumer: DeadLetterPublisher needs a topic to publish dead letters to")
-	case len(o.dlQueue) > maxShortString:
-		return nil, fmt.Errorf("amqp: NewConsumer: the DeadLetterQueue name is %d bytes, AMQP's limit is %d", len(o.dlQueue), maxShortString)
-	case o.dlQueue == queue:
-		return nil, errors.New("amqp: NewConsumer: DeadLetterQueue is the consumed queue; failing messages would come back forever")
+	case cfg.Queue == "":
+		return bad("Queue", "is empty")
+	case len(cfg.Queue) > maxShortString:
+		return bad("Queue", "is %d bytes, AMQP's limit is %d", len(cfg.Queue), maxShortString)
+	case cfg.DeadLetter != nil && cfg.DeadLetterQueue != "":
+		return bad("DeadLetterQueue", "is set beside DeadLetter; choose one destination")
+	case cfg.DeadLetter == nil && cfg.DeadLetterTopic != nil:
+		return bad("DeadLetterTopic", "is set without DeadLetter; dead letters go to DeadLetterQueue, whose name is fixed")
 	}
-	d, err := newDialer(url, o.conn, "exactly consumer "+queue)
+	shared, err := cfg.ConsumerConfig.WithDefaults()
 	if err != nil {
 		return nil, fmt.Errorf("amqp: NewConsumer: %w", err)
 	}
-	c := &Consumer{
-		dial:      d,
-		url:       url,
-		conn:      o.conn,
-		log:       o.conn.logger,
-		queue:     queue,
-		handler:   h,
-		prefetch:  o.prefetch,
-		workers:   o.workers,
-		retry:     retry,
-		reconnect: reconnect,
-		dlQueue:   o.dlQueue,
-		dlPub:     o.dlPub,
-		dlTopic:   o.dlTopic,
-		hooks:     o.hooks,
-		tracer:    o.tracer,
+	cfg.ConsumerConfig = shared
+	if cfg.DeadLetter == nil && cfg.DeadLetterQueue == "" {
+		cfg.DeadLetterQueue = cfg.Queue + ".dlq"
 	}
-	if c.dlPub == nil {
-		c.dlTopic = c.dlQueue
+	if cfg.Prefetch == 0 {
+		cfg.Prefetch = max(64, cfg.Workers)
 	}
-	if c.log == nil {
-		c.log = slog.Default()
+	switch {
+	case cfg.ReconnectBackoff < 0 || cfg.ReconnectMaxBackoff < 0:
+		return bad("ReconnectBackoff", "must not be negative")
+	case cfg.ReconnectBackoff == 0:
+		cfg.ReconnectBackoff = 250 * time.Millisecond
+	}
+	if cfg.ReconnectMaxBackoff == 0 {
+		cfg.ReconnectMaxBackoff = max(10*time.Second, cfg.ReconnectBackoff)
+	}
+	switch {
+	case cfg.ReconnectMaxBackoff < cfg.ReconnectBackoff:
+		return bad("ReconnectMaxBackoff", "(%s) is below ReconnectBackoff (%s)", cfg.ReconnectMaxBackoff, cfg.ReconnectBackoff)
+	case cfg.Prefetch < cfg.Workers || cfg.Prefetch > 65535:
+		return bad("Prefetch", "is %d, it must be between Workers (%d) and 65535", cfg.Prefetch, cfg.Workers)
+	case len(cfg.DeadLetterQueue) > maxShortString:
+		return bad("DeadLetterQueue", "is %d bytes, AMQP's limit is %d", len(cfg.DeadLetterQueue), maxShortString)
+	case cfg.DeadLetterQueue == cfg.Queue:
+		return bad("DeadLetterQueue", "is the consumed queue; failing messages would come back forever")
+	}
+	conn := connOptions{config: cfg.DialConfig, logger: cfg.Logger}
+	d, err := newDialer(url, conn, "exactly consumer "+cfg.Queue)
+	if err != nil {
+		return nil, fmt.Errorf("amqp: NewConsumer: %w", err)
+	}
+	c := &Consumer{dial: d, url: url, conn: conn, log: cfg.Logger, cfg: cfg}
+	if cfg.DeadLetter == nil {
+		c.dlTopic = cfg.DeadLetterQueue
 	}
 	return c, nil
 }
 
-// ConsumerStats are a Consumer's running totals since NewConsumer.
+// ConsumerStats are a Consumer's running totals since NewConsumer: the
+// totals every consumer keeps (a delivery without a message id counts one
+// in Failed; AckFailures counts acknowledgements that could not be sent
+// because the connection was lost, each such delivery is redelivered), and
+// RabbitMQ's own.
 type ConsumerStats struct {
-	// Received counts deliveries taken from the broker, redeliveries
-	// included.
-	Received int64
-	// Handled counts deliveries whose handler returned nil.
-	Handled int64
-	// Failed counts failed handler attempts: a delivery that failed twice
-	// and then succeeded counts two here and one in Handled. A delivery
-	// without a message id counts one.
-	Failed int64
-	// DeadLettered counts deliveries the dead-letter destination confirmed
-	// (and that were then acknowledged).
-	DeadLettered int64
-	// AckFailures counts acknowledgements that could not be sent (the
-	// connection was lost): each such delivery is redelivered.
-	AckFailures int64
-	// Redeliveries counts deliveries the broker flagged as delivered before.
-	Redeliveries int64
+	exactly.ConsumerStats
 	// Reconnects counts how many times Run lost a connection it was
 	// consuming on, and started to reconnect.
 	Reconnects int64
@@ -268,32 +196,7 @@ type ConsumerStats struct {
 
 // Stats returns the running totals. It is safe to call at any time.
 func (c *Consumer) Stats() ConsumerStats {
-	return ConsumerStats{
-		Received:     c.received.Load(),
-		Handled:      c.stats.Handled.Load(),
-		Failed:       c.stats.Failed.Load(),
-		DeadLettered: c.stats.DeadLettered.Load(),
-		AckFailures:  c.ackFailures.Load(),
-		Redeliveries: c.redelivered.Load(),
-		Reconnects:   c.reconnects.Load(),
-	}
-}
-
-// ConsumerHooks report what a Consumer does, for metrics. Every hook is
-// optional and runs synchronously on the goroutine of the worker handling
-// the delivery; with Workers > 1 hooks run concurrently and must be safe
-// for that. A hook that blocks stalls its worker, and with it the
-// acknowledgement of its delivery.
-type ConsumerHooks struct {
-	// Handled runs after the handler returned nil, with its duration.
-	Handled func(msg *exactly.Message, took time.Duration)
-	// Failed runs after each failed attempt (attempt 1 is the first).
-	Failed func(msg *exactly.Message, attempt int, err error)
-	// DeadLettered runs once the dead-letter destination confirmed the copy.
-	DeadLettered func(msg *exactly.Message, err error)
-	// AckFailed runs when the acknowledgement of a handled or
-	// dead-lettered delivery could not be sent; it will be redelivered.
-	AckFailed func(msg *exactly.Message, err error)
+	return ConsumerStats{ConsumerStats: c.stats.Load(), Reconnects: c.reconnects.Load()}
 }
 
 // DeliveryInfo describes the delivery a handler is running for.
@@ -339,7 +242,7 @@ func (c *Consumer) Run(ctx context.Context) error {
 	}
 	defer c.running.Store(false)
 
-	dl := c.dlPub
+	dl := c.cfg.DeadLetter
 	if dl == nil {
 		pub, err := NewPublisher(c.url, DialConfig(c.conn.config), Logger(c.log), Channels(1))
 		if err != nil {
@@ -348,18 +251,11 @@ func (c *Consumer) Run(ctx context.Context) error {
 		defer pub.Close()
 		dl = pub
 	}
-	policy, err := consume.New(consume.Policy{
-		Retry:           c.retry,
-		DeadLetter:      dl,
-		DeadLetterTopic: func(*exactly.Message) string { return c.dlTopic },
-		Logger:          c.log,
-		Tracer:          c.tracer,
-		Hooks: consume.Hooks{
-			Handled:      c.hooks.Handled,
-			Failed:       c.hooks.Failed,
-			DeadLettered: c.hooks.DeadLettered,
-		},
-	})
+	shared := c.cfg.ConsumerConfig
+	if c.cfg.DeadLetter == nil {
+		shared.DeadLetterTopic = func(*exactly.Message) string { return c.dlTopic }
+	}
+	policy, err := consume.FromConfig(shared, dl)
 	if err != nil {
 		return fmt.Errorf("amqp: %w", err)
 	}
@@ -373,16 +269,16 @@ func (c *Consumer) Run(ctx context.Context) error {
 			return nil
 		}
 		if se := (*setupError)(nil); errors.As(err, &se) {
-			return fmt.Errorf("amqp: consuming %q: %w", c.queue, se.err)
+			return fmt.Errorf("amqp: consuming %q: %w", c.cfg.Queue, se.err)
 		}
 		if consumed {
 			attempt = 1
 		}
-		wait := c.reconnect.Backoff(attempt)
+		wait := c.reconnectBackoff(attempt)
 		if consumed {
 			c.reconnects.Add(1)
 		}
-		c.log.Warn("amqp: consumer connection lost; reconnecting", "queue", c.queue, "broker", c.dial.where, "err", err, "in", wait)
+		c.log.Warn("amqp: consumer connection lost; reconnecting", "queue", c.cfg.Queue, "broker", c.dial.where, "err", err, "in", wait)
 		if !sleep(ctx, wait) {
 			return nil
 		}
@@ -411,7 +307,7 @@ func (c *Consumer) session(ctx context.Context, policy, noID *consume.Policy) (b
 	if err != nil {
 		return false, err
 	}
-	c.log.Info("amqp: consuming", "queue", c.queue, "broker", c.dial.where, "prefetch", c.prefetch, "workers", c.workers)
+	c.log.Info("amqp: consuming", "queue", c.cfg.Queue, "broker", c.dial.where, "prefetch", c.cfg.Prefetch, "workers", c.cfg.Workers)
 
 	// Handlers run under a context that also ends when the channel is
 	// lost: their delivery can no longer be acknowledged, and the broker
@@ -427,7 +323,7 @@ func (c *Consumer) session(ctx context.Context, policy, noID *consume.Policy) (b
 		}
 	}()
 	var wg sync.WaitGroup
-	for range c.workers {
+	for range c.cfg.Workers {
 		wg.Go(func() { c.work(ctx, hctx, ch, deliveries, policy, noID) })
 	}
 	wg.Wait()
@@ -465,18 +361,18 @@ func (c *Consumer) setup(ch *amqp091.Channel) (<-chan amqp091.Delivery, error) {
 		return err
 	}
 	// Checked first, so that a missing queue leaves nothing declared.
-	if _, err := ch.QueueDeclarePassive(c.queue, false, false, false, false, nil); err != nil {
+	if _, err := ch.QueueDeclarePassive(c.cfg.Queue, false, false, false, false, nil); err != nil {
 		return nil, refused("checking that the queue exists", err)
 	}
-	if err := ch.Qos(c.prefetch, 0, false); err != nil {
+	if err := ch.Qos(c.cfg.Prefetch, 0, false); err != nil {
 		return nil, refused("setting the prefetch", err)
 	}
-	if c.dlPub == nil {
-		if _, err := ch.QueueDeclare(c.dlQueue, true, false, false, false, nil); err != nil {
-			return nil, refused(fmt.Sprintf("declaring the dead-letter queue %q", c.dlQueue), err)
+	if c.cfg.DeadLetter == nil {
+		if _, err := ch.QueueDeclare(c.dlTopic, true, false, false, false, nil); err != nil {
+			return nil, refused(fmt.Sprintf("declaring the dead-letter queue %q", c.dlTopic), err)
 		}
 	}
-	deliveries, err := ch.Consume(c.queue, "", false, false, false, false, nil)
+	deliveries, err := ch.Consume(c.cfg.Queue, "", false, false, false, false, nil)
 	if err != nil {
 		return nil, refused("starting the consumer", err)
 	}
@@ -516,12 +412,12 @@ func (c *Consumer) work(ctx, hctx context.Context, ch *amqp091.Channel, deliveri
 // requeues it if the policy gave up because ctx ended (Run's, or the
 // channel's).
 func (c *Consumer) handle(ctx context.Context, d *amqp091.Delivery, policy, noID *consume.Policy) {
-	c.received.Add(1)
+	c.stats.Received.Add(1)
 	if d.Redelivered {
-		c.redelivered.Add(1)
+		c.stats.Redeliveries.Add(1)
 	}
 	info := DeliveryInfo{
-		Queue:       c.queue,
+		Queue:       c.cfg.Queue,
 		Exchange:    d.Exchange,
 		RoutingKey:  d.RoutingKey,
 		ConsumerTag: d.ConsumerTag,
@@ -533,28 +429,30 @@ func (c *Consumer) handle(ctx context.Context, d *amqp091.Delivery, policy, noID
 	var err error
 	if msg.ID == "" {
 		msg.ID = syntheticID(d)
-		c.log.Error("amqp: delivery without a message id; dead-lettering it", "queue", c.queue, "routing_key", d.RoutingKey, "dead_letter_id", msg.ID)
-		_, err = noID.Process(hctx, func(context.Context, *exactly.Message) error { return ErrNoID }, msg, 1, &c.stats)
+		c.log.Error("amqp: delivery without a message id; dead-lettering it", "queue", c.cfg.Queue, "routing_key", d.RoutingKey, "dead_letter_id", msg.ID)
+		_, err = noID.Process(hctx, func(context.Context, *exactly.Message) error { return errNoID }, msg, 1, &c.stats)
 	} else {
-		_, err = policy.Process(hctx, c.handler, msg, 1, &c.stats)
+		_, err = policy.Process(hctx, c.cfg.Handler, msg, 1, &c.stats)
 	}
 	if err != nil {
 		c.requeue(d)
 		return
 	}
 	if err := d.Ack(false); err != nil {
-		c.ackFailures.Add(1)
 		c.log.Warn("amqp: could not acknowledge a handled delivery (connection lost?); the broker will redeliver it",
-			"queue", c.queue, "id", msg.ID, "err", err)
-		if c.hooks.AckFailed != nil {
-			c.hooks.AckFailed(msg, err)
-		}
+			"queue", c.cfg.Queue, "id", msg.ID, "err", err)
+		policy.AckFailed(msg, err, &c.stats)
 	}
+}
+
+// reconnectBackoff is the wait before the given attempt to reconnect.
+func (c *Consumer) reconnectBackoff(attempt int) time.Duration {
+	return exactly.RetryPolicy{InitialBackoff: c.cfg.ReconnectBackoff, MaxBackoff: c.cfg.ReconnectMaxBackoff}.Backoff(attempt)
 }
 
 func (c *Consumer) requeue(d *amqp091.Delivery) {
 	if err := d.Nack(false, true); err != nil {
-		c.log.Debug("amqp: could not requeue a delivery; the broker requeues it when the channel closes", "queue", c.queue, "err", err)
+		c.log.Debug("amqp: could not requeue a delivery; the broker requeues it when the channel closes", "queue", c.cfg.Queue, "err", err)
 	}
 }
 

@@ -73,7 +73,7 @@ func TestConsumerHandlesEachOnce(t *testing.T) {
 		}
 	}
 	st := c.Stats()
-	if st != (amqp.ConsumerStats{Received: int64(len(msgs)), Handled: int64(len(msgs))}) {
+	if st != (amqp.ConsumerStats{ConsumerStats: exactly.ConsumerStats{Received: int64(len(msgs)), Handled: int64(len(msgs))}}) {
 		t.Fatalf("Stats = %+v, want %d handled and nothing else", st, len(msgs))
 	}
 	if n := b.ready(t, q); n != 0 {
@@ -131,7 +131,7 @@ func crashTest(t *testing.T, fail func(s *sockets)) {
 			fail(&s)
 		}
 		return nil
-	}, amqp.DialConfig(s.config()))
+	}, dialVia(&s))
 	stop := run(t, c)
 	eventually(t, 30*time.Second, "every message handled and the victim redelivered", func() bool {
 		return eff.distinct() == len(msgs) && eff.redeliveries(victim.ID) > 0
@@ -195,7 +195,7 @@ func TestConsumerSurvivesConnectionDrops(t *testing.T) {
 		eff.apply(ctx, m)
 		time.Sleep(2 * time.Millisecond)
 		return nil
-	}, amqp.DialConfig(s.config()), amqp.Prefetch(20))
+	}, dialVia(&s), func(c *amqp.ConsumerConfig) { c.Prefetch = 20 })
 	stop := run(t, c)
 	for _, at := range []int{60, 150} {
 		eventually(t, 30*time.Second, fmt.Sprintf("%d messages handled", at), func() bool { return eff.distinct() >= at })
@@ -240,11 +240,13 @@ func TestConsumerRetriesThenSucceeds(t *testing.T) {
 		}
 		eff.apply(ctx, m)
 		return nil
-	}, amqp.Retry(exactly.RetryPolicy{MaxAttempts: 5, InitialBackoff: 5 * time.Millisecond, MaxBackoff: 20 * time.Millisecond}),
-		amqp.Hooks(amqp.ConsumerHooks{
+	}, func(c *amqp.ConsumerConfig) {
+		c.Retry = exactly.RetryPolicy{MaxAttempts: 5, InitialBackoff: 5 * time.Millisecond, MaxBackoff: 20 * time.Millisecond}
+		c.Hooks = exactly.ConsumerHooks{
 			Handled: func(*exactly.Message, time.Duration) { hooked.Add(1) },
 			Failed:  func(*exactly.Message, int, error) { hooked.Add(100) },
-		}))
+		}
+	})
 	stop := run(t, c)
 	eventually(t, 30*time.Second, "every message handled", func() bool { return eff.distinct() == len(msgs) })
 	stop()
@@ -253,7 +255,7 @@ func TestConsumerRetriesThenSucceeds(t *testing.T) {
 			t.Fatalf("message %s: applied %d times in %d attempts, want once in 3", m.ID, eff.of(m.ID), attempts[m.ID])
 		}
 	}
-	if st := c.Stats(); st != (amqp.ConsumerStats{Received: 3, Handled: 3, Failed: 6}) {
+	if st := c.Stats(); st != (amqp.ConsumerStats{ConsumerStats: exactly.ConsumerStats{Received: 3, Handled: 3, Failed: 6}}) {
 		t.Fatalf("Stats = %+v, want 3 handled, 6 failed attempts", st)
 	}
 	if n := hooked.Load(); n != 603 {
@@ -302,7 +304,7 @@ func TestConsumerDeadLettersAndMovesOn(t *testing.T) {
 	case string(d.Body) != string(poison.Payload) || h.Key != poison.Key || h.Headers["x-seq"] != poison.Headers["x-seq"]:
 		t.Fatalf("dead letter altered: %+v", h)
 	}
-	if st := c.Stats(); st != (amqp.ConsumerStats{Received: 4, Handled: 3, Failed: 3, DeadLettered: 1}) {
+	if st := c.Stats(); st != (amqp.ConsumerStats{ConsumerStats: exactly.ConsumerStats{Received: 4, Handled: 3, Failed: 3, DeadLettered: 1}}) {
 		t.Fatalf("Stats = %+v, want 3 handled, 3 failed attempts, 1 dead-lettered", st)
 	}
 	if n := b.ready(t, q); n != 0 {
@@ -320,7 +322,10 @@ func TestConsumerDeadLetterPublisher(t *testing.T) {
 	publish(t, b.publisher(t), msgs...)
 	var dlq exactlytest.Recorder
 	c := consumer(t, q, func(context.Context, *exactly.Message) error { return errors.New("no") },
-		amqp.DeadLetterPublisher(&dlq, "parked"))
+		func(c *amqp.ConsumerConfig) {
+			c.DeadLetter = &dlq
+			c.DeadLetterTopic = func(*exactly.Message) string { return "parked" }
+		})
 	stop := run(t, c)
 	eventually(t, 30*time.Second, "a dead letter", func() bool { return len(dlq.Delivered()) == 1 })
 	stop()
@@ -407,7 +412,7 @@ func TestConsumerShutdownRequeuesInFlight(t *testing.T) {
 		t.Fatal("the handler never ran")
 	}
 	stop()
-	if st := first.Stats(); st != (amqp.ConsumerStats{Received: 1}) {
+	if st := first.Stats(); st != (amqp.ConsumerStats{ConsumerStats: exactly.ConsumerStats{Received: 1}}) {
 		t.Fatalf("Stats = %+v after a cancelled handler, want zero: it neither failed nor succeeded", st)
 	}
 
@@ -441,7 +446,7 @@ func TestConsumerWorkers(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 		eff.apply(ctx, m)
 		return nil
-	}, amqp.Workers(4), amqp.Prefetch(8))
+	}, func(c *amqp.ConsumerConfig) { c.Workers, c.Prefetch = 4, 8 })
 	stop := run(t, c)
 	eventually(t, 30*time.Second, "every message handled", func() bool { return eff.distinct() == len(msgs) })
 	stop()
@@ -479,8 +484,8 @@ func TestConsumerMissingQueue(t *testing.T) {
 func TestConsumerBadCredentials(t *testing.T) {
 	t.Parallel()
 	connect(t)
-	c, err := amqp.NewConsumer("amqp://guest:wrong@"+testenv.RabbitMQ.Addr+"/", "q",
-		func(context.Context, *exactly.Message) error { return nil }, testLogger(t))
+	c, err := amqp.NewConsumer("amqp://guest:wrong@"+testenv.RabbitMQ.Addr+"/",
+		consumerConfig(t, "q", func(context.Context, *exactly.Message) error { return nil }))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -510,33 +515,45 @@ func TestConsumerRunTwice(t *testing.T) {
 	}
 }
 
-func TestNewConsumerRefusesBadOptions(t *testing.T) {
+func TestNewConsumerRefusesBadConfig(t *testing.T) {
 	t.Parallel()
 	h := func(context.Context, *exactly.Message) error { return nil }
 	for _, tt := range []struct {
-		name  string
-		queue string
-		h     exactly.Handler
-		opts  []amqp.ConsumerOption
-		want  string
+		name string
+		edit func(c *amqp.ConsumerConfig)
+		url  string
+		want string
 	}{
-		{"NoQueue", "", h, nil, "queue"},
-		{"NoHandler", "q", nil, nil, "handler"},
-		{"Workers", "q", h, []amqp.ConsumerOption{amqp.Workers(0)}, "Workers"},
-		{"PrefetchBelowWorkers", "q", h, []amqp.ConsumerOption{amqp.Workers(8), amqp.Prefetch(4)}, "Prefetch"},
-		{"Retry", "q", h, []amqp.ConsumerOption{amqp.Retry(exactly.RetryPolicy{MaxAttempts: -1})}, "Retry"},
-		{"TwoDeadLetters", "q", h, []amqp.ConsumerOption{amqp.DeadLetterQueue("d"), amqp.DeadLetterPublisher(&exactlytest.Recorder{}, "d")}, "DeadLetter"},
-		{"DeadLetterIsQueue", "q", h, []amqp.ConsumerOption{amqp.DeadLetterQueue("q")}, "DeadLetterQueue"},
-		{"BadURL", "q", h, []amqp.ConsumerOption{}, "URL"},
+		{"NoQueue", func(c *amqp.ConsumerConfig) { c.Queue = "" }, "", "Queue"},
+		{"LongQueue", func(c *amqp.ConsumerConfig) { c.Queue = strings.Repeat("q", 256) }, "", "Queue"},
+		{"NoHandler", func(c *amqp.ConsumerConfig) { c.Handler = nil }, "", "Handler"},
+		{"Workers", func(c *amqp.ConsumerConfig) { c.Workers = -1 }, "", "Workers"},
+		{"PrefetchBelowWorkers", func(c *amqp.ConsumerConfig) { c.Workers, c.Prefetch = 8, 4 }, "", "Prefetch"},
+		{"Retry", func(c *amqp.ConsumerConfig) { c.Retry = exactly.RetryPolicy{MaxAttempts: -1} }, "", "Retry"},
+		{"TwoDeadLetters", func(c *amqp.ConsumerConfig) { c.DeadLetterQueue, c.DeadLetter = "d", &exactlytest.Recorder{} }, "", "DeadLetter"},
+		{"DeadLetterTopicWithoutPublisher", func(c *amqp.ConsumerConfig) {
+			c.DeadLetterTopic = func(*exactly.Message) string { return "d" }
+		}, "", "DeadLetterTopic"},
+		{"DeadLetterIsQueue", func(c *amqp.ConsumerConfig) { c.DeadLetterQueue = c.Queue }, "", "DeadLetterQueue"},
+		{"Reconnect", func(c *amqp.ConsumerConfig) {
+			c.ReconnectBackoff, c.ReconnectMaxBackoff = time.Second, time.Millisecond
+		}, "", "ReconnectMaxBackoff"},
+		{"BadURL", func(*amqp.ConsumerConfig) {}, "nats://x", "URL"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
+			cfg := consumerConfig(t, "q", h)
+			tt.edit(&cfg)
 			url := brokerURL()
-			if tt.name == "BadURL" {
-				url = "nats://x"
+			if tt.url != "" {
+				url = tt.url
 			}
-			_, err := amqp.NewConsumer(url, tt.queue, tt.h, tt.opts...)
+			_, err := amqp.NewConsumer(url, cfg)
 			if err == nil || !strings.Contains(err.Error(), tt.want) {
 				t.Fatalf("NewConsumer = %v, want an error naming %q", err, tt.want)
+			}
+			var ce *exactly.ConfigError
+			if tt.name != "BadURL" && (!errors.As(err, &ce) || !strings.HasPrefix(ce.Field, tt.want)) {
+				t.Fatalf("NewConsumer = %v, want an *exactly.ConfigError with Field %q", err, tt.want)
 			}
 		})
 	}

@@ -68,14 +68,22 @@
 //
 // # Consumer
 //
+// [NewConsumer] takes the broker URL and a [ConsumerConfig], the shape
+// every consumer of this module has: the shared settings of
+// exactly.ConsumerConfig (Handler, Retry, DeadLetter, DeadLetterTopic,
+// Workers, Hooks, Logger, Tracer) embedded beside RabbitMQ's own (Queue,
+// Prefetch, DeadLetterQueue, the reconnect backoff, DialConfig). It takes a
+// URL rather than a connection because it dials, and redials after a lost
+// connection, by itself.
+//
 // [Consumer] consumes one queue with manual acknowledgements and a prefetch
-// ([Prefetch], 64 by default), and runs an exactly.Handler per delivery
-// through the policy all consumers of this module share: a panic is
-// recovered as a failure; a failure is retried with backoff ([Retry]); after
-// the last attempt the message is published, with exactly-dead-reason,
-// exactly-dead-attempts, exactly-dead-topic and exactly-dead-at, to a
-// dead-letter queue the Consumer declares ("<queue>.dlq", or
-// [DeadLetterQueue]) or to any exactly.Publisher ([DeadLetterPublisher]).
+// (64 by default), and runs the Handler per delivery through the policy all
+// consumers of this module share: a panic is recovered as a failure; a
+// failure is retried with backoff (Retry); after the last attempt the
+// message is published, with exactly-dead-reason, exactly-dead-attempts,
+// exactly-dead-topic and exactly-dead-at, to a dead-letter queue the
+// Consumer declares ("<queue>.dlq", or DeadLetterQueue) or to any
+// exactly.Publisher (DeadLetter).
 //
 // A delivery is acknowledged only after its handler returned nil or after
 // the dead-letter destination confirmed it. When Run's context ends, the
@@ -89,20 +97,22 @@
 // from exactly-created-at, or the AMQP timestamp; Topic from the routing key
 // the message was published with; Headers from the other headers, rendered
 // as text. A delivery with no id at all never reaches the handler, which
-// could not be deduplicated: it is dead-lettered at once with [ErrNoID] as
-// its reason, under a synthetic id ("amqp-noid-" and a hash of its content)
-// so that it can be found and redelivered copies recognised.
-// [DeliveryInfoFrom] gives the handler the delivery's details, among them
-// the broker's Redelivered flag.
+// could not be deduplicated: RabbitMQ gives a message no position that
+// survives a redelivery, so, by the rule of exactly.ErrNoID, it is
+// dead-lettered at once with [ErrNoID] as its reason, under a stand-in id
+// ("amqp-noid-" and a hash of its content) so that it can be found and
+// redelivered copies recognised. [DeliveryInfoFrom] gives the handler the
+// delivery's details, among them the broker's Redelivered flag.
 //
-// [Consumer.Stats] and the [Hooks] option report what the Consumer does:
-// deliveries received, handled, failed attempts, dead letters,
-// acknowledgements that could not be sent, redeliveries and reconnects.
+// [Consumer.Stats] and the Hooks report what the Consumer does: deliveries
+// received, handled, failed attempts, dead letters, acknowledgements that
+// could not be sent and redeliveries (exactly.ConsumerStats, as every
+// consumer counts them), and reconnects.
 //
-// [Workers] (1 by default) sets how many deliveries are handled at once.
+// Workers (1 by default) sets how many deliveries are handled at once.
 // With one, they are handled in queue order, and a message being retried
 // holds back the ones after it. With more, they are handled concurrently
-// and the order is lost.
+// and the order is lost: RabbitMQ has no per-key order to keep.
 //
 // # Guarantees and limits
 //
@@ -110,7 +120,7 @@
 // broker restart, a crash of the consumer between the effect and the ack,
 // an ack lost on the way) RabbitMQ redelivers every unacknowledged delivery,
 // flagged as redelivered, possibly to another consumer; Run reconnects by
-// itself, with backoff ([ReconnectBackoff]), and carries on. A handler
+// itself, with backoff (ReconnectBackoff), and carries on. A handler
 // therefore runs more than once for the same Message.ID: wrap it with the
 // inbox to apply its effect once per ID.
 //
@@ -131,5 +141,5 @@
 // Both the Publisher and the Consumer own their connections (one each: the
 // Consumer's default dead-letter publisher has its own, as RabbitMQ advises
 // keeping publishing and consuming apart). amqp091-go's own experimental
-// recovery must stay off (see [DialConfig]).
+// recovery must stay off (see [DialConfig] and ConsumerConfig.DialConfig).
 package amqp

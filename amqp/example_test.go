@@ -53,11 +53,20 @@ func Example() {
 		log.Fatal(err)
 	}
 
-	consumer, err := amqp.NewConsumer(url, queue, func(ctx context.Context, m *exactly.Message) error {
-		fmt.Printf("%s: %s\n", m.Key, m.Payload)
-		cancel() // one message is all this example waits for
-		return nil
-	}, amqp.Retry(exactly.RetryPolicy{MaxAttempts: 3}))
+	consumer, err := amqp.NewConsumer(url, amqp.ConsumerConfig{
+		// The settings every consumer shares, under the same names.
+		ConsumerConfig: exactly.ConsumerConfig{
+			Handler: func(ctx context.Context, m *exactly.Message) error {
+				fmt.Printf("%s: %s\n", m.Key, m.Payload)
+				cancel() // one message is all this example waits for
+				return nil
+			},
+			Retry: exactly.RetryPolicy{MaxAttempts: 3},
+		},
+		// RabbitMQ's own.
+		Queue:    queue,
+		Prefetch: 16,
+	})
 	if err != nil {
 		log.Fatal(err)
 	}

@@ -483,18 +483,35 @@ func run(t *testing.T, c *amqp.Consumer) (stop func()) {
 // fastRetry keeps retries quick in tests.
 var fastRetry = exactly.RetryPolicy{MaxAttempts: 3, InitialBackoff: 5 * time.Millisecond, MaxBackoff: 20 * time.Millisecond}
 
-func consumer(t *testing.T, queue string, h exactly.Handler, opts ...amqp.ConsumerOption) *amqp.Consumer {
+// consumerConfig is the configuration the tests start from: quick
+// retries and reconnects, logs to the test's output.
+func consumerConfig(t *testing.T, queue string, h exactly.Handler) amqp.ConsumerConfig {
+	return amqp.ConsumerConfig{
+		ConsumerConfig:      exactly.ConsumerConfig{Handler: h, Retry: fastRetry, Logger: testSlog(t)},
+		Queue:               queue,
+		ReconnectBackoff:    20 * time.Millisecond,
+		ReconnectMaxBackoff: 200 * time.Millisecond,
+	}
+}
+
+// consumer returns a Consumer of queue running h, with consumerConfig as
+// edited by edits.
+func consumer(t *testing.T, queue string, h exactly.Handler, edits ...func(*amqp.ConsumerConfig)) *amqp.Consumer {
 	t.Helper()
-	opts = append([]amqp.ConsumerOption{
-		testLogger(t),
-		amqp.Retry(fastRetry),
-		amqp.ReconnectBackoff(20*time.Millisecond, 200*time.Millisecond),
-	}, opts...)
-	c, err := amqp.NewConsumer(brokerURL(), queue, h, opts...)
+	cfg := consumerConfig(t, queue, h)
+	for _, edit := range edits {
+		edit(&cfg)
+	}
+	c, err := amqp.NewConsumer(brokerURL(), cfg)
 	if err != nil {
 		t.Fatalf("NewConsumer: %v", err)
 	}
 	return c
+}
+
+// dialVia makes a consumer dial through s.
+func dialVia(s *sockets) func(*amqp.ConsumerConfig) {
+	return func(c *amqp.ConsumerConfig) { c.DialConfig = s.config() }
 }
 
 // listenAndClose returns an address where nothing listens.
@@ -507,7 +524,10 @@ func listenAndClose() (string, error) {
 	return addr, ln.Close()
 }
 
-// testLogger sends the adapter's logs to the test's output.
-func testLogger(t *testing.T) amqp.Option {
-	return amqp.Logger(slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug})))
+// testLogger sends a publisher's logs to the test's output.
+func testLogger(t *testing.T) amqp.PublisherOption { return amqp.Logger(testSlog(t)) }
+
+// testSlog is a logger writing to the test's output.
+func testSlog(t *testing.T) *slog.Logger {
+	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
 }

@@ -13,21 +13,10 @@ import (
 	amqp091 "github.com/rabbitmq/amqp091-go"
 )
 
-// PublisherOption configures a Publisher.
+// PublisherOption configures a Publisher. (A Consumer takes a
+// ConsumerConfig instead.)
 type PublisherOption interface {
 	applyPublisher(*publisherOptions)
-}
-
-// ConsumerOption configures a Consumer.
-type ConsumerOption interface {
-	applyConsumer(*consumerOptions)
-}
-
-// Option configures a Publisher or a Consumer: the connection settings both
-// share.
-type Option interface {
-	PublisherOption
-	ConsumerOption
 }
 
 // connOptions are the settings of one AMQP connection.
@@ -39,13 +28,13 @@ type connOptions struct {
 type sharedOption func(*connOptions)
 
 func (o sharedOption) applyPublisher(p *publisherOptions) { o(&p.conn) }
-func (o sharedOption) applyConsumer(c *consumerOptions)   { o(&c.conn) }
 
 // DialConfig sets the amqp091-go configuration used for every connection
-// (TLS, SASL, vhost, heartbeat, frame size, client properties, a custom
-// Dial), overriding amqp091-go's defaults (10s heartbeat, 30s handshake
-// timeout, PLAIN auth from the URL). Values in the URL take precedence as
-// amqp091.DialConfig defines.
+// of a Publisher (TLS, SASL, vhost, heartbeat, frame size, client
+// properties, a custom Dial), overriding amqp091-go's defaults (10s
+// heartbeat, 30s handshake timeout, PLAIN auth from the URL). Values in the
+// URL take precedence as amqp091.DialConfig defines. A Consumer takes the
+// same settings in ConsumerConfig.DialConfig.
 //
 // Config.Recovery must stay nil: the Publisher and the Consumer reconnect by
 // themselves, and amqp091-go's experimental recovery would re-open channels
@@ -56,14 +45,14 @@ func (o sharedOption) applyConsumer(c *consumerOptions)   { o(&c.conn) }
 // Config.Properties has no "connection_name", the adapter names the
 // connection after its role ("exactly publisher", "exactly consumer
 // <queue>") so it is recognisable in the management UI and rabbitmqctl.
-func DialConfig(cfg amqp091.Config) Option {
+func DialConfig(cfg amqp091.Config) PublisherOption {
 	return sharedOption(func(o *connOptions) { o.config = cfg })
 }
 
-// Logger sets the logger for connection events, reconnects, acks that could
-// not be sent and dead-lettered messages, overriding the default of
-// slog.Default(). A nil logger restores the default.
-func Logger(l *slog.Logger) Option {
+// Logger sets a Publisher's logger for connection events, overriding the
+// default of slog.Default(). A nil logger restores the default. (A
+// Consumer's is ConsumerConfig.Logger.)
+func Logger(l *slog.Logger) PublisherOption {
 	return sharedOption(func(o *connOptions) { o.logger = l })
 }
 

@@ -212,13 +212,13 @@ func (p *Publisher) isClosed() bool {
 // topic, a routing key or header name over 255 bytes), or a payload above
 // MaxMessageSize or the broker's max_message_size. Every other failure is
 // worth retrying: ErrUnroutable (no queue bound yet), ErrNacked, an exchange
-// that does not exist (yet), and "outcome unknown" when the channel or
-// connection closed, or ctx ended, before the confirm came. RabbitMQ does
+// that does not exist (yet), and exactly.ErrOutcomeUnknown when the channel
+// or connection closed, or ctx ended, before the confirm came. RabbitMQ does
 // not drop re-published duplicates; a re-published message carries the same
 // message-id and exactly-id, which the inbox deduplicates on.
 //
 // When ctx ends, Publish returns at once: messages not yet sent fail, and
-// messages sent but unconfirmed are reported as outcome unknown. Their
+// messages sent but unconfirmed are reported as exactly.ErrOutcomeUnknown. Their
 // channel stays with them until their confirms are in, then serves the
 // next call.
 //
@@ -266,8 +266,8 @@ func (p *Publisher) Publish(ctx context.Context, msgs []*exactly.Message) error 
 		if b.settled[i] {
 			errs[i] = b.errs[i]
 		} else {
-			errs[i] = fmt.Errorf("amqp: message %s: outcome unknown, the context ended before its confirm; publishing it again is safe: %w",
-				msgs[i].ID, ctx.Err())
+			errs[i] = fmt.Errorf("amqp: message %s: the context ended before its confirm; publishing it again is safe: %w: %w",
+				msgs[i].ID, exactly.ErrOutcomeUnknown, ctx.Err())
 		}
 	}
 	return exactly.NewBatchError(errs)
@@ -698,8 +698,8 @@ func lost(e *entry, cerr *amqp091.Error, limit int) error {
 		return fmt.Errorf("amqp: message %s: the broker closed the channel (does exchange %q exist?); declare it, then publish again: %w",
 			e.id, e.exchange, cerr)
 	case cerr != nil:
-		return fmt.Errorf("amqp: message %s: outcome unknown, the channel closed before its confirm; publishing it again is safe: %w", e.id, cerr)
+		return fmt.Errorf("amqp: message %s: the channel closed before its confirm; publishing it again is safe: %w: %w", e.id, exactly.ErrOutcomeUnknown, cerr)
 	default:
-		return fmt.Errorf("amqp: message %s: outcome unknown, the channel closed before its confirm; publishing it again is safe: %w", e.id, amqp091.ErrClosed)
+		return fmt.Errorf("amqp: message %s: the channel closed before its confirm; publishing it again is safe: %w: %w", e.id, exactly.ErrOutcomeUnknown, amqp091.ErrClosed)
 	}
 }

@@ -250,10 +250,16 @@ func TestTraceConsumers(t *testing.T) {
 			t.Fatal(err)
 		}
 		got := make(chan trace.SpanContext, 1)
-		c, err := amqp.NewConsumer(url, queue, func(ctx context.Context, m *exactly.Message) error {
-			got <- trace.SpanContextFromContext(ctx)
-			return nil
-		}, amqp.Tracer(tr))
+		c, err := amqp.NewConsumer(url, amqp.ConsumerConfig{
+			ConsumerConfig: exactly.ConsumerConfig{
+				Handler: func(ctx context.Context, m *exactly.Message) error {
+					got <- trace.SpanContextFromContext(ctx)
+					return nil
+				},
+				Tracer: tr,
+			},
+			Queue: queue,
+		})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -46,8 +46,9 @@ func (o Outcome) String() string {
 
 // ErrNoID is returned for a message without an ID: it cannot be
 // deduplicated, so it is never handled. Returned through a Handler it makes
-// the consumer retry and then dead-letter the message, with this reason.
-var ErrNoID = errors.New("inbox: message has an empty ID and cannot be deduplicated")
+// the consumer retry and then dead-letter the message, with this reason. It
+// is exactly.ErrNoID, the error every consumer gives such a message.
+var ErrNoID = exactly.ErrNoID
 
 // ErrInProgress means another runner holds the lease on the message: it is
 // being processed elsewhere right now (Redis store). The delivery must not

@@ -33,16 +33,54 @@ type Policy struct {
 	Tracer exactly.Tracer
 }
 
-// Hooks report outcomes for metrics; all optional, called synchronously.
-type Hooks struct {
-	Handled      func(msg *exactly.Message, took time.Duration)
-	Failed       func(msg *exactly.Message, attempt int, err error)
-	DeadLettered func(msg *exactly.Message, err error)
+// Hooks report outcomes for metrics: the consumers' shared hooks. Process
+// calls Handled, Failed and DeadLettered; the adapter calls AckFailed
+// (through Policy.AckFailed).
+type Hooks = exactly.ConsumerHooks
+
+// Stats are the running totals behind exactly.ConsumerStats. Process
+// counts Handled, Failed and DeadLettered; the adapter counts the others.
+type Stats struct {
+	Handled, Failed, DeadLettered       atomic.Int64
+	Received, AckFailures, Redeliveries atomic.Int64
 }
 
-// Stats are running totals.
-type Stats struct {
-	Handled, Failed, DeadLettered atomic.Int64
+// Load returns the totals.
+func (s *Stats) Load() exactly.ConsumerStats {
+	return exactly.ConsumerStats{
+		Received:     s.Received.Load(),
+		Handled:      s.Handled.Load(),
+		Failed:       s.Failed.Load(),
+		DeadLettered: s.DeadLettered.Load(),
+		AckFailures:  s.AckFailures.Load(),
+		Redeliveries: s.Redeliveries.Load(),
+	}
+}
+
+// FromConfig is the policy of a consumer configured with cfg (defaults
+// already applied, see exactly.ConsumerConfig.WithDefaults), dead-lettering
+// to deadLetter: cfg.DeadLetter, or the broker's own destination when that
+// is nil.
+func FromConfig(cfg exactly.ConsumerConfig, deadLetter exactly.Publisher) (*Policy, error) {
+	return New(Policy{
+		Retry:           cfg.Retry,
+		DeadLetter:      deadLetter,
+		DeadLetterTopic: cfg.DeadLetterTopic,
+		Logger:          cfg.Logger,
+		Hooks:           cfg.Hooks,
+		Tracer:          cfg.Tracer,
+	})
+}
+
+// AckFailed counts an acknowledgement of msg that failed, in st when it is
+// not nil, and calls the AckFailed hook.
+func (p *Policy) AckFailed(msg *exactly.Message, err error, st *Stats) {
+	if st != nil {
+		st.AckFailures.Add(1)
+	}
+	if p.Hooks.AckFailed != nil {
+		p.Hooks.AckFailed(msg, err)
+	}
 }
 
 // New validates p and fills in defaults.

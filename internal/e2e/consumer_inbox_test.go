@@ -272,8 +272,14 @@ func TestRabbitMQCrashBeforeAckWithInbox(t *testing.T) {
 		}
 		return nil
 	}
-	c, err := amqp.NewConsumer(url, queue, handler, amqp.Prefetch(20), amqp.DialConfig(amqp091.Config{Dial: dial}),
-		amqp.Logger(quietLogger(t)), amqp.ReconnectBackoff(50*time.Millisecond, time.Second))
+	c, err := amqp.NewConsumer(url, amqp.ConsumerConfig{
+		ConsumerConfig:      exactly.ConsumerConfig{Handler: handler, Logger: quietLogger(t)},
+		Queue:               queue,
+		Prefetch:            20,
+		DialConfig:          amqp091.Config{Dial: dial},
+		ReconnectBackoff:    50 * time.Millisecond,
+		ReconnectMaxBackoff: time.Second,
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
