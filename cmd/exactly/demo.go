@@ -200,22 +200,24 @@ func (d *deliveries) distinct() int {
 	return len(d.count)
 }
 
-// attemptLog records every run of the effect under the Redis inbox, and
+// attemptLog records the runs of the effect under the Redis inbox, and
 // what the inbox reported about each message, so that the verdict can tell
 // a double application that a documented limit of the Redis store accounts
 // for from one that nothing explains. Each promotion row carries the number
-// of the run that wrote it.
+// of the run that wrote it. Only the runs that failed or outlived their
+// lease are kept (a run that committed in time needs no explaining), so
+// the log stays small however many orders the run has.
 type attemptLog struct {
 	mu           sync.Mutex
-	runs         []*attempt // runs[n-1] is attempt n
-	leaseExpired map[string]int
-	markFailed   map[string]int
+	n            int64              // runs begun
+	kept         map[int64]*attempt // the runs that failed or outlived their lease
+	leaseExpired map[string]int     // by message ID: Hooks.LeaseExpired reports
+	markFailed   map[string]int     // by message ID: Hooks.MarkFailed reports
 }
 
 // attempt is one run of the effect.
 type attempt struct {
 	n          int64
-	msg        string
 	member     string
 	start, end time.Time
 	deadline   time.Time // when its lease ran out: the handler's context deadline
@@ -223,24 +225,30 @@ type attempt struct {
 	left       error     // why the member was leaving when it returned (errCrashed, errRebalanced), or nil
 }
 
+// leaseOut reports whether the run ended after its lease.
+func (a *attempt) leaseOut() bool { return !a.deadline.IsZero() && !a.end.Before(a.deadline) }
+
 func newAttemptLog() *attemptLog {
-	return &attemptLog{leaseExpired: map[string]int{}, markFailed: map[string]int{}}
+	return &attemptLog{kept: map[int64]*attempt{}, leaseExpired: map[string]int{}, markFailed: map[string]int{}}
 }
 
-func (l *attemptLog) begin(ctx context.Context, msg, member string) *attempt {
-	a := &attempt{msg: msg, member: member, start: time.Now()}
+func (l *attemptLog) begin(ctx context.Context, member string) *attempt {
+	a := &attempt{member: member, start: time.Now()}
 	a.deadline, _ = ctx.Deadline()
 	l.mu.Lock()
-	l.runs = append(l.runs, a)
-	a.n = int64(len(l.runs))
+	l.n++
+	a.n = l.n
 	l.mu.Unlock()
 	return a
 }
 
 func (l *attemptLog) finish(a *attempt, err, left error) {
-	l.mu.Lock()
 	a.end, a.err, a.left = time.Now(), err, left
-	l.mu.Unlock()
+	if err != nil || a.leaseOut() {
+		l.mu.Lock()
+		l.kept[a.n] = a
+		l.mu.Unlock()
+	}
 }
 
 func (l *attemptLog) hooks() inbox.Hooks {
@@ -298,25 +306,27 @@ func (l *attemptLog) explain(apps []application) []doubleApplication {
 
 // why says what let another run apply the effect again after app's.
 func (l *attemptLog) why(app application) (string, bool) {
-	if app.attempt < 1 || app.attempt > int64(len(l.runs)) {
+	if app.attempt < 1 || app.attempt > l.n {
 		return fmt.Sprintf("a promotion by %s of no recorded run: unexplained", app.member), false
 	}
-	a := l.runs[app.attempt-1]
-	run := fmt.Sprintf("run %d (%s, %s after the claim)", a.n, a.member, a.end.Sub(a.start).Round(time.Millisecond))
-	leaseOut := !a.deadline.IsZero() && !a.end.Before(a.deadline)
+	run := fmt.Sprintf("run %d (%s)", app.attempt, app.member)
+	a := l.kept[app.attempt]
+	if a != nil {
+		run = fmt.Sprintf("run %d (%s, %s after the claim)", a.n, a.member, a.end.Sub(a.start).Round(time.Millisecond))
+	}
 	switch {
-	case a.err != nil:
+	case a != nil && a.err != nil:
 		cause := ""
 		switch {
-		case leaseOut:
+		case a.leaseOut():
 			cause = " as its lease ran out"
 		case a.left != nil:
 			cause = fmt.Sprintf(" as its member stopped (%v)", a.left)
 		}
 		return fmt.Sprintf("%s committed, yet its commit returned %q%s: the inbox released the lease and a retry applied it again", run, a.err, cause), true
-	case leaseOut || l.leaseExpired[a.msg] > 0:
+	case a != nil && a.leaseOut(), l.leaseExpired[app.event] > 0:
 		return fmt.Sprintf("%s outlived its lease, so another runner took the message", run), true
-	case l.markFailed[a.msg] > 0:
+	case l.markFailed[app.event] > 0:
 		return fmt.Sprintf("%s could not write its done marker", run), true
 	}
 	return fmt.Sprintf("%s committed within its lease and was marked done: unexplained", run), false
@@ -1015,7 +1025,7 @@ func (d *demoDB) applyThroughRedis(ctx context.Context, in *inbox.Redis, attempt
 			tctx, cancel = context.WithDeadline(tctx, deadline)
 		}
 		defer cancel()
-		a := attempts.begin(tctx, m.ID, member)
+		a := attempts.begin(tctx, member)
 		err := d.inTx(tctx, func(tx *sql.Tx) error { return d.applyPromotion(tctx, tx, m, member, a.n) })
 		var left error
 		if ctx.Err() != nil {

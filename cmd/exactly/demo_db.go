@@ -256,6 +256,7 @@ func (d *demoDB) verify(ctx context.Context) (verdict, error) {
 // application is one promotion row of an order applied more than once.
 type application struct {
 	order   string
+	event   string // the message ID
 	member  string
 	attempt int64
 }
@@ -264,7 +265,7 @@ type application struct {
 // by order.
 func (d *demoDB) appliedTwice(ctx context.Context) ([]application, error) {
 	p := d.table("promotions")
-	rows, err := d.db.QueryContext(ctx, "SELECT order_id, member, attempt FROM "+p+" WHERE order_id IN "+
+	rows, err := d.db.QueryContext(ctx, "SELECT order_id, event_id, member, attempt FROM "+p+" WHERE order_id IN "+
 		"(SELECT order_id FROM "+p+" GROUP BY order_id HAVING COUNT(*) > 1) ORDER BY order_id, attempt")
 	if err != nil {
 		return nil, err
@@ -273,7 +274,7 @@ func (d *demoDB) appliedTwice(ctx context.Context) ([]application, error) {
 	var out []application
 	for rows.Next() {
 		var a application
-		if err := rows.Scan(&a.order, &a.member, &a.attempt); err != nil {
+		if err := rows.Scan(&a.order, &a.event, &a.member, &a.attempt); err != nil {
 			return nil, err
 		}
 		out = append(out, a)

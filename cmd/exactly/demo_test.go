@@ -343,40 +343,40 @@ func TestDemoBadInput(t *testing.T) {
 func TestDemoExplainsDoubleApplications(t *testing.T) {
 	l := newAttemptLog()
 	bg := context.Background()
-	lease, cancel := context.WithTimeout(bg, time.Hour)
+	inTime, cancel := context.WithTimeout(bg, time.Hour)
 	defer cancel()
-	run := func(msg, member string, err, left error, took time.Duration) int64 {
-		a := l.begin(lease, msg, member)
+	late, cancelLate := context.WithDeadline(bg, time.Now().Add(-time.Second)) // a lease already over when the run ends
+	defer cancelLate()
+	var apps []application
+	apply := func(order, msg, member string, lease context.Context, err, left error) {
+		a := l.begin(lease, member)
 		l.finish(a, err, left)
-		a.end = a.start.Add(took)
-		return a.n
+		apps = append(apps, application{order: order, event: msg, member: member, attempt: a.n})
 	}
-	h := l.hooks()
-	apps := []application{}
-	add := func(order, member string, n int64) {
-		apps = append(apps, application{order: order, member: member, attempt: n})
-	}
-
 	// Committed, yet the commit reported the member's leaving: retried.
-	add("order-1", "m1", run("e1", "m1", context.Canceled, errRebalanced, time.Millisecond))
-	add("order-1", "m2", run("e1", "m2", nil, nil, time.Millisecond))
+	apply("order-1", "e1", "m1", inTime, context.Canceled, errRebalanced)
+	apply("order-1", "e1", "m2", inTime, nil, nil)
 	// Committed within its lease and marked done: nothing explains another.
-	add("order-2", "m1", run("e2", "m1", nil, nil, time.Millisecond))
-	add("order-2", "m2", run("e2", "m2", nil, nil, time.Millisecond))
+	apply("order-2", "e2", "m1", inTime, nil, nil)
+	apply("order-2", "e2", "m2", inTime, nil, nil)
 	// Outlived its lease.
-	add("order-3", "m1", run("e3", "m1", nil, nil, 2*time.Hour))
-	add("order-3", "m2", run("e3", "m2", nil, nil, time.Millisecond))
+	apply("order-3", "e3", "m1", late, nil, nil)
+	apply("order-3", "e3", "m2", inTime, nil, nil)
 	// Its done marker was not written.
-	h.MarkFailed(&exactly.Message{ID: "e4"}, errors.New("redis down"))
-	add("order-4", "m1", run("e4", "m1", nil, nil, time.Millisecond))
-	add("order-4", "m2", run("e4", "m2", nil, nil, time.Millisecond))
+	l.hooks().MarkFailed(&exactly.Message{ID: "e4"}, errors.New("redis down"))
+	apply("order-4", "e4", "m1", inTime, nil, nil)
+	apply("order-4", "e4", "m2", inTime, nil, nil)
 	// Three times: the first explained, the second not.
-	add("order-5", "m1", run("e5", "m1", context.Canceled, errCrashed, time.Millisecond))
-	add("order-5", "m2", run("e5", "m2", nil, nil, time.Millisecond))
-	add("order-5", "m3", run("e5", "m3", nil, nil, time.Millisecond))
+	apply("order-5", "e5", "m1", inTime, context.Canceled, errCrashed)
+	apply("order-5", "e5", "m2", inTime, nil, nil)
+	apply("order-5", "e5", "m3", inTime, nil, nil)
 	// A promotion of no recorded run.
-	add("order-6", "m1", 0)
-	add("order-6", "m2", run("e6", "m2", nil, nil, time.Millisecond))
+	apps = append(apps, application{order: "order-6", event: "e6", member: "m1", attempt: 0})
+	apply("order-6", "e6", "m2", inTime, nil, nil)
+	// The runs that committed in time are not kept.
+	if len(l.kept) != 3 {
+		t.Errorf("%d runs kept, want the 3 that failed or outlived their lease", len(l.kept))
+	}
 
 	want := map[string]bool{"order-1": true, "order-2": false, "order-3": true, "order-4": true, "order-5": false, "order-6": false}
 	got := l.explain(apps)
