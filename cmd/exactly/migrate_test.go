@@ -7,6 +7,7 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/exactlyonce/exactly/inbox"
 	"github.com/exactlyonce/exactly/internal/testenv"
@@ -125,5 +126,148 @@ func testMigrate(t *testing.T, db *sql.DB, dsn, dialect, prefix string) {
 	}
 	if st, err := ob.Status(ctx, db); err != nil || st.Pending != 0 {
 		t.Errorf("status of the migrated outbox: %+v %v", st, err)
+	}
+}
+
+// migrateDB is a database for the migrate tests: PostgreSQL in a schema of
+// its own, MariaDB with tables of unique names in the test database, SQLite
+// in a file of its own. prefix qualifies table names.
+type migrateDB struct {
+	db     *sql.DB
+	dsn    string
+	prefix string
+}
+
+func migrateDBs(t *testing.T) map[string]func(t *testing.T) migrateDB {
+	return map[string]func(t *testing.T) migrateDB{
+		"Postgres": func(t *testing.T) migrateDB {
+			db := pgDB(t)
+			schema := uniqueName("migrate_shape")
+			if _, err := db.Exec("CREATE SCHEMA " + schema); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { db.Exec("DROP SCHEMA " + schema + " CASCADE") })
+			return migrateDB{db, testenv.PostgresDSN(), schema + "."}
+		},
+		"MySQL": func(t *testing.T) migrateDB {
+			testenv.Need(t, testenv.MariaDB)
+			db, err := sql.Open("mysql", testenv.MySQLDSN())
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { db.Close() })
+			return migrateDB{db, "mysql://" + testenv.MySQLDSN(), ""}
+		},
+		"SQLite": func(t *testing.T) migrateDB {
+			path := filepath.Join(t.TempDir(), "m.db")
+			db, _, err := openDB("sqlite:" + path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { db.Close() })
+			return migrateDB{db, "sqlite:" + path, ""}
+		},
+	}
+}
+
+// uniqueTable is a fresh table name for d, dropped (with the outbox's
+// sibling tables and its bookkeeping rows) at the end of the test.
+func (d migrateDB) uniqueTable(t *testing.T, prefix string) string {
+	name := uniqueName(prefix)
+	t.Cleanup(func() {
+		for _, s := range []string{"", "_leases", "_relays"} {
+			d.db.Exec("DROP TABLE IF EXISTS " + d.prefix + name + s)
+		}
+		d.db.Exec("DELETE FROM " + d.prefix + "exactly_migrations WHERE scope LIKE '%" + name + "'")
+	})
+	return name
+}
+
+// migrateWithin runs `exactly migrate` and fails the test when it does not
+// return within d.
+func migrateWithin(t *testing.T, d time.Duration, args ...string) (string, error) {
+	t.Helper()
+	type result struct {
+		out string
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		out, err := run(t, migrateCmd(), args...)
+		ch <- result{out, err}
+	}()
+	select {
+	case r := <-ch:
+		return r.out, r.err
+	case <-time.After(d):
+		t.Fatalf("migrate %v did not return within %s", args, d)
+		return "", nil
+	}
+}
+
+// An existing table of another shape: migrate fails within seconds on
+// every dialect, naming the step and what the table lacks, records nothing
+// and leaves no lock behind (a second migrate fails the same way, at once).
+func TestMigrateWrongShape(t *testing.T) {
+	for name, open := range migrateDBs(t) {
+		t.Run(name, func(t *testing.T) {
+			d := open(t)
+			table := d.uniqueTable(t, "shape_a")
+			if _, err := d.db.Exec("CREATE TABLE " + d.prefix + table + " (id int primary key, payload text)"); err != nil {
+				t.Fatal(err)
+			}
+			args := []string{"--db", d.dsn, "--table", d.prefix + table, "--only", "outbox"}
+			for i := range 2 {
+				out, err := migrateWithin(t, 20*time.Second, args...)
+				if err == nil {
+					t.Fatalf("run %d: migrate of a table of another shape succeeded:\n%s", i, out)
+				}
+				for _, want := range []string{"version 1 (create_outbox)", table, "missing columns seq", "rename or drop it"} {
+					if !strings.Contains(err.Error(), want) {
+						t.Errorf("run %d: the error lacks %q: %v", i, want, err)
+					}
+				}
+			}
+			var n int
+			if err := d.db.QueryRow("SELECT count(*) FROM " + d.prefix + "exactly_migrations WHERE scope = 'outbox:" + d.prefix + table + "'").Scan(&n); n != 0 || err != nil && !strings.Contains(err.Error(), "no such table") {
+				t.Errorf("versions recorded for the unusable table: %d %v", n, err)
+			}
+		})
+	}
+}
+
+// A table dropped by hand after migrating: migrate says so and how to reset
+// instead of reporting it up to date, and following its advice works.
+func TestMigrateDroppedTable(t *testing.T) {
+	for name, open := range migrateDBs(t) {
+		t.Run(name, func(t *testing.T) {
+			d := open(t)
+			table := d.uniqueTable(t, "dropped")
+			args := []string{"--db", d.dsn, "--table", d.prefix + table, "--only", "outbox"}
+			mustRun(t, migrateCmd(), args...)
+			if _, err := d.db.Exec("DROP TABLE " + d.prefix + table); err != nil {
+				t.Fatal(err)
+			}
+			_, err := migrateWithin(t, 20*time.Second, args...)
+			if err == nil {
+				t.Fatal("migrate after the table was dropped reported success")
+			}
+			for _, want := range []string{"does not exist", "dropped or changed by hand", "DELETE FROM"} {
+				if !strings.Contains(err.Error(), want) {
+					t.Errorf("the error lacks %q: %v", want, err)
+				}
+			}
+			reset := regexp.MustCompile(`(DELETE FROM .*);`).FindStringSubmatch(err.Error())
+			if reset == nil {
+				t.Fatalf("no reset statement in: %v", err)
+			}
+			if _, err := d.db.Exec(reset[1]); err != nil {
+				t.Fatalf("the advised %q: %v", reset[1], err)
+			}
+			out := mustRun(t, migrateCmd(), args...)
+			if !strings.Contains(out, "applied version(s) 1") {
+				t.Errorf("migrate after the reset:\n%s", out)
+			}
+		})
 	}
 }

@@ -70,7 +70,30 @@ func (s *Store) Migrator(db *sql.DB) (*migrate.Migrator, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &migrate.Migrator{DB: db, Dialect: s.D, Schema: s.Table.Schema, Scope: s.Scope(), Steps: steps}, nil
+	return &migrate.Migrator{DB: db, Dialect: s.D, Schema: s.Table.Schema, Scope: s.Scope(), Steps: steps, Check: s.CheckSchema}, nil
+}
+
+// columns are the inbox's columns: every statement of this package uses all
+// of them, and the claim inserts all of them.
+var columns = []sqldb.Want{{Name: "consumer", Kind: sqldb.Text}, {Name: "id", Kind: sqldb.Text}, {Name: "processed_at", Kind: sqldb.Int}}
+
+// CheckSchema returns a *sqldb.SchemaError when the inbox table is missing
+// or lacks a column the claim needs.
+func (s *Store) CheckSchema(ctx context.Context, q sqldb.Querier) error {
+	return sqldb.CheckColumns(ctx, q, s.D, s.Table, columns, []string{"consumer", "id", "processed_at"})
+}
+
+// Verify checks that the inbox table can be used, and says what to do when
+// it cannot (see migrate.Migrator.Verify).
+func (s *Store) Verify(ctx context.Context, db *sql.DB) error {
+	m, err := s.Migrator(db)
+	if err != nil {
+		return err
+	}
+	if err := m.Verify(ctx, "inbox.SQL.Migrate, or `exactly migrate --only inbox --inbox-table "+s.Table.String()+"`"); err != nil {
+		return fmt.Errorf("inbox %s is not usable: %w", s.Table, err)
+	}
+	return nil
 }
 
 // Tx is the part of a transaction the store needs, for *sql.Tx and pgx.Tx

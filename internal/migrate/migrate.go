@@ -7,6 +7,8 @@ import (
 	"bytes"
 	"context"
 	"database/sql"
+	"database/sql/driver"
+	"errors"
 	"fmt"
 	"io/fs"
 	"path"
@@ -86,6 +88,12 @@ type Migrator struct {
 	Schema string
 	Scope  string
 	Steps  []Step
+	// Check, when set, reads the tables of the scope and returns a
+	// *sqldb.SchemaError when they do not have the columns the code needs.
+	// Apply runs it once every step is applied (a migration keeps a table
+	// that already exists as it is), Verify at the start of a relay or
+	// consumer.
+	Check func(ctx context.Context, q sqldb.Querier) error
 }
 
 func (m *Migrator) table() string {
@@ -170,13 +178,13 @@ func (m *Migrator) Apply(ctx context.Context) ([]int, error) {
 		if _, err := conn.ExecContext(ctx, "SELECT pg_advisory_lock(hashtext($1))", lockName); err != nil {
 			return nil, fmt.Errorf("migrate: lock: %w", err)
 		}
-		defer conn.ExecContext(context.WithoutCancel(ctx), "SELECT pg_advisory_unlock(hashtext($1))", lockName)
+		defer unlock(ctx, conn, "SELECT pg_advisory_unlock(hashtext($1))", lockName)
 	case sqldb.MySQL:
 		var got sql.NullInt64
 		if err := conn.QueryRowContext(ctx, "SELECT GET_LOCK(?, 60)", lockName).Scan(&got); err != nil || got.Int64 != 1 {
 			return nil, fmt.Errorf("migrate: could not take lock %q within 60s (err=%v)", lockName, err)
 		}
-		defer conn.ExecContext(context.WithoutCancel(ctx), "SELECT RELEASE_LOCK(?)", lockName)
+		defer unlock(ctx, conn, "SELECT RELEASE_LOCK(?)", lockName)
 	case sqldb.SQLite:
 		if _, err := conn.ExecContext(ctx, "BEGIN IMMEDIATE"); err != nil {
 			return nil, fmt.Errorf("migrate: lock: %w", err)
@@ -189,7 +197,7 @@ func (m *Migrator) Apply(ctx context.Context) ([]int, error) {
 		}()
 		done, err := m.applySteps(ctx, conn, create, false)
 		if err != nil {
-			return done, err
+			return nil, err // rolled back, bookkeeping included
 		}
 		if _, err := conn.ExecContext(ctx, "COMMIT"); err != nil {
 			return nil, fmt.Errorf("migrate: commit: %w", err)
@@ -200,10 +208,23 @@ func (m *Migrator) Apply(ctx context.Context) ([]int, error) {
 	return m.applySteps(ctx, conn, create, m.Dialect == sqldb.Postgres)
 }
 
+// unlock releases a session lock. When that fails, the connection is
+// discarded rather than returned to the pool: closing the session releases
+// the lock, so another migrate is never left waiting for it.
+func unlock(ctx context.Context, conn *sql.Conn, q, name string) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if _, err := conn.ExecContext(ctx, q, name); err != nil {
+		_ = conn.Raw(func(any) error { return driver.ErrBadConn })
+	}
+}
+
 // applySteps runs on a connection that holds the migration lock. With perTx
 // each step commits atomically with its bookkeeping row (PostgreSQL has
 // transactional DDL; MySQL does not, so its statements are written to be
-// re-runnable).
+// re-runnable). Once every step is applied, m.Check must pass (on
+// PostgreSQL in the last step's transaction); when it does not, the
+// versions this run recorded are taken back.
 func (m *Migrator) applySteps(ctx context.Context, conn *sql.Conn, create string, perTx bool) ([]int, error) {
 	if _, err := conn.ExecContext(ctx, create); err != nil {
 		return nil, fmt.Errorf("migrate: create %s: %w", m.table(), err)
@@ -216,29 +237,151 @@ func (m *Migrator) applySteps(ctx context.Context, conn *sql.Conn, create string
 	if err != nil {
 		return nil, err
 	}
+	if len(pending) == 0 {
+		if err := m.check(ctx, conn); err != nil {
+			return nil, m.recordedButUnusable(applied, err)
+		}
+		return nil, nil
+	}
 	var done []int
-	for _, s := range pending {
-		if err := m.applyStep(ctx, conn, s, perTx); err != nil {
-			return done, fmt.Errorf("migrate %s: version %d (%s): %w", m.Scope, s.Version, s.Name, err)
+	for i, s := range pending {
+		var final func(sqldb.Querier) error
+		if perTx && i == len(pending)-1 {
+			final = func(q sqldb.Querier) error { return m.check(ctx, q) }
+		}
+		if err := m.applyStep(ctx, conn, s, perTx, final); err != nil {
+			var se *sqldb.SchemaError
+			if !errors.As(err, &se) {
+				// A statement failed: say what is wrong with a table that
+				// was already there, if that is the cause.
+				if cerr := m.check(ctx, conn); errors.As(cerr, &se) && !se.Missing {
+					err = fmt.Errorf("%w; the table was there before and cannot be used: rename or drop it, or choose another table name\n  (%w)", se, err)
+				}
+			} else {
+				err = existingTable(se)
+			}
+			m.takeBack(ctx, conn, done)
+			return nil, fmt.Errorf("migrate %s: version %d (%s): %w", m.Scope, s.Version, s.Name, err)
 		}
 		done = append(done, s.Version)
+	}
+	if !perTx {
+		if err := m.check(ctx, conn); err != nil {
+			var se *sqldb.SchemaError
+			if errors.As(err, &se) {
+				err = existingTable(se)
+			}
+			m.takeBack(ctx, conn, done)
+			last := pending[len(pending)-1]
+			return nil, fmt.Errorf("migrate %s: version %d (%s): %w", m.Scope, last.Version, last.Name, err)
+		}
 	}
 	return done, nil
 }
 
-func (m *Migrator) applyStep(ctx context.Context, conn *sql.Conn, s Step, perTx bool) (err error) {
+func existingTable(se *sqldb.SchemaError) error {
+	if se.Missing {
+		return se
+	}
+	return fmt.Errorf("%w; the table was there before and the migration keeps an existing table as it is: rename or drop it, or choose another table name", se)
+}
+
+func (m *Migrator) check(ctx context.Context, q sqldb.Querier) error {
+	if m.Check == nil {
+		return nil
+	}
+	return m.Check(ctx, q)
+}
+
+// takeBack deletes the bookkeeping rows of versions this run recorded but
+// whose result cannot be used, so that the schema is not reported as
+// migrated. (SQLite rolls them back instead; PostgreSQL's last step never
+// commits.)
+func (m *Migrator) takeBack(ctx context.Context, conn *sql.Conn, versions []int) {
+	if len(versions) == 0 || m.Dialect == sqldb.SQLite {
+		return
+	}
+	vs := make([]int64, len(versions))
+	for i, v := range versions {
+		vs[i] = int64(v)
+	}
+	a := sqldb.NewArgs(m.Dialect)
+	q := "DELETE FROM " + m.table() + " WHERE scope = " + a.Add(m.Scope) + " AND " + sqldb.In(a, "version", vs, false)
+	_, _ = conn.ExecContext(context.WithoutCancel(ctx), q, a.Vals...)
+}
+
+// ResetSQL is the statement that makes the migrations of the scope run
+// again from version 1, for tables dropped by hand.
+func (m *Migrator) ResetSQL() string {
+	return "DELETE FROM " + m.table() + " WHERE scope = '" + m.Scope + "'"
+}
+
+// recordedButUnusable explains a table whose versions are recorded but
+// that was dropped or changed since.
+func (m *Migrator) recordedButUnusable(applied []int, err error) error {
+	var se *sqldb.SchemaError
+	if !errors.As(err, &se) {
+		return fmt.Errorf("migrate %s: checking the tables: %w", m.Scope, err)
+	}
+	what := "to create it again, run this statement, then migrate again"
+	if !se.Missing {
+		what = "to create it again, rename or drop it, run this statement, then migrate again"
+	}
+	return fmt.Errorf("%s: %w, but exactly_migrations records its migrations as applied (version %s): it was dropped or changed by hand. "+
+		"Migrate applies nothing while they are recorded; %s:\n  %s;",
+		m.Scope, se, joinInts(applied), what, m.ResetSQL())
+}
+
+// Verify checks, without changing anything, that the tables of the scope
+// can be used; relays and consumers call it before they start. migrateHint
+// says how to apply the migrations (for example "outbox.Migrate or
+// `exactly migrate --only outbox`"). A table that is not usable is an error
+// wrapping a *sqldb.SchemaError that says what is wrong and what to do:
+// apply the migrations when none are recorded, else how to reset them.
+func (m *Migrator) Verify(ctx context.Context, migrateHint string) error {
+	err := m.check(ctx, m.DB)
+	var se *sqldb.SchemaError
+	if err == nil || !errors.As(err, &se) {
+		return err
+	}
+	applied, aerr := m.applied(ctx, m.DB)
+	if aerr != nil || len(applied) == 0 {
+		if se.Missing {
+			return fmt.Errorf("%w: apply the migrations first (%s)", se, migrateHint)
+		}
+		return fmt.Errorf("%w; it was not created by the migrations (none are recorded for %s): rename or drop it and apply them (%s), or choose another table name", se, m.Scope, migrateHint)
+	}
+	return m.recordedButUnusable(applied, se)
+}
+
+func joinInts(v []int) string {
+	s := make([]string, len(v))
+	for i, n := range v {
+		s[i] = strconv.Itoa(n)
+	}
+	return strings.Join(s, ", ")
+}
+
+// applyStep applies one step and records it. With perTx it runs in a
+// transaction that is rolled back on any failure; final, when set, runs in
+// that transaction before it commits.
+func (m *Migrator) applyStep(ctx context.Context, conn *sql.Conn, s Step, perTx bool, final func(sqldb.Querier) error) (err error) {
 	type execer interface {
 		ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
+		QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
 	}
 	var ex execer = conn
+	var tx *sql.Tx
 	if perTx {
-		tx, err := conn.BeginTx(ctx, nil)
-		if err != nil {
-			return err
+		var berr error
+		if tx, berr = conn.BeginTx(ctx, nil); berr != nil {
+			return berr
 		}
+		// Every failure below rolls back: an open transaction would keep
+		// the connection, and with it the session's lock, forever.
 		defer func() {
 			if err != nil {
-				tx.Rollback()
+				_ = tx.Rollback()
 			}
 		}()
 		ex = tx
@@ -254,7 +397,12 @@ func (m *Migrator) applyStep(ctx context.Context, conn *sql.Conn, s Step, perTx 
 	if _, err := ex.ExecContext(ctx, q, a.Vals...); err != nil {
 		return err
 	}
-	if tx, ok := ex.(*sql.Tx); ok {
+	if final != nil {
+		if err := final(ex); err != nil {
+			return err
+		}
+	}
+	if tx != nil {
 		return tx.Commit()
 	}
 	return nil

@@ -53,7 +53,33 @@ func (s *Store) Migrator(db *sql.DB) (*migrate.Migrator, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &migrate.Migrator{DB: db, Dialect: s.D, Schema: s.Table.Schema, Scope: "kafka_offsets:" + s.Table.String(), Steps: steps}, nil
+	return &migrate.Migrator{DB: db, Dialect: s.D, Schema: s.Table.Schema, Scope: "kafka_offsets:" + s.Table.String(), Steps: steps,
+		Check: s.CheckSchema}, nil
+}
+
+// columns are the offsets table's columns: Load and Advance use them all.
+var columns = []sqldb.Want{
+	{Name: "consumer_group", Kind: sqldb.Text}, {Name: "topic", Kind: sqldb.Text}, {Name: "part", Kind: sqldb.Int},
+	{Name: "next_offset", Kind: sqldb.Int}, {Name: "updated_at", Kind: sqldb.Int},
+}
+
+// CheckSchema returns a *sqldb.SchemaError when the offsets table is missing
+// or lacks a column the consumer needs.
+func (s *Store) CheckSchema(ctx context.Context, q sqldb.Querier) error {
+	return sqldb.CheckColumns(ctx, q, s.D, s.Table, columns, []string{"consumer_group", "topic", "part", "next_offset", "updated_at"})
+}
+
+// Verify checks that the offsets table can be used, and says what to do
+// when it cannot (see migrate.Migrator.Verify).
+func (s *Store) Verify(ctx context.Context, db *sql.DB) error {
+	m, err := s.Migrator(db)
+	if err != nil {
+		return err
+	}
+	if err := m.Verify(ctx, "kafka.MigrateOffsets, or `exactly migrate --only offsets --offsets-table "+s.Table.String()+"`"); err != nil {
+		return fmt.Errorf("Kafka offsets table %s is not usable: %w", s.Table, err)
+	}
+	return nil
 }
 
 // Load returns the stored next offset of a partition, or -1 when none is

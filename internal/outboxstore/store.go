@@ -83,7 +83,8 @@ func (s *Store) Migrator(db *sql.DB) (*migrate.Migrator, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &migrate.Migrator{DB: db, Dialect: d, Schema: s.Table.Schema, Scope: "outbox:" + s.Table.String(), Steps: steps}, nil
+	return &migrate.Migrator{DB: db, Dialect: d, Schema: s.Table.Schema, Scope: "outbox:" + s.Table.String(), Steps: steps,
+		Check: s.CheckSchema}, nil
 }
 
 // Channel is the PostgreSQL NOTIFY channel that wakes relays of this table.
@@ -311,15 +312,14 @@ func (s *Store) DeleteSentBefore(ctx context.Context, db *sql.DB, cutoffMillis i
 	return res.RowsAffected()
 }
 
-// CheckTables fails with a clear error when the outbox has not been migrated.
+// CheckTables fails with a clear error when the outbox's tables are missing
+// or lack columns the relay needs: it names the table and the columns, and
+// says whether to apply the migrations or how to reset them (a table
+// dropped by hand). A database that cannot be reached is reported as is, so
+// that callers can tell it from a missing table with sqldb.Transient.
 func (s *Store) CheckTables(ctx context.Context, db *sql.DB) error {
-	for _, t := range []string{s.t, s.leases, s.relays} {
-		if _, err := db.ExecContext(ctx, "SELECT 1 FROM "+t+" WHERE 1=0"); err != nil {
-			if sqldb.Transient(err) {
-				return fmt.Errorf("checking outbox table %s: %w", t, err)
-			}
-			return fmt.Errorf("outbox table %s is not usable (%v): apply the migrations first (outbox.Migrate or `exactly migrate`)", t, err)
-		}
+	if err := s.Verify(ctx, db); err != nil {
+		return fmt.Errorf("outbox %s is not usable: %w", s.Table, err)
 	}
 	return nil
 }
