@@ -103,6 +103,14 @@
 //   - Redis replicates asynchronously: a failover can lose recent markers
 //     and leases (and so can a restart without persistence), and a lost
 //     marker means a redelivery is applied again.
+//   - A handler that reports failure for an effect that did take place
+//     makes the inbox release the lease, and the retry applies the effect
+//     again. A database commit cut short by the handler's context can end
+//     that way: the consumer stops or the lease ends while the COMMIT is at
+//     the server, the server commits, and the client gives up on the reply
+//     (pgx returns the context's error). Commit with a context the consumer's
+//     shutdown does not cancel (context.WithoutCancel, bounded by the
+//     deadline of the context h was given), as exactly demo does.
 //
 // # Both
 //

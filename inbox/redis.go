@@ -401,7 +401,7 @@ func pick(keys []string, idx []int) []string {
 //     done is a Duplicate: h does not run and the error is nil. A message
 //     leased by another runner is refused with an error wrapping
 //     ErrInProgress: retry it later, never acknowledge it.
-//   - h runs with a context that ends when the lease does.
+//   - h runs with a context that ends when the lease does, or when ctx does.
 //   - When h succeeds the done marker replaces the lease, with the TTL, and
 //     the outcome is Processed. If the lease had run out meanwhile, the
 //     marker is still written (h's effect is applied) and
