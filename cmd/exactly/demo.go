@@ -518,7 +518,7 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 		logLevel = slog.LevelWarn
 	}
 	r := &demoRun{o: o, out: out, start: time.Now(), id: newRunID(),
-		log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: logLevel}))}
+		log: slog.New(slog.NewTextHandler(logOutput, &slog.HandlerOptions{Level: logLevel}))}
 	defer func() {
 		if cerr := r.cleanup(); cerr != nil && err == nil {
 			err = cerr

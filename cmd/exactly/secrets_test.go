@@ -81,7 +81,16 @@ func TestSecretsNeverPrinted(t *testing.T) {
 			run{nil, []string{"outbox", "dead", "list", "--db", dsn}},
 			run{[]string{"EXACTLY_DB=" + dsn}, []string{"inbox", "gc", "--consumer", "c", "--older-than", "1h"}},
 			run{nil, []string{"migrate", "--db", dsn}},
+			run{nil, []string{"demo", "--db", dsn, "--orders", "100", "--timeout", "5s"}},
 		)
+	}
+	for _, target := range [][]string{
+		{"--nats", "nats://" + canary + "@127.0.0.1:1"},
+		{"--nats", "nats://u:" + canary + "@127.0.0.1:1"},
+		{"--redis", "redis://u:" + canary + "@127.0.0.1:1"},
+		{"--redis", "redis://127.0.0.1:1?password=" + canary},
+	} {
+		runs = append(runs, run{nil, append([]string{"demo", "--orders", "100", "--timeout", "5s"}, target...)})
 	}
 	reach := []string{"relay", "--db", pg, "--table", ob.Table(), "--admin-addr", "127.0.0.1:0"}
 	for _, r := range [][]string{
