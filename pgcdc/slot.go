@@ -41,6 +41,17 @@ func (r *Relay) prepare(ctx context.Context) error {
 	if walLevel != "logical" {
 		return fmt.Errorf("pgcdc: the server runs with wal_level=%s; logical decoding needs wal_level=logical (set it in postgresql.conf and restart the server)", walLevel)
 	}
+	// The outbox's tables must have every column the decoder and the
+	// snapshot read: a table without them would fail row after row.
+	sdb, done, err := sqldb.Open(r.pool)
+	if err != nil {
+		return fmt.Errorf("pgcdc: %w", err)
+	}
+	err = r.store.Verify(ctx, sdb)
+	done()
+	if err != nil {
+		return fmt.Errorf("pgcdc: outbox %s is not usable: %w", r.store.Table, err)
+	}
 	for i := range r.tables {
 		t := &r.tables[i]
 		err := r.pool.QueryRow(ctx, `SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
