@@ -5,9 +5,11 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/internal/inboxstore"
@@ -57,6 +59,7 @@ type SQL struct {
 	observer
 	store    *inboxstore.Store
 	consumer string
+	checked  atomic.Bool // the table passed Check
 }
 
 // NewSQL validates cfg. An unknown dialect, an unsafe table name or a
@@ -324,6 +327,37 @@ func (s *SQL) migrator(db any) (*migrate.Migrator, func(), error) {
 
 var errNilFn = errors.New("inbox: nil handler function")
 
+// Check reports whether the inbox table can be used: it must exist and have
+// the columns the claim writes. The error names the table and what is
+// wrong, and says what to do: apply the migrations, or, for a table
+// dropped by hand while its migrations are recorded, how to reset them. A
+// database that cannot be reached is reported as it is.
+//
+// Handle, HandleBatch and their pgx forms (with a *pgxpool.Pool) run it once
+// before their first transaction; call it when a consumer starts to refuse
+// a broken table before anything is consumed. db is a *sql.DB or a
+// *pgxpool.Pool.
+func (s *SQL) Check(ctx context.Context, db any) error {
+	sdb, done, err := sqldb.Open(db)
+	if err != nil {
+		return fmt.Errorf("inbox: %w", err)
+	}
+	defer done()
+	if err := s.store.Verify(ctx, sdb); err != nil {
+		return fmt.Errorf("inbox: %w", err)
+	}
+	s.checked.Store(true)
+	return nil
+}
+
+// checkOnce runs Check until it passes once.
+func (s *SQL) checkOnce(ctx context.Context, db any) error {
+	if s.checked.Load() {
+		return nil
+	}
+	return s.Check(ctx, db)
+}
+
 // txn is a transaction of either driver.
 type txn[T any] struct {
 	raw      T
@@ -337,6 +371,9 @@ func (s *SQL) beginSQL(db *sql.DB) (func(context.Context) (txn[*sql.Tx], error),
 		return nil, errors.New("inbox: nil *sql.DB")
 	}
 	return func(ctx context.Context) (txn[*sql.Tx], error) {
+		if err := s.checkOnce(ctx, db); err != nil {
+			return txn[*sql.Tx]{}, err
+		}
 		tx, err := db.BeginTx(ctx, nil)
 		if err != nil {
 			return txn[*sql.Tx]{}, err
@@ -357,6 +394,11 @@ func (s *SQL) beginPgx(db PgxBeginner) (func(context.Context) (txn[pgx.Tx], erro
 		return nil, fmt.Errorf("inbox: a pgx database was given but the inbox dialect is %s", s.store.D)
 	}
 	return func(ctx context.Context) (txn[pgx.Tx], error) {
+		if pool, ok := db.(*pgxpool.Pool); ok {
+			if err := s.checkOnce(ctx, pool); err != nil {
+				return txn[pgx.Tx]{}, err
+			}
+		}
 		tx, err := db.Begin(ctx)
 		if err != nil {
 			return txn[pgx.Tx]{}, err
@@ -375,7 +417,9 @@ func handle[T any](ctx context.Context, s *SQL, msg *exactly.Message, begin func
 	start := time.Now()
 	tx, err := begin(ctx)
 	if err != nil {
-		err = fmt.Errorf("inbox: begin a transaction for message %s: %w", msg.ID, err)
+		if !errors.As(err, new(*sqldb.SchemaError)) {
+			err = fmt.Errorf("inbox: begin a transaction for message %s: %w", msg.ID, err)
+		}
 		s.failed(msg, err)
 		return Retry, err
 	}
@@ -437,7 +481,9 @@ func handleBatch[T any](ctx context.Context, s *SQL, msgs []*exactly.Message, be
 	start := time.Now()
 	tx, err := begin(ctx)
 	if err != nil {
-		err = fmt.Errorf("inbox: begin a transaction for a batch of %d: %w", len(msgs), err)
+		if !errors.As(err, new(*sqldb.SchemaError)) {
+			err = fmt.Errorf("inbox: begin a transaction for a batch of %d: %w", len(msgs), err)
+		}
 		s.failedAll(msgs, err)
 		return out, err
 	}
