@@ -39,7 +39,9 @@
 //
 // Two lanes run side by side, each a seeded shuffle holding every kind at
 // least Options.PerKind times: processes (kill -9 of the producer, a relay
-// or a consumer, then restart; SIGSTOP for 4-8s, longer than the Kafka session (3s), the
+// or a consumer, then restart; a kill burst: one Kafka pipeline's consumer
+// killed 3-4 times inside its session timeout, restarted 0-300ms after
+// each kill; SIGSTOP for 4-8s, longer than the Kafka session (3s), the
 // NATS AckWait (3s), the Redis lease (5s) and the relay lease (2s), then
 // SIGCONT, so the process wakes as a zombie; an extra member joining a
 // Kafka group or pulling from a NATS durable for 4-9s and leaving) and infrastructure (latency 100-300ms,
@@ -84,7 +86,11 @@
 //     Fails the run (retries are unbounded here, nothing should die).
 //
 // A run also fails when a worker exits by itself, a fault cannot be healed,
-// or a written message is still not applied Options.Drain after the faults.
+// a Kafka group has not applied every message written before a kill burst
+// ended 60 s after it (its
+// consumer killed 3-4 times inside one session timeout; the consumers run
+// as static members, their role as InstanceID), or a written message is
+// still not applied Options.Drain after the faults.
 //
 // The kafka-broken pipeline (not a default one) is the Kafka consumer with
 // the inbox left out; TestChaosSeesBrokenConsumer kills it and requires the

@@ -5,13 +5,17 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"slices"
+	"strings"
 	"sync"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 )
 
 // The kinds of fault.
 const (
 	FaultKill         = "kill"          // SIGKILL of the producer, a relay or a consumer, restarted after a moment
+	FaultKillBurst    = "kill-burst"    // 3-4 SIGKILLs of a Kafka group's consumer inside one session timeout, each restarted 0-300 ms later
 	FaultPause        = "pause"         // SIGSTOP, then SIGCONT after longer than every session, lease and ack timeout
 	FaultChurn        = "churn"         // an extra member joins a consumer group, then leaves
 	FaultLatency      = "net-latency"   // latency on every connection to one service
@@ -23,22 +27,33 @@ const (
 )
 
 // AllFaults lists every kind.
-var AllFaults = []string{FaultKill, FaultPause, FaultChurn, FaultLatency, FaultDrop, FaultBlackhole,
+var AllFaults = []string{FaultKill, FaultKillBurst, FaultPause, FaultChurn, FaultLatency, FaultDrop, FaultBlackhole,
 	FaultPGRestart, FaultNATSRestart, FaultKfakeRestart}
 
 // processFaults hit one worker; the others hit a service or the network.
 // The two lanes run side by side, so a process fault can meet a network
 // fault or a restart.
-var processFaults = []string{FaultKill, FaultPause, FaultChurn}
+var processFaults = []string{FaultKill, FaultKillBurst, FaultPause, FaultChurn}
+
+// kafkaSession is the session timeout of the Kafka consumers (the workers'
+// kafkaSessionTimeout): a kill burst fits inside it.
+const kafkaSession = 3 * time.Second
+
+// burstRecovery bounds the wait, after a kill burst, for the group to apply
+// every message written before the burst ended: a group wedged by its
+// crashed members, or holding some partitions still, fails the run here,
+// long before the drain would.
+const burstRecovery = 60 * time.Second
 
 // fault is one scheduled fault: everything random about it is drawn from
 // the seed when the schedule is made.
 type fault struct {
 	kind   string
-	target string        // worker role, pipeline, proxy or service
-	d      time.Duration // how long it lasts
-	gap    time.Duration // quiet time after it
-	mode   int           // variant (restart mode)
+	target string          // worker role, pipeline, proxy or service
+	d      time.Duration   // how long it lasts
+	gap    time.Duration   // quiet time after it
+	mode   int             // variant (restart mode)
+	steps  []time.Duration // kill-burst: for each kill, the restart delay, then the time it runs
 }
 
 // schedule draws the two lanes of faults from the seed.
@@ -46,7 +61,7 @@ func (h *harness) schedule() (procLane, infraLane []fault) {
 	rng := rand.New(rand.NewPCG(h.opts.Seed, 0x6368616f73))
 	var kinds []string
 	for _, k := range h.opts.Kinds {
-		if k == FaultChurn && !h.hasChurn() {
+		if k == FaultChurn && !h.hasChurn() || k == FaultKillBurst && len(h.kafkaPipelines()) == 0 {
 			continue
 		}
 		for range h.opts.PerKind {
@@ -69,6 +84,15 @@ func (h *harness) schedule() (procLane, infraLane []fault) {
 		switch k {
 		case FaultKill:
 			f.target, f.d = targets[rng.IntN(len(targets))], ms(300, 2000)
+		case FaultKillBurst:
+			kp := h.kafkaPipelines()
+			if len(kp) == 0 {
+				continue
+			}
+			f.target = kp[rng.IntN(len(kp))]
+			for range 3 + rng.IntN(2) {
+				f.steps = append(f.steps, ms(0, 300), ms(200, 450))
+			}
 		case FaultPause:
 			f.target, f.d = targets[rng.IntN(len(targets))], ms(4000, 8000)
 		case FaultChurn:
@@ -99,6 +123,18 @@ func (h *harness) schedule() (procLane, infraLane []fault) {
 }
 
 func (h *harness) hasChurn() bool { return len(h.extras) > 0 }
+
+// kafkaPipelines are the pipelines of the run with a Kafka consumer group.
+func (h *harness) kafkaPipelines() []string {
+	var out []string
+	for _, p := range h.pipelines {
+		if p.Broker == "kafka" {
+			out = append(out, p.Name)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
 
 // targets are the roles kill and pause may hit.
 func (h *harness) targets() []string {
@@ -161,6 +197,8 @@ func (h *harness) apply(ctx context.Context, f fault) error {
 		h.logf("kill -9 %s, restart in %s", name, f.d)
 		sleep(ctx, f.d)
 		return p.start(context.WithoutCancel(ctx), nil)
+	case FaultKillBurst:
+		return h.killBurst(ctx, f)
 	case FaultPause:
 		p := h.workerByRole(f.target)
 		name, err := p.pause()
@@ -213,4 +251,93 @@ func (h *harness) apply(ctx context.Context, f fault) error {
 		return h.startService(context.WithoutCancel(ctx), h.kfakeP, h.kafkaAddr)
 	}
 	return fmt.Errorf("unknown fault kind %q", f.kind)
+}
+
+// killBurst kills the consumer of one Kafka pipeline several times inside
+// one session timeout, as a crash-looping orchestrator would, each time
+// restarting it after a moment; then it waits for the group to apply
+// every message written until the burst ended, and records a problem when
+// it has not within burstRecovery.
+func (h *harness) killBurst(ctx context.Context, f fault) error {
+	p := h.consumers[f.target]
+	var first, last time.Time
+	var names []string
+	for i := 0; i+1 < len(f.steps); i += 2 {
+		name := p.kill()
+		last = time.Now()
+		if first.IsZero() {
+			first = last
+		}
+		h.mu.Lock()
+		h.killed[name] = true
+		h.mu.Unlock()
+		names = append(names, name)
+		sleep(ctx, f.steps[i])
+		if err := p.start(context.WithoutCancel(ctx), nil); err != nil {
+			return err
+		}
+		if i+2 < len(f.steps) {
+			sleep(ctx, f.steps[i+1])
+		}
+	}
+	span := last.Sub(first)
+	h.logf("kill-burst on %s: kill -9 %s within %s, each restarted", f.target, strings.Join(names, ", "), span.Round(time.Millisecond))
+	if span >= kafkaSession {
+		h.problem("kill-burst on %s: %d kills took %s, not inside one session timeout (%s)", f.target, len(names), span, kafkaSession)
+	}
+	took, err := h.awaitCaughtUp(ctx, f.target, burstRecovery)
+	if err != nil {
+		h.problem("kill-burst on %s: %v", f.target, err)
+		return nil
+	}
+	h.logf("kill-burst on %s: every message written before the burst ended applied %s after it", f.target, took.Round(time.Millisecond))
+	return nil
+}
+
+// awaitCaughtUp waits until pipeline applied every message written so far
+// (ids are UUIDv7, ordered by time: every id up to the highest written
+// now); it fails after bound.
+func (h *harness) awaitCaughtUp(ctx context.Context, pipeline string, bound time.Duration) (time.Duration, error) {
+	since := time.Now()
+	var outbox string
+	for _, p := range h.pipelines {
+		if p.Name == pipeline {
+			outbox = p.Outbox
+		}
+	}
+	var upTo string
+	var missing int64 = -1
+	var lastErr error
+	for time.Since(since) < bound && ctx.Err() == nil {
+		err := h.query(ctx, func(conn *pgx.Conn, qctx context.Context) error {
+			if upTo == "" {
+				if err := conn.QueryRow(qctx, "SELECT coalesce(max(msg_id), '') FROM chaos_written WHERE outbox = $1", outbox).Scan(&upTo); err != nil {
+					return err
+				}
+			}
+			return conn.QueryRow(qctx, `SELECT count(*) FROM chaos_written w WHERE w.outbox = $1 AND w.msg_id <= $2
+				AND NOT EXISTS (SELECT 1 FROM chaos_effects e WHERE e.pipeline = $3 AND e.msg_id = w.msg_id)`, outbox, upTo, pipeline).Scan(&missing)
+		})
+		if err == nil && missing == 0 {
+			return time.Since(since), nil
+		}
+		lastErr = err
+		sleep(ctx, 200*time.Millisecond)
+	}
+	if missing < 0 {
+		return 0, fmt.Errorf("could not count what the group applied within %s of the burst: %v", bound, lastErr)
+	}
+	return 0, fmt.Errorf("%d messages written before the burst ended still not applied %s after it: the group did not recover", missing, bound)
+}
+
+// query runs fn on a connection of its own to the run's database.
+func (h *harness) query(ctx context.Context, fn func(conn *pgx.Conn, qctx context.Context) error) error {
+	qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(qctx, h.pg.DSN("test"))
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	return fn(conn, qctx)
 }

@@ -365,13 +365,26 @@ func (w *worker) natsSQLInbox(ctx context.Context, pipeline, durable, subject st
 	return cons.Run(ctx)
 }
 
+// kafkaSessionTimeout is the Kafka consumers' session timeout (the
+// orchestrator's kafkaSession: its kill bursts fit inside it).
+const kafkaSessionTimeout = 3 * time.Second
+
 func (w *worker) kafkaConfig(group string) kafka.ConsumerConfig {
-	return kafka.ConsumerConfig{
+	cfg := kafka.ConsumerConfig{
 		Seeds: kafkaSeeds(), Group: group, Topics: []string{kafkaTopic}, MaxPollRecords: 50, Retry: retry, Logger: w.log,
 		DeadLetterTopic: func(*exactly.Message) string { return kafkaDLQ },
-		ClientOpts: []kgo.Opt{kafkaDialer(), kgo.SessionTimeout(3 * time.Second), kgo.HeartbeatInterval(300 * time.Millisecond),
-			kgo.RebalanceTimeout(10 * time.Second)},
+		ClientOpts:      []kgo.Opt{kafkaDialer()},
+		SessionTimeout:  kafkaSessionTimeout, HeartbeatInterval: 300 * time.Millisecond, RebalanceTimeout: 10 * time.Second,
 	}
+	// A pipeline's consumer keeps its role as a static InstanceID across
+	// its restarts (CHAOS_NAME is role#incarnation), as under an
+	// orchestrator that restarts crashed pods: a restart replaces the
+	// member it was. The churn member (role ...-extra) stays dynamic: it
+	// joins, then leaves.
+	if role, _, _ := strings.Cut(w.name, "#"); !strings.HasSuffix(role, "-extra") {
+		cfg.InstanceID = role
+	}
+	return cfg
 }
 
 // kafkaDBOffsets: Kafka consumer group with the offsets in the effect's
