@@ -148,6 +148,10 @@ type Consumer struct {
 	commitE atomic.Int64
 	running atomic.Bool
 
+	// start, when set, runs before anything is consumed; its error stops Run
+	// (DB offsets: the offsets table is checked).
+	start func(ctx context.Context) error
+
 	// afterHandle, when set (tests only), runs after the handler's effect
 	// committed and before the offset is committed: the crash window.
 	afterHandle func(rec *kgo.Record)
@@ -287,6 +291,11 @@ func (c *Consumer) Run(ctx context.Context) error {
 	}
 	defer c.closeDLQ()
 	defer c.cl.Close()
+	if c.start != nil {
+		if err := c.start(ctx); err != nil {
+			return err
+		}
+	}
 	wctx, stopWatch := context.WithCancel(ctx)
 	var watching sync.WaitGroup
 	watching.Go(func() { c.watch.run(wctx, c.cl, func() *kgo.Client { return c.cl }, 0) })
@@ -418,6 +427,7 @@ func NewDBConsumer(cfg DBConfig, handler TxHandler) (*Consumer, error) {
 		return nil, err
 	}
 	d.log = c.log
+	c.start = d.check
 	c.process = func(ctx context.Context, rec *kgo.Record) bool {
 		return d.process(ctx, c, handler, rec)
 	}
