@@ -3,6 +3,7 @@ package pgcdc
 import (
 	"context"
 	"errors"
+	"slices"
 	"time"
 
 	"github.com/exactlyonce/exactly"
@@ -408,18 +409,29 @@ func (r *Relay) writeLoop(ctx context.Context, jobs <-chan writeJob) {
 			seqs[i] = e.seq
 		}
 		ps := make([]outboxstore.Park, len(job.parks))
+		var parkXids []uint32
 		for i, p := range job.parks {
 			seq := p.e.seq
 			if p.e.src == srcDebezium || p.e.src == srcMessage {
 				seq = 0
 			}
+			if seq > 0 {
+				parkXids = append(parkXids, p.e.unit.xid)
+			}
 			ps[i] = outboxstore.Park{Seq: seq, Msg: &p.e.msg, Attempts: p.e.attempts, Err: p.err.Error()}
 		}
 		for attempt := 1; ; attempt++ {
-			err := r.store.ParkPgx(ctx, r.pool, ps, time.Now().UnixMilli())
+			var err error
+			if len(ps) > 0 {
+				// A park looks its row up by seq: not before the row is
+				// visible (rare: no need to try first).
+				if err = r.waitVisible(ctx, parkXids); err == nil {
+					err = r.store.ParkPgx(ctx, r.pool, ps, time.Now().UnixMilli())
+				}
+			}
 			if err == nil {
 				ps = nil
-				err = r.store.DeleteRowsPgx(ctx, r.pool, seqs)
+				err = r.deleteRows(ctx, job.deletes, seqs)
 			}
 			if err == nil {
 				r.writeTrouble.Store(false)
@@ -445,5 +457,62 @@ func (r *Relay) writeLoop(ctx context.Context, jobs <-chan writeJob) {
 			all = append(all, p.e)
 		}
 		r.track.done(all)
+	}
+}
+
+// deleteRows deletes the rows of published messages. Logical decoding hands
+// out a commit as soon as its WAL is flushed, before other sessions see the
+// transaction (with synchronous replication it waits for the standby in
+// between): a DELETE then finds no row, and the row would stay pending for
+// ever once the position is confirmed. So when fewer rows than asked were
+// deleted, it waits until their transactions are visible and deletes again;
+// a row missing then is gone indeed (deleted before a restart decoded it
+// again, or by someone else).
+func (r *Relay) deleteRows(ctx context.Context, es []*entry, seqs []int64) error {
+	n, err := r.store.DeleteRowsPgx(ctx, r.pool, seqs)
+	if err != nil || n >= int64(len(seqs)) {
+		return err
+	}
+	xids := make([]uint32, len(es))
+	for i, e := range es {
+		xids[i] = e.unit.xid
+	}
+	if err := r.waitVisible(ctx, xids); err != nil {
+		return err
+	}
+	_, err = r.store.DeleteRowsPgx(ctx, r.pool, seqs)
+	return err
+}
+
+// visibleWarnAfter is how long the writer waits for decoded transactions
+// to become visible before it says so.
+const visibleWarnAfter = 10 * time.Second
+
+// waitVisible waits until the transactions xids (0: none) are visible to
+// other sessions, polling with a short backoff; one query when they are.
+func (r *Relay) waitVisible(ctx context.Context, xids []uint32) error {
+	slices.Sort(xids)
+	xids = slices.Compact(xids)
+	if len(xids) > 0 && xids[0] == 0 {
+		xids = xids[1:]
+	}
+	start := time.Now()
+	warned := false
+	for wait := time.Millisecond; ; wait = min(2*wait, 100*time.Millisecond) {
+		running, err := outboxstore.RunningXidsPgx(ctx, r.pool, xids)
+		if err != nil || len(running) == 0 {
+			return err
+		}
+		xids = running
+		if !warned && time.Since(start) >= visibleWarnAfter {
+			warned = true
+			r.log.Warn("published messages wait for their transactions to become visible before their rows are deleted (committed in the WAL, not yet ended: a synchronous standby not answering?)",
+				"transactions", len(running), "xid", running[0], "waited", time.Since(start).Round(time.Second))
+		}
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
 	}
 }

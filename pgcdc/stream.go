@@ -304,7 +304,7 @@ func (s *session) handle(ctx context.Context, xld pglogrepl.XLogData, st *stream
 			s.skip = true // received before a reconnect
 			s.cur = &unit{lsn: final}
 		default:
-			s.cur = &unit{lsn: final, commitTime: b.CommitTime}
+			s.cur = &unit{lsn: final, commitTime: b.CommitTime, xid: b.Xid}
 			st.lastTxn, st.lastUnit = final, s.cur
 			r.track.push(s.cur)
 		}

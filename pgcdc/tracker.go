@@ -97,6 +97,10 @@ type unit struct {
 	remaining  int
 	count      int // messages received so far (to resume after a reconnect)
 	sealed     bool
+	// xid is the transaction's id from its Begin message; 0 for a marker,
+	// a non-transactional message, the slot's snapshot. Its rows are
+	// deleted or parked only once other sessions see it ended.
+	xid uint32
 }
 
 // tracker keeps the units in stream order and computes the position that

@@ -4,9 +4,12 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/internal/sqldb"
@@ -114,7 +117,93 @@ func (s *Store) PendingSnapshotPgx(ctx context.Context, tx PgxConn, fn func(Row)
 }
 
 // DeleteRowsPgx deletes rows by seq in a transaction committed without
-// waiting for the WAL flush (see MarkSentPgx).
-func (s *Store) DeleteRowsPgx(ctx context.Context, db PgxConn, seqs []int64) error {
-	return s.MarkSentPgx(ctx, db, seqs, false, 0, true)
+// waiting for the WAL flush (see MarkSentPgx), and reports how many rows it
+// deleted. A row whose inserting transaction is not visible yet is not
+// deleted: logical decoding hands out a commit once its WAL is flushed,
+// before other sessions see it (see RunningXidsPgx).
+func (s *Store) DeleteRowsPgx(ctx context.Context, db PgxConn, seqs []int64) (int64, error) {
+	if len(seqs) == 0 {
+		return 0, nil
+	}
+	if s.D != sqldb.Postgres {
+		return 0, fmt.Errorf("outbox: DeleteRowsPgx needs PostgreSQL, not %s", s.D)
+	}
+	q, args := s.markSQL(seqs, false, 0)
+	var n int64
+	b := &pgx.Batch{}
+	b.Queue("BEGIN")
+	b.Queue("SET LOCAL synchronous_commit TO OFF")
+	b.Queue(q, args...).Exec(func(ct pgconn.CommandTag) error {
+		n = ct.RowsAffected()
+		return nil
+	})
+	b.Queue("COMMIT")
+	if err := db.SendBatch(ctx, b).Close(); err != nil {
+		return 0, err
+	}
+	return n, nil
+}
+
+// RunningXidsPgx returns those of xids (32-bit transaction ids, as
+// pgoutput's Begin message carries them; 0 for none) whose transactions
+// other sessions do not see as ended yet, in one query. A decoded
+// transaction is committed in the WAL, but its rows become visible only once
+// the server marks it ended, which with synchronous replication waits for
+// the standby: a statement run before that does not see them.
+func RunningXidsPgx(ctx context.Context, db PgxConn, xids []uint32) ([]uint32, error) {
+	if len(xids) == 0 {
+		return nil, nil
+	}
+	rows, err := db.Query(ctx, "SELECT pg_current_snapshot()::text")
+	if err != nil {
+		return nil, err
+	}
+	snap, err := pgx.CollectExactlyOneRow(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, err
+	}
+	return runningIn(snap, xids)
+}
+
+// runningIn returns those of xids that snap (pg_snapshot's text form,
+// xmin:xmax:xip,...) does not see as ended. A 32-bit xid is widened to the
+// 64-bit one nearest to the snapshot's xmax (transaction ids wrap around;
+// a decoded one is never 2^31 transactions away from the current ones).
+func runningIn(snap string, xids []uint32) ([]uint32, error) {
+	bad := func() ([]uint32, error) { return nil, fmt.Errorf("outbox: unexpected snapshot %q", snap) }
+	xminS, rest, ok1 := strings.Cut(snap, ":")
+	xmaxS, xipS, ok2 := strings.Cut(rest, ":")
+	if !ok1 || !ok2 {
+		return bad()
+	}
+	xmin, err1 := strconv.ParseUint(xminS, 10, 64)
+	xmax, err2 := strconv.ParseUint(xmaxS, 10, 64)
+	if err1 != nil || err2 != nil {
+		return bad()
+	}
+	var xip map[uint64]bool
+	if xipS != "" {
+		xip = map[uint64]bool{}
+		for f := range strings.SplitSeq(xipS, ",") {
+			x, err := strconv.ParseUint(f, 10, 64)
+			if err != nil {
+				return bad()
+			}
+			xip[x] = true
+		}
+	}
+	var running []uint32
+	for _, x := range xids {
+		if x < 3 { // none, or a special (bootstrap, frozen) id
+			continue
+		}
+		full := int64(xmax) - int64(int32(uint32(xmax)-x))
+		switch {
+		case full < int64(xmin):
+			// ended before every running transaction began
+		case full >= int64(xmax) || xip[uint64(full)]:
+			running = append(running, x)
+		}
+	}
+	return running, nil
 }
