@@ -69,7 +69,11 @@
 // Rows: after the broker confirmed a message from the exactly outbox table
 // the relay deletes its row (in batches, asynchronously committed), so the
 // table does not grow; the insert stays in the WAL until the position is
-// confirmed, which happens after the delete. With KeepRows the rows are left
+// confirmed, which happens after the delete. A transaction reaches the
+// stream as soon as its commit is flushed, which can be before other
+// sessions see it (a synchronous standby still to answer): a row is deleted
+// or parked only once its transaction is visible, so none is left pending
+// behind a confirmed position. With KeepRows the rows are left
 // alone: delete them in the writing transaction (the insert is in the WAL
 // all the same) or on your own schedule. Rows of a Debezium table are never
 // deleted by the relay; Debezium users usually delete them in the same
