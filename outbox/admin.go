@@ -151,3 +151,19 @@ func (o *Outbox) PurgeDead(ctx context.Context, db any, f DeadFilter) (int64, er
 	}
 	return n, nil
 }
+
+// Check reports whether the outbox's tables can be used by Enqueue and the
+// relays: they must exist and have every column the code reads and writes.
+// The error names the table and the missing or mistyped columns, and says
+// what to do: apply the migrations, or, for a table dropped or changed by
+// hand while its migrations are recorded in exactly_migrations, how to
+// reset them. A database that cannot be reached is reported as it is. The
+// relays run it when they start. db is a *sql.DB or a *pgxpool.Pool.
+func (o *Outbox) Check(ctx context.Context, db any) error {
+	sdb, done, err := sqldb.Open(db)
+	if err != nil {
+		return fmt.Errorf("outbox: %w", err)
+	}
+	defer done()
+	return o.store.CheckTables(ctx, sdb)
+}

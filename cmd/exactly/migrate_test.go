@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"database/sql"
+	"errors"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -269,5 +271,39 @@ func TestMigrateDroppedTable(t *testing.T) {
 				t.Errorf("migrate after the reset:\n%s", out)
 			}
 		})
+	}
+}
+
+// The relay daemon refuses an outbox table that lacks a column it reads:
+// it exits non-zero within seconds with one error naming the table and the
+// column, and never logs "relay started".
+func TestRelayRefusesUnusableTable(t *testing.T) {
+	testenv.Need(t, testenv.NATS)
+	bin := buildExactly(t)
+	path := filepath.Join(t.TempDir(), "o.db")
+	mustRun(t, migrateCmd(), "--db", "sqlite:"+path, "--table", "ob", "--only", "outbox")
+	db, _, err := openDB("sqlite:" + path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if _, err := db.Exec("ALTER TABLE ob DROP COLUMN attempts"); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, "relay", "--db", "sqlite:"+path, "--table", "ob", "--broker", "nats",
+		"--nats-url", testenv.NATSURL(), "--admin-addr", freeAddr(t))
+	cmd.Env = relayEnvCleared()
+	out, err := cmd.CombinedOutput()
+	if ctx.Err() != nil {
+		t.Fatalf("the relay kept running on an outbox it cannot use:\n%s", out)
+	}
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() <= 0 {
+		t.Errorf("want a non-zero exit, got %v", err)
+	}
+	if s := string(out); !strings.Contains(s, "ob") || !strings.Contains(s, "missing columns attempts") || strings.Contains(s, "relay started") {
+		t.Errorf("relay output:\n%s", s)
 	}
 }

@@ -457,6 +457,14 @@ func runRelay(ctx context.Context, f *relayFlags, log *slog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("cannot reach the database %s: %s", hide.String(f.dsn), scrub(err, f.dsn))
 	}
+	// An outbox the relay cannot use is refused here, before the broker is
+	// dialled and before "relay started" (Run checks again for the library).
+	checkCtx, cancelCheck := context.WithTimeout(ctx, 10*time.Second)
+	err = ob.Check(checkCtx, db.handle)
+	cancelCheck()
+	if err != nil {
+		return fmt.Errorf("%s", scrub(err, f.dsn))
+	}
 
 	ln, err := net.Listen("tcp", f.adminAddr)
 	if err != nil {

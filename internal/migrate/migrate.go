@@ -239,7 +239,7 @@ func (m *Migrator) applySteps(ctx context.Context, conn *sql.Conn, create string
 	}
 	if len(pending) == 0 {
 		if err := m.check(ctx, conn); err != nil {
-			return nil, m.recordedButUnusable(applied, err)
+			return nil, fmt.Errorf("migrate %s: %w", m.Scope, m.recordedButUnusable(applied, err))
 		}
 		return nil, nil
 	}
@@ -327,9 +327,9 @@ func (m *Migrator) recordedButUnusable(applied []int, err error) error {
 	if !se.Missing {
 		what = "to create it again, rename or drop it, run this statement, then migrate again"
 	}
-	return fmt.Errorf("%s: %w, but exactly_migrations records its migrations as applied (version %s): it was dropped or changed by hand. "+
+	return fmt.Errorf("%w, but exactly_migrations records its migrations as applied (version %s): it was dropped or changed by hand. "+
 		"Migrate applies nothing while they are recorded; %s:\n  %s;",
-		m.Scope, se, joinInts(applied), what, m.ResetSQL())
+		se, joinInts(applied), what, m.ResetSQL())
 }
 
 // Verify checks, without changing anything, that the tables of the scope
