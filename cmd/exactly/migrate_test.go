@@ -250,6 +250,9 @@ func TestMigrateDroppedTable(t *testing.T) {
 			if _, err := d.db.Exec("DROP TABLE " + d.prefix + table); err != nil {
 				t.Fatal(err)
 			}
+			if out, err := migrateWithin(t, 20*time.Second, append(args, "--dry-run")...); err == nil || !strings.Contains(err.Error(), "dropped or changed by hand") {
+				t.Errorf("dry run after the table was dropped: %v\n%s", err, out)
+			}
 			_, err := migrateWithin(t, 20*time.Second, args...)
 			if err == nil {
 				t.Fatal("migrate after the table was dropped reported success")

@@ -102,6 +102,8 @@ func (m *Migrator) table() string {
 
 // Pending returns the steps not yet applied, without changing anything. A
 // database that does not have the bookkeeping table has every step pending.
+// When every step is recorded but the tables fail m.Check (dropped or
+// changed by hand), it returns the error Apply would.
 func (m *Migrator) Pending(ctx context.Context) ([]Step, error) {
 	applied, err := m.applied(ctx, m.DB)
 	if err != nil {
@@ -111,7 +113,16 @@ func (m *Migrator) Pending(ctx context.Context) ([]Step, error) {
 		}
 		return nil, err
 	}
-	return m.pendingOf(applied)
+	pending, err := m.pendingOf(applied)
+	if err != nil || len(pending) > 0 || len(applied) == 0 {
+		return pending, err
+	}
+	// Up to date by the records: Apply would refuse tables dropped or
+	// changed by hand, and so does its dry run.
+	if err := m.check(ctx, m.DB); err != nil {
+		return nil, fmt.Errorf("migrate %s: %w", m.Scope, m.recordedButUnusable(applied, err))
+	}
+	return nil, nil
 }
 
 func (m *Migrator) pendingOf(applied []int) ([]Step, error) {
