@@ -114,6 +114,11 @@
 // holds back the ones after it. With more, they are handled concurrently
 // and the order is lost: RabbitMQ has no per-key order to keep.
 //
+// The Consumer passes exactlytest.RunConsumerSuite with the SQL inbox: in
+// the suite's terms, order with one worker (OrderWithOneWorker), no ack
+// deadline to keep alive (RabbitMQ takes nothing back from a live channel),
+// and id-less messages dead-lettered (NoIDDeadLettered).
+//
 // # Guarantees and limits
 //
 // Delivery is at least once. After a lost connection (a network failure, a

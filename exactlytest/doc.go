@@ -27,6 +27,34 @@
 // Feature flags in the harness (NativeDedup) state what the broker adds on
 // top of that baseline; the suite then checks it too.
 //
+// # Consumer suite
+//
+// [RunConsumerSuite] checks a consumer against a real broker through a
+// [ConsumerHarness]: a PostgreSQL database, and per case a fresh source (a
+// queue, topic or stream, with the adapter's publisher) and a way to build
+// consumers of it from the shared exactly.ConsumerConfig. Each consumer
+// runs its Handler through the SQL inbox, and the suite counts the effects
+// per message id: after a crash between the effect and the ack, a lost ack,
+// a second consumer taking over, a crash before the effect while the
+// message is being retried, an error and a panic retried with backoff, a
+// message dead-lettered after MaxAttempts (with the reason headers, and
+// acknowledged only once the dead letter is confirmed), a handler slower
+// than the broker's ack deadline, a message without an id, per-key order,
+// concurrency across keys and a graceful shutdown with a handler in
+// flight, every message is applied exactly once, and the consumer's
+// ConsumerStats and ConsumerHooks agree with what happened. A case whose
+// fault did not cause the redelivery it must cause fails too.
+//
+// Feature flags state what the broker does not promise or does its own
+// way: Ordering (no order, order with one worker, per-key order with any
+// Workers), NoID (id-less messages dead-lettered, or given an id derived
+// from a stable position), AckDeadline (how long the broker waits before it
+// takes an unacknowledged message back), and TestConsumer.LoseAcks, left
+// nil where acknowledgements cannot be made to vanish. To run it against
+// your own adapter, return from ConsumerSource.New a TestConsumer whose
+// Crash cuts the consumer's connections (a net.Conn wrapper in the dialer
+// does it) and whose Stats returns its exactly.ConsumerStats.
+//
 // # Outbox suite
 //
 // [RunOutboxSuite] checks an outbox dialect and driver together with the
