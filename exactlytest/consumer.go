@@ -772,6 +772,16 @@ func (s *consumerSuite) crashAfterEffect(c *consumerCase, fault string, fail fun
 	r.stop()
 	c.checkOnce(msgs)
 	c.checkRedelivered(victim.ID, fault)
+	st := r.stats()
+	c.mu.Lock()
+	hooks := c.hooks
+	c.mu.Unlock()
+	if st.AckFailures != int64(hooks.ackFailed) || st.Handled != int64(hooks.handled) {
+		c.t.Fatalf("Stats = %+v, but the hooks saw %d handled and %d failed acks: they must agree", st, hooks.handled, hooks.ackFailed)
+	}
+	if st.Handled < int64(len(msgs))+1 {
+		c.t.Fatalf("Stats = %+v: %d handled, want at least %d (every message, and the redelivery)", st, st.Handled, len(msgs)+1)
+	}
 }
 
 func (s *consumerSuite) testCrashAfterEffect(c *consumerCase) {
