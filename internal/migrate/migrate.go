@@ -230,6 +230,30 @@ func unlock(ctx context.Context, conn *sql.Conn, q, name string) {
 	}
 }
 
+// createBookkeeping creates the table of applied versions if it is missing.
+// Every scope shares it while the migration lock is per scope, and two
+// PostgreSQL sessions running CREATE TABLE IF NOT EXISTS at once can both
+// try to create it (23505 on the catalog), so there the create runs under a
+// transaction-scoped lock of its own. MySQL and SQLite serialize it already.
+func (m *Migrator) createBookkeeping(ctx context.Context, conn *sql.Conn, create string) error {
+	if m.Dialect != sqldb.Postgres {
+		_, err := conn.ExecContext(ctx, create)
+		return err
+	}
+	tx, err := conn.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	if _, err := tx.ExecContext(ctx, "SELECT pg_advisory_xact_lock(hashtext($1))", "exactly_migrate:"+m.table()); err != nil {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, create); err != nil {
+		return err
+	}
+	return tx.Commit()
+}
+
 // applySteps runs on a connection that holds the migration lock. With perTx
 // each step commits atomically with its bookkeeping row (PostgreSQL has
 // transactional DDL; MySQL does not, so its statements are written to be
@@ -237,7 +261,7 @@ func unlock(ctx context.Context, conn *sql.Conn, q, name string) {
 // PostgreSQL in the last step's transaction); when it does not, the
 // versions this run recorded are taken back.
 func (m *Migrator) applySteps(ctx context.Context, conn *sql.Conn, create string, perTx bool) ([]int, error) {
-	if _, err := conn.ExecContext(ctx, create); err != nil {
+	if err := m.createBookkeeping(ctx, conn, create); err != nil {
 		return nil, fmt.Errorf("migrate: create %s: %w", m.table(), err)
 	}
 	applied, err := m.applied(ctx, conn)

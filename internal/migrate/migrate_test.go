@@ -71,3 +71,45 @@ func TestFailedStepReleasesLock(t *testing.T) {
 		t.Errorf("the failed step's table was kept: %v %v", exists, err)
 	}
 }
+
+// TestScopesMigrateAtOnce: migrations of different scopes take different
+// locks but share the bookkeeping table; the first ones to run at the same
+// moment on a fresh PostgreSQL schema all create it (CREATE TABLE IF NOT
+// EXISTS raced to a duplicate key on the catalog, 23505, before).
+func TestScopesMigrateAtOnce(t *testing.T) {
+	testenv.Need(t, testenv.Postgres)
+	db, err := sql.Open("pgx", testenv.PostgresDSN())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	for round := range 10 {
+		schema := fmt.Sprintf("migrate_race_%d_%d", time.Now().UnixNano()%1e12, round)
+		if _, err := db.Exec("CREATE SCHEMA " + schema); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { db.Exec("DROP SCHEMA " + schema + " CASCADE") })
+		const n = 8
+		errs := make(chan error, n)
+		start := make(chan struct{})
+		for i := range n {
+			m := &migrate.Migrator{DB: db, Dialect: sqldb.Postgres, Schema: schema, Scope: fmt.Sprintf("test:%s:%d", schema, i),
+				Steps: []migrate.Step{{Version: 1, Name: "t", Statements: []string{fmt.Sprintf("CREATE TABLE %s.t%d (id int)", schema, i)}}}}
+			go func() {
+				<-start
+				_, err := m.Apply(context.Background())
+				errs <- err
+			}()
+		}
+		close(start)
+		for range n {
+			if err := <-errs; err != nil {
+				t.Fatalf("round %d: %v", round, err)
+			}
+		}
+		var recorded int
+		if err := db.QueryRow("SELECT count(*) FROM " + schema + ".exactly_migrations").Scan(&recorded); err != nil || recorded != n {
+			t.Fatalf("round %d: %d versions recorded (%v), want %d", round, recorded, err, n)
+		}
+	}
+}
