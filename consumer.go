@@ -67,9 +67,10 @@ type ConsumerConfig struct {
 	DeadLetterTopic func(msg *Message) string
 
 	// Workers is how many messages are handled at a time. Default 1: one
-	// after the other, in the order the broker delivers them. What more
-	// workers do to order is the broker's (per-key workers on NATS, one
-	// worker per partition on Kafka, no order on AMQP): see each package.
+	// after the other, in the order the broker delivers them. With more,
+	// messages are spread over the workers by Message.Key, so the messages
+	// of one key are still handled one at a time, in order (per-key workers
+	// on NATS and AMQP; Kafka keeps order per partition): see each package.
 	Workers int
 
 	// Hooks report what the consumer does, for metrics. All optional.

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"log/slog"
 	"maps"
 	"slices"
@@ -39,9 +40,12 @@ var errNoID = fmt.Errorf("amqp: the delivery has neither the AMQP message-id pro
 //
 //   - Workers (default 1): with one, deliveries are handled one at a time in
 //     queue order, and a message being retried holds back the ones after
-//     it. With more, they are handled concurrently and complete in any
-//     order: messages of one key may be applied out of order. Use more than
-//     one only when the handler does not depend on the order of messages.
+//     it. With more, deliveries are spread over the workers by Message.Key
+//     (the exactly-key header), so the messages of one key are still
+//     handled one at a time in queue order, and different keys at once; a
+//     slow or retrying message delays the others of its worker, including
+//     other keys that hash to it. Deliveries without a key (no order
+//     required) go to the workers in turn.
 //   - Retry: the delivery stays unacknowledged while it is retried, and
 //     RabbitMQ closes a channel whose delivery stays unacknowledged longer
 //     than its consumer_timeout (30 minutes by default), which redelivers
@@ -323,8 +327,19 @@ func (c *Consumer) session(ctx context.Context, policy, noID *consume.Policy) (b
 		}
 	}()
 	var wg sync.WaitGroup
-	for range c.cfg.Workers {
+	if c.cfg.Workers == 1 {
 		wg.Go(func() { c.work(ctx, hctx, ch, deliveries, policy, noID) })
+	} else {
+		// One queue per worker, each as deep as the prefetch: the broker
+		// sends no more than that unacknowledged, so dispatching never
+		// blocks on a busy worker.
+		queues := make([]chan amqp091.Delivery, c.cfg.Workers)
+		for i := range queues {
+			q := make(chan amqp091.Delivery, c.cfg.Prefetch)
+			queues[i] = q
+			wg.Go(func() { c.work(ctx, hctx, ch, q, policy, noID) })
+		}
+		wg.Go(func() { c.dispatch(ctx, deliveries, queues) })
 	}
 	wg.Wait()
 	if ctx.Err() != nil {
@@ -382,6 +397,38 @@ func (c *Consumer) setup(ch *amqp091.Channel) (<-chan amqp091.Delivery, error) {
 // errChannelLost is the cause of a handler's context ending because its
 // delivery's channel was lost.
 var errChannelLost = errors.New("amqp: the channel was lost; the broker redelivers the delivery")
+
+// dispatch hands each delivery to the worker of its key, so the messages
+// of one key are handled one at a time, in queue order; a delivery without
+// a key (no order required) goes to the next worker in turn. It closes the
+// queues when the deliveries stop or ctx ends.
+func (c *Consumer) dispatch(ctx context.Context, deliveries <-chan amqp091.Delivery, queues []chan amqp091.Delivery) {
+	defer func() {
+		for _, q := range queues {
+			close(q)
+		}
+	}()
+	next := 0
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case d, ok := <-deliveries:
+			if !ok {
+				return
+			}
+			i := next
+			if key := headerString(d.Headers[exactly.HeaderKey]); key != "" {
+				h := fnv.New32a()
+				h.Write([]byte(key))
+				i = int(h.Sum32() % uint32(len(queues)))
+			} else {
+				next = (next + 1) % len(queues)
+			}
+			queues[i] <- d
+		}
+	}
+}
 
 // work handles deliveries until they stop (the channel closed) or ctx
 // ends, running handlers under hctx.

@@ -54,7 +54,7 @@ func consumerHarness(t *testing.T, newConsumer newTestConsumer, timeout time.Dur
 				},
 			}
 		},
-		Ordering: exactlytest.OrderWithOneWorker,
+		Ordering: exactlytest.OrderPerKey,
 		NoID:     exactlytest.NoIDDeadLettered,
 		// RabbitMQ takes no delivery back from a live channel; its
 		// consumer_timeout closes the channel instead.

@@ -428,7 +428,7 @@ func TestConsumerShutdownRequeuesInFlight(t *testing.T) {
 	}
 }
 
-// Workers > 1 handles deliveries concurrently.
+// Workers > 1 handles deliveries concurrently, each key's in queue order.
 func TestConsumerWorkers(t *testing.T) {
 	t.Parallel()
 	b := connect(t)
@@ -453,6 +453,13 @@ func TestConsumerWorkers(t *testing.T) {
 	checkNoneLost(t, eff, msgs)
 	if most.Load() < 2 {
 		t.Fatalf("at most %d handlers ran at once with 4 workers", most.Load())
+	}
+	next := map[string]int{}
+	for _, m := range eff.applied() {
+		if want := fmt.Sprintf("%s/%d", m.Key, next[m.Key]); string(m.Payload) != want {
+			t.Fatalf("key %s: applied %s where %s was due: per-key order lost with 4 workers", m.Key, m.Payload, want)
+		}
+		next[m.Key]++
 	}
 }
 

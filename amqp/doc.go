@@ -111,11 +111,15 @@
 //
 // Workers (1 by default) sets how many deliveries are handled at once.
 // With one, they are handled in queue order, and a message being retried
-// holds back the ones after it. With more, they are handled concurrently
-// and the order is lost: RabbitMQ has no per-key order to keep.
+// holds back the ones after it. With more, they are spread over the workers
+// by Message.Key, so each key's messages are still handled one at a time in
+// queue order (per-key workers, as on NATS); deliveries without a key go to
+// the workers in turn. Several Consumers of one queue share its messages
+// and so lose per-key order between them: run one per queue where order
+// matters.
 //
 // The Consumer passes exactlytest.RunConsumerSuite with the SQL inbox: in
-// the suite's terms, order with one worker (OrderWithOneWorker), no ack
+// the suite's terms, per-key order with any Workers (OrderPerKey), no ack
 // deadline to keep alive (RabbitMQ takes nothing back from a live channel),
 // and id-less messages dead-lettered (NoIDDeadLettered).
 //
