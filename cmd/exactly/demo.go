@@ -21,6 +21,7 @@ import (
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/inbox"
+	hide "github.com/exactlyonce/exactly/internal/redact"
 	"github.com/exactlyonce/exactly/kafka"
 	"github.com/exactlyonce/exactly/outbox"
 	"github.com/exactlyonce/exactly/pgcdc"
@@ -134,7 +135,7 @@ func (o *demoOptions) validate() error {
 	case strings.HasPrefix(o.db, "mysql://"):
 		dialect = outbox.MySQL
 	default:
-		return fmt.Errorf("--db: unrecognised database DSN (want postgres://... or mysql://...; leave it out for the embedded SQLite): %s", redact(o.db))
+		return fmt.Errorf("--db: unrecognised database DSN (want postgres://... or mysql://...; leave it out for the embedded SQLite): %s", hide.String(o.db))
 	}
 	if err := checkSource(o.relay, dialect); err != nil {
 		return fmt.Errorf("--relay: %w", err)
@@ -1055,7 +1056,7 @@ func openRedis(ctx context.Context, addr string) (*redis.Client, error) {
 	if strings.Contains(addr, "://") {
 		var err error
 		if opts, err = redis.ParseURL(addr); err != nil {
-			return nil, fmt.Errorf("--redis: invalid URL %s: %s", redact(addr), scrub(err, addr))
+			return nil, fmt.Errorf("--redis: invalid URL %s: %s", hide.String(addr), scrub(err, addr))
 		}
 	} else {
 		opts = &redis.Options{Addr: addr}
@@ -1065,7 +1066,7 @@ func openRedis(ctx context.Context, addr string) (*redis.Client, error) {
 	rc := redis.NewClient(opts)
 	if err := rc.Ping(ctx).Err(); err != nil {
 		rc.Close()
-		return nil, fmt.Errorf("--redis: cannot reach Redis at %s: %s", redact(addr), scrub(err, addr))
+		return nil, fmt.Errorf("--redis: cannot reach Redis at %s: %s", hide.String(addr), scrub(err, addr))
 	}
 	return rc, nil
 }

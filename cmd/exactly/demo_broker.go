@@ -15,6 +15,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/exactlyonce/exactly"
+	hide "github.com/exactlyonce/exactly/internal/redact"
 	"github.com/exactlyonce/exactly/kafka"
 	"github.com/exactlyonce/exactly/nats"
 )
@@ -174,7 +175,7 @@ type natsBroker struct {
 func newNATSBroker(ctx context.Context, url, run string, log *slog.Logger) (*natsBroker, error) {
 	nc, err := natsgo.Connect(url, natsgo.Name("exactly-demo"), natsgo.Timeout(5*time.Second))
 	if err != nil {
-		return nil, fmt.Errorf("--nats: cannot connect to NATS at %s: %w", redact(url), err)
+		return nil, fmt.Errorf("--nats: cannot connect to NATS at %s: %w", hide.String(url), err)
 	}
 	b := &natsBroker{nc: nc, log: log, stream: "EXACTLY_DEMO_" + strings.ToUpper(run), subject: "exactly-demo." + run + ".order.created"}
 	if b.js, err = jetstream.New(nc); err != nil {

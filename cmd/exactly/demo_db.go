@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/exactlyonce/exactly"
+	hide "github.com/exactlyonce/exactly/internal/redact"
 	"github.com/exactlyonce/exactly/outbox"
 )
 
@@ -84,7 +85,7 @@ func openDemoDB(ctx context.Context, dsn, run string) (*demoDB, error) {
 		return nil, err
 	}
 	if err := db.PingContext(ctx); err != nil {
-		return fail(fmt.Errorf("--db: cannot reach the database %s: %s", redact(dsn), scrub(err, dsn)))
+		return fail(fmt.Errorf("--db: cannot reach the database %s: %s", hide.String(dsn), scrub(err, dsn)))
 	}
 	switch dialect {
 	case outbox.SQLite:

@@ -15,6 +15,7 @@ import (
 	"github.com/exactlyonce/exactly/internal/inboxstore"
 	"github.com/exactlyonce/exactly/internal/migrate"
 	"github.com/exactlyonce/exactly/internal/offsetstore"
+	hide "github.com/exactlyonce/exactly/internal/redact"
 	"github.com/exactlyonce/exactly/outbox"
 )
 
@@ -42,24 +43,7 @@ func openDB(dsn string) (*sql.DB, string, error) {
 	case dsn == "":
 		return nil, "", fmt.Errorf("no database given: pass --db postgres://..., mysql://... or sqlite:path")
 	}
-	return nil, "", fmt.Errorf("unrecognised database DSN scheme (want postgres://, mysql:// or sqlite:): %s", redact(dsn))
-}
-
-// redact hides a password in a DSN before it is printed.
-func redact(dsn string) string {
-	at := strings.LastIndex(dsn, "@")
-	if at < 0 {
-		return dsn
-	}
-	head := dsn[:at]
-	scheme := ""
-	if i := strings.Index(head, "://"); i >= 0 {
-		scheme, head = head[:i+3], head[i+3:]
-	}
-	if user, _, ok := strings.Cut(head, ":"); ok {
-		return scheme + user + ":***" + dsn[at:]
-	}
-	return dsn
+	return nil, "", fmt.Errorf("unrecognised database DSN scheme (want postgres://, mysql:// or sqlite:): %s", hide.String(dsn))
 }
 
 // The parts of the schema `exactly migrate` manages.
@@ -164,7 +148,7 @@ EXACTLY_OFFSETS_TABLE, EXACTLY_MIGRATE_ONLY).`,
 			}
 			ctx := cmd.Context()
 			if err := db.PingContext(ctx); err != nil {
-				return fmt.Errorf("cannot reach the database %s: %s", redact(f.dsn), scrub(err, f.dsn))
+				return fmt.Errorf("cannot reach the database %s: %s", hide.String(f.dsn), scrub(err, f.dsn))
 			}
 			out := cmd.OutOrStdout()
 			for i, m := range ms {
@@ -194,7 +178,7 @@ EXACTLY_OFFSETS_TABLE, EXACTLY_MIGRATE_ONLY).`,
 		},
 	}
 	fl := cmd.Flags()
-	fl.StringVar(&f.dsn, "db", "", "database: postgres://..., mysql://user@tcp(host:3306)/db or sqlite:path (env EXACTLY_DB)")
+	fl.StringVar(&f.dsn, "db", "", "database: postgres://..., 'mysql://root@tcp(127.0.0.1:3306)/test' (quoted for the shell) or sqlite:path (env EXACTLY_DB)")
 	fl.StringVar(&f.table, "table", outbox.DefaultTable, "outbox table name, optionally schema-qualified (env EXACTLY_TABLE)")
 	fl.StringVar(&f.inboxTable, "inbox-table", inbox.DefaultTable, "inbox table name, optionally schema-qualified (env EXACTLY_INBOX_TABLE)")
 	fl.StringVar(&f.offsetsTable, "offsets-table", offsetstore.DefaultTable, "Kafka offsets table name, optionally schema-qualified (env EXACTLY_OFFSETS_TABLE)")

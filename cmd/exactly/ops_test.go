@@ -380,7 +380,7 @@ func TestDeadListEscapesControlCharacters(t *testing.T) {
 func TestHelpQuotesMySQLDSN(t *testing.T) {
 	const quoted = `'mysql://root@tcp(127.0.0.1:3306)/test'`
 	for _, args := range [][]string{{"relay", "--help"}, {"outbox", "status", "--help"}, {"outbox", "dead", "list", "--help"},
-		{"outbox", "dead", "retry", "--help"}, {"outbox", "dead", "purge", "--help"}, {"inbox", "gc", "--help"}} {
+		{"outbox", "dead", "retry", "--help"}, {"outbox", "dead", "purge", "--help"}, {"inbox", "gc", "--help"}, {"migrate", "--help"}} {
 		out := mustRun(t, newRoot(), args...)
 		if !strings.Contains(out, quoted) {
 			t.Errorf("%v: the help lacks %s:\n%s", args, quoted, out)

@@ -200,7 +200,7 @@ func (f *relayFlags) validate(fl *pflag.FlagSet) (*slog.Logger, error) {
 	}
 	if !strings.HasPrefix(f.dsn, "postgres://") && !strings.HasPrefix(f.dsn, "postgresql://") &&
 		!strings.HasPrefix(f.dsn, "mysql://") && !strings.HasPrefix(f.dsn, "sqlite:") && !strings.HasPrefix(f.dsn, "file:") {
-		return nil, fmt.Errorf("--db: unrecognised database DSN scheme (want postgres://, mysql:// or sqlite:): %s", redact(f.dsn))
+		return nil, fmt.Errorf("--db: unrecognised database DSN scheme (want postgres://, mysql:// or sqlite:): %s", hide.String(f.dsn))
 	}
 	if strings.TrimSpace(f.table) == "" {
 		return nil, errors.New("--table must not be empty")
@@ -239,7 +239,7 @@ func (f *relayFlags) validate(fl *pflag.FlagSet) (*slog.Logger, error) {
 			return nil, errors.New("--nats-url is required with --broker nats (or EXACTLY_NATS_URL): nats://host:4222")
 		}
 		if !strings.HasPrefix(f.natsURL, "nats://") && !strings.HasPrefix(f.natsURL, "tls://") {
-			return nil, fmt.Errorf("--nats-url: want nats://host:port or tls://host:port, got %s", redact(f.natsURL))
+			return nil, fmt.Errorf("--nats-url: want nats://host:port or tls://host:port, got %s", hide.String(f.natsURL))
 		}
 		if f.natsPassword != "" && f.natsUser == "" {
 			return nil, errors.New("--nats-password needs --nats-user")
@@ -252,7 +252,7 @@ func (f *relayFlags) validate(fl *pflag.FlagSet) (*slog.Logger, error) {
 			return nil, errors.New("--amqp-url is required with --broker amqp (or EXACTLY_AMQP_URL): amqp://user:password@host:5672/vhost")
 		}
 		if _, err := amqp091.ParseURI(f.amqpURL); err != nil {
-			return nil, fmt.Errorf("--amqp-url: invalid URL %s: %s", redact(f.amqpURL), f.hideSecrets(err.Error()))
+			return nil, fmt.Errorf("--amqp-url: invalid URL %s: %s", hide.String(f.amqpURL), f.hideSecrets(err.Error()))
 		}
 	case "":
 		return nil, fmt.Errorf("--broker is required (or EXACTLY_BROKER): %s", strings.Join(brokers, ", "))
@@ -585,7 +585,7 @@ func runRelay(ctx context.Context, f *relayFlags, log *slog.Logger) error {
 	running.Store(true)
 	go func() { relayErr <- runSafely(runCtx, r) }()
 	log.Info("relay started", "source", f.source, "table", ob.Table(), "dialect", db.dialect, "broker", f.broker, "tls", f.tls.wanted(),
-		"admin", ln.Addr().String(), "db", redact(f.dsn))
+		"admin", ln.Addr().String(), "db", hide.String(f.dsn))
 
 	var runErr error
 	select {
