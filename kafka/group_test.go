@@ -111,3 +111,39 @@ func TestStalledGauge(t *testing.T) {
 		t.Errorf("no log line says the group settled again:\n%s", idle.logs.String())
 	}
 }
+
+// TestProcessorStalledGauge: the same watch in the Processor: of two
+// instances on a one-partition input, the one holding nothing reports
+// Stalled once a rebalance timeout has passed, the holder does not.
+func TestProcessorStalledGauge(t *testing.T) {
+	t.Parallel()
+	c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.GroupMinSessionTimeout(100*time.Millisecond), kfake.SeedTopics(1, "in", "out"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	start := func(instance string) *kafka.Processor {
+		p, err := kafka.NewProcessor(kafka.ProcessorConfig{
+			Seeds: c.ListenAddrs(), Group: "stalled-p", Topics: []string{"in"}, InstanceID: instance,
+			StaticMembership: true, SessionTimeout: time.Second, RebalanceTimeout: time.Second,
+			Logger: slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn})),
+		}, copyTo("out"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		stop := runProcessor(t, p)
+		t.Cleanup(func() { stop() })
+		return p
+	}
+	a, b := start("a"), start("b")
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		sa, sb := a.Stats(), b.Stats()
+		if sa.Partitions+sb.Partitions == 1 && sa.Stalled+sb.Stalled == 1 && (sa.Partitions == 0) == (sa.Stalled == 1) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("want one holder and one stalled instance: a %+v, b %+v", sa, sb)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
