@@ -869,19 +869,20 @@ func (s *outboxSuite) testOutage(t *testing.T) {
 	}
 }
 
-// lockedBuffer collects log output written from the relay's goroutines.
-type lockedBuffer struct {
+// LogBuffer collects log output written from several goroutines (a relay's
+// or a consumer's), for a test to read: pass it to slog.NewTextHandler.
+type LogBuffer struct {
 	mu sync.Mutex
 	b  strings.Builder
 }
 
-func (l *lockedBuffer) Write(p []byte) (int, error) {
+func (l *LogBuffer) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.Write(p)
 }
 
-func (l *lockedBuffer) String() string {
+func (l *LogBuffer) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.String()
@@ -912,7 +913,7 @@ func (s *outboxSuite) testFailingVisible(t *testing.T) {
 		}
 		return nil
 	})
-	logs := &lockedBuffer{}
+	logs := &LogBuffer{}
 	cfg := f.relayConfig(rec)
 	cfg.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	cfg.MaxAttempts = 1000

@@ -1,11 +1,11 @@
 package kafka_test
 
 import (
-	"context"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/exactlyonce/exactly/internal/testenv"
 	"github.com/exactlyonce/exactly/kafka"
 )
 
@@ -22,19 +22,7 @@ func TestDBConsumerRefusesUnusableTable(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		ctx, cancel := context.WithCancel(context.Background())
-		defer cancel()
-		done := make(chan error, 1)
-		go func() { done <- c.Run(ctx) }()
-		select {
-		case err := <-done:
-			return err
-		case <-time.After(15 * time.Second):
-			cancel()
-			<-done
-			t.Fatal("the consumer ran on an offsets table it cannot use")
-			return nil
-		}
+		return testenv.ReturnsWithin(t, 15*time.Second, "the consumer ran on an offsets table it cannot use", c.Run)
 	}
 	if _, err := f.db.Exec("ALTER TABLE " + f.offsets + " DROP COLUMN next_offset"); err != nil {
 		t.Fatal(err)

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -12,23 +11,6 @@ import (
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/exactlytest"
 )
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // TestFailingTopicIsLogged: a topic the broker refuses every time (no
 // stream for it) is not retried silently: the relay warns at once with the
@@ -46,7 +28,7 @@ func TestFailingTopicIsLogged(t *testing.T) {
 		}
 		return nil
 	})
-	logs := &lockedBuffer{}
+	logs := &exactlytest.LogBuffer{}
 	cfg := f.config(rec)
 	cfg.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	cfg.MaxAttempts = 1000

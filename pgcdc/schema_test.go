@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/exactlyonce/exactly/exactlytest"
+	"github.com/exactlyonce/exactly/internal/testenv"
 	"github.com/exactlyonce/exactly/pgcdc"
 )
 
@@ -24,19 +25,7 @@ func TestStartRefusesUnusableTable(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		rctx, cancel := context.WithCancel(ctx)
-		defer cancel()
-		done := make(chan error, 1)
-		go func() { done <- r.Run(rctx) }()
-		select {
-		case err := <-done:
-			return err
-		case <-time.After(15 * time.Second):
-			cancel()
-			<-done
-			t.Fatal("the relay started on an outbox it cannot use")
-			return nil
-		}
+		return testenv.ReturnsWithin(t, 15*time.Second, "the relay started on an outbox it cannot use", r.Run)
 	}
 	if _, err := f.pool.Exec(ctx, "ALTER TABLE "+f.ob.Table()+" DROP COLUMN attempts"); err != nil {
 		t.Fatal(err)

@@ -59,19 +59,7 @@ func startErr(t *testing.T, db any, ob *outbox.Outbox) error {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	done := make(chan error, 1)
-	go func() { done <- r.Run(ctx) }()
-	select {
-	case err := <-done:
-		return err
-	case <-time.After(15 * time.Second):
-		cancel()
-		<-done
-		t.Fatal("the relay started on an outbox it cannot use")
-		return nil
-	}
+	return testenv.ReturnsWithin(t, 15*time.Second, "the relay started on an outbox it cannot use", r.Run)
 }
 
 // TestStartRefusesUnusableTable: on every dialect the relay refuses at start

@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"syscall"
+	"testing"
 	"time"
 )
 
@@ -34,5 +35,25 @@ func RunUntil(ctx context.Context, run func(context.Context) error, done func(co
 			cancel()
 			return <-result
 		}
+	}
+}
+
+// ReturnsWithin runs run and returns its result when it returns within d,
+// as a component refusing to start should. When it is still running then,
+// the test fails with what: run is cancelled and waited for.
+func ReturnsWithin(t testing.TB, d time.Duration, what string, run func(context.Context) error) error {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	result := make(chan error, 1)
+	go func() { result <- run(ctx) }()
+	select {
+	case err := <-result:
+		return err
+	case <-time.After(d):
+		cancel()
+		<-result
+		t.Fatal(what)
+		return nil
 	}
 }
