@@ -209,11 +209,11 @@ func TestTraceConsumers(t *testing.T) {
 			t.Fatal(err)
 		}
 		got := make(chan trace.SpanContext, 1)
-		c, err := nats.NewConsumer(js, nats.ConsumerConfig{Stream: name, Durable: "d", FilterSubjects: []string{subject}, Tracer: tr,
-			Handler: func(ctx context.Context, m *exactly.Message) error {
+		c, err := nats.NewConsumer(js, nats.ConsumerConfig{Stream: name, Durable: "d", FilterSubjects: []string{subject},
+			ConsumerConfig: exactly.ConsumerConfig{Tracer: tr, Handler: func(ctx context.Context, m *exactly.Message) error {
 				got <- trace.SpanContextFromContext(ctx)
 				return nil
-			}})
+			}}})
 		if err != nil {
 			t.Fatal(err)
 		}

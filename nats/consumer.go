@@ -20,16 +20,57 @@ import (
 	"github.com/exactlyonce/exactly/internal/consume"
 )
 
-// ErrNoMessageID marks a message that carries neither an exactly-id nor a
-// Nats-Msg-Id header. The Consumer never hands such a message to the
-// handler (the inbox could not deduplicate it); it dead-letters it, and the
-// Failed and DeadLettered hooks receive an error matching ErrNoMessageID.
-var ErrNoMessageID = errors.New("message has no id")
+// ErrNoMessageID is the reason a message that carries neither an exactly-id
+// nor a Nats-Msg-Id header is dead-lettered: it is exactly.ErrNoID, the one
+// error every consumer uses for id-less messages. The Consumer never hands
+// such a message to the handler (the inbox could not deduplicate it); it
+// dead-letters it, and the Failed and DeadLettered hooks receive an error
+// matching it.
+var ErrNoMessageID = exactly.ErrNoID
 
-// ConsumerConfig configures a Consumer. Stream, Durable and Handler are
-// required; every other field has a default. NewConsumer checks the whole
-// configuration up front and names the first bad field.
+// ConsumerConfig configures a Consumer: the settings every consumer shares
+// (exactly.ConsumerConfig: Handler, Retry, DeadLetter, DeadLetterTopic,
+// Workers, Hooks, Logger, Tracer) and JetStream's own. Stream, Durable and
+// Handler are required; every other field has a default. NewConsumer checks
+// the whole configuration up front and names the first bad field.
+//
+// On NATS the shared settings mean:
+//
+//   - Handler: its context is the one given to Run, plus the delivery's
+//     metadata (see DeliveryMetadata). When that context ends, Handler
+//     should return promptly: the message is then handed back to the server
+//     (Nak) for redelivery, as are the messages fetched but not started.
+//   - Workers (default 1): with one, messages are handled one after the
+//     other, in stream order. With more, messages are spread over the
+//     workers by Message.Key (by subject when the key is empty), so messages
+//     with the same key, and keyless messages on the same subject, are still
+//     handled one at a time in stream order. A slow or retrying message
+//     delays the others of its worker, including other keys that hash to it.
+//   - Retry: attempts are counted from the server's delivery count, so they
+//     add up over redeliveries (after a crash, a shutdown, a lost ack); a
+//     message is always handled at least once per delivery before it is
+//     dead-lettered. The consumer tells the server a retried message is in
+//     progress, so retries are not bounded by AckWait.
+//   - DeadLetter: default this package's Publisher on the same JetStream,
+//     publishing to the subject DeadLetterTopic names (default the
+//     message's subject plus ".dlq"; it must be a valid subject, no
+//     wildcards, no empty tokens). A stream must capture that subject, and
+//     it must not be delivered to this consumer again (it would be handled,
+//     fail, and be dead-lettered again, one level deeper, for ever): Run
+//     checks both for the subject of a sample message of each filter and
+//     fails with an error saying what to change. A *Publisher given here is
+//     used the same way, through its own JetStream and SubjectFunc. Dead
+//     letters published by this package carry the Nats-Msg-Id
+//     "dlq:<Durable>:<Message.ID>", not Message.ID itself: a stream dropping
+//     duplicates would otherwise drop the dead letter as a copy of the
+//     original message when both are in the same stream. Any other
+//     exactly.Publisher is used as it is, with Message.Topic set to
+//     DeadLetterTopic(msg).
+//   - Hooks: AckFailed runs when the server did not confirm an
+//     acknowledgement (AckSync).
 type ConsumerConfig struct {
+	exactly.ConsumerConfig
+
 	// Stream is the name of the JetStream stream to consume. Required. Run
 	// fails when it does not exist.
 	Stream string
@@ -48,19 +89,6 @@ type ConsumerConfig struct {
 	// The server may refuse to change the filter of an existing durable:
 	// delete it first, or use a new Durable.
 	FilterSubjects []string
-
-	// Handler applies one message. Required. The consumer acknowledges a
-	// message only after Handler returned nil (or the message was
-	// dead-lettered), so Handler runs at least once per message and more
-	// than once after a crash, a lost ack or a redelivery: wrap it with the
-	// inbox to apply each effect once per Message.ID.
-	//
-	// Its context is the one given to Run, plus the delivery's metadata
-	// (see DeliveryMetadata). When that context ends, Handler should return
-	// its error promptly: the message is then handed back to the server
-	// (Nak) for redelivery, as are the messages fetched but not started.
-	// With Workers > 1 it is called concurrently for different keys.
-	Handler exactly.Handler
 
 	// AckWait is how long the server waits for the acknowledgement of a
 	// delivered message before it redelivers it. Default 30s; at least 1s.
@@ -86,63 +114,6 @@ type ConsumerConfig struct {
 	// crashes. It must not exceed MaxAckPending.
 	Batch int
 
-	// Workers is how many messages are handled at a time. Default 1:
-	// messages are handled one after the other, in stream order. With
-	// more, messages are spread over the workers by Message.Key (by
-	// subject when the key is empty), so messages with the same key, and
-	// keyless messages on the same subject, are still handled one at a
-	// time in stream order. A slow or retrying message delays the others
-	// of its worker, including other keys that hash to it.
-	Workers int
-
-	// Policy says how often, and how far apart, a failing handler is
-	// retried before the message is dead-lettered. The zero value takes
-	// exactly.RetryPolicy's defaults (5 attempts, 100ms to 10s apart).
-	// Attempts are counted from the server's delivery count, so they add
-	// up over redeliveries (after a crash, a shutdown, a lost ack); a
-	// message is always handled at least once per delivery before it is
-	// dead-lettered.
-	Policy exactly.RetryPolicy
-
-	// DeadLetter receives a copy of each message the handler failed
-	// Policy.MaxAttempts times, or that has no id, with the headers
-	// exactly-dead-reason, -attempts, -topic and -at. The message is
-	// acknowledged only once DeadLetter confirmed the copy; while it
-	// fails the consumer retries it and goes no further on that worker.
-	//
-	// Default: this package's Publisher on the same JetStream, publishing
-	// to DeadLetterSubject. A stream must capture that subject, and it must
-	// not be delivered to this consumer again (it would be handled, fail,
-	// and be dead-lettered again, one level deeper, for ever): Run checks
-	// both for the subject of a sample message of each filter and fails
-	// with an error saying what to change. A *Publisher given here is used
-	// the same way, through its own JetStream and SubjectFunc.
-	//
-	// Dead letters published by this package carry the Nats-Msg-Id
-	// "dlq:<Durable>:<Message.ID>", not Message.ID itself: a stream
-	// dropping duplicates would otherwise drop the dead letter as a copy
-	// of the original message when both are in the same stream. Any other
-	// exactly.Publisher is used as it is.
-	DeadLetter exactly.Publisher
-
-	// DeadLetterSubject names where a message's dead letter goes. Default:
-	// the message's subject plus ".dlq". It must return a valid subject
-	// (no wildcards, no empty tokens); it runs on a worker's goroutine and
-	// must not block.
-	DeadLetterSubject func(msg *exactly.Message) string
-
-	// Logger receives the consumer's logs. Default slog.Default().
-	Logger *slog.Logger
-
-	// Hooks report outcomes, for metrics. All optional.
-	Hooks ConsumerHooks
-
-	// Tracer, when set, runs each message's handling in a span that
-	// continues the trace the message carries (its traceparent header,
-	// written by outbox.Enqueue with a Tracer); the Handler's context holds
-	// that span. See exactlyotel.New. Default nil: no tracing.
-	Tracer exactly.Tracer
-
 	// Configure, when set, edits the server-side consumer configuration
 	// after the fields above were applied to it and before Run creates or
 	// updates the consumer: for DeliverPolicy, Replicas, MemoryStorage,
@@ -155,38 +126,13 @@ type ConsumerConfig struct {
 	Configure func(cfg *jetstream.ConsumerConfig)
 }
 
-// ConsumerHooks report what a Consumer does, for metrics. Every hook is
-// optional and runs synchronously on the goroutine of the worker handling
-// the message; with Workers > 1 hooks run concurrently and must be safe
-// for that. A hook that blocks stalls its worker.
-type ConsumerHooks struct {
-	// Handled runs after the handler returned nil, with its duration.
-	Handled func(msg *exactly.Message, took time.Duration)
-	// Failed runs after each failed attempt (attempt 1 is the first).
-	Failed func(msg *exactly.Message, attempt int, err error)
-	// DeadLettered runs once the dead-letter destination confirmed the copy.
-	DeadLettered func(msg *exactly.Message, err error)
-	// AckFailed runs when the acknowledgement of a handled or
-	// dead-lettered message was not confirmed by the server.
-	AckFailed func(msg *exactly.Message, err error)
-}
-
-// ConsumerStats are a Consumer's running totals since NewConsumer.
+// ConsumerStats are a Consumer's running totals since NewConsumer: the
+// totals every consumer keeps (exactly.ConsumerStats; AckFailures counts
+// acknowledgements the server did not confirm, each such message is
+// redelivered after AckWait unless the ack did arrive; Redeliveries counts
+// deliveries the server marked as not the first).
 type ConsumerStats struct {
-	// Received counts deliveries fetched, redeliveries included.
-	Received int64
-	// Handled counts handler runs that returned nil.
-	Handled int64
-	// Failed counts handler runs that failed (each retry counts), plus
-	// messages without an id.
-	Failed int64
-	// DeadLettered counts messages confirmed by the dead-letter destination.
-	DeadLettered int64
-	// AckFailures counts acknowledgements the server did not confirm; each
-	// such message is redelivered after AckWait unless the ack did arrive.
-	AckFailures int64
-	// Redeliveries counts deliveries the server marked as not the first.
-	Redeliveries int64
+	exactly.ConsumerStats
 }
 
 // Consumer consumes a JetStream stream through a durable pull consumer and
@@ -204,10 +150,7 @@ type Consumer struct {
 	ackTimeout time.Duration
 
 	running atomic.Bool
-	stats   struct {
-		consume                             consume.Stats
-		received, ackFailures, redeliveries atomic.Int64
-	}
+	stats   consume.Stats
 }
 
 const (
@@ -229,92 +172,72 @@ func NewConsumer(js jetstream.JetStream, cfg ConsumerConfig) (*Consumer, error) 
 	if js == nil {
 		return nil, errors.New("nats: NewConsumer: the jetstream.JetStream is nil")
 	}
-	bad := func(format string, args ...any) (*Consumer, error) {
-		return nil, fmt.Errorf("nats: NewConsumer: "+format, args...)
+	bad := func(field, format string, args ...any) (*Consumer, error) {
+		return nil, fmt.Errorf("nats: NewConsumer: %w", &exactly.ConfigError{Field: field, Err: fmt.Errorf(format, args...)})
 	}
 	switch {
 	case cfg.Stream == "":
-		return bad("Stream is empty")
+		return bad("Stream", "is empty")
 	case cfg.Durable == "":
-		return bad("Durable is empty; the consumer must be durable so the server keeps its position")
-	case cfg.Handler == nil:
-		return bad("Handler is nil")
+		return bad("Durable", "is empty; the consumer must be durable so the server keeps its position")
 	}
 	if err := checkName(cfg.Stream); err != nil {
-		return bad("Stream: %w", err)
+		return bad("Stream", "%w", err)
 	}
 	if err := checkName(cfg.Durable); err != nil {
-		return bad("Durable: %w", err)
+		return bad("Durable", "%w", err)
 	}
 	for i, f := range cfg.FilterSubjects {
 		if err := checkFilter(f); err != nil {
-			return bad("FilterSubjects[%d]: %w", i, err)
+			return bad(fmt.Sprintf("FilterSubjects[%d]", i), "%w", err)
 		}
 	}
+	shared, err := cfg.ConsumerConfig.WithDefaults()
+	if err != nil {
+		return nil, fmt.Errorf("nats: NewConsumer: %w", err)
+	}
+	cfg.ConsumerConfig = shared
 	switch {
 	case cfg.AckWait == 0:
 		cfg.AckWait = defaultAckWait
 	case cfg.AckWait < time.Second:
-		return bad("AckWait is %v; it must be at least 1s (the consumer extends it while it works, so it needs no tuning to the handler)", cfg.AckWait)
+		return bad("AckWait", "is %v; it must be at least 1s (the consumer extends it while it works, so it needs no tuning to the handler)", cfg.AckWait)
 	}
 	if cfg.MaxAckPending < 0 {
-		return bad("MaxAckPending is %d; it must not be negative (0 takes the server's default)", cfg.MaxAckPending)
+		return bad("MaxAckPending", "is %d; it must not be negative (0 takes the server's default)", cfg.MaxAckPending)
 	}
 	switch {
 	case cfg.Batch < 0:
-		return bad("Batch is %d; it must not be negative", cfg.Batch)
+		return bad("Batch", "is %d; it must not be negative", cfg.Batch)
 	case cfg.Batch == 0:
 		cfg.Batch = defaultBatch
 		if cfg.MaxAckPending > 0 {
 			cfg.Batch = min(cfg.Batch, cfg.MaxAckPending)
 		}
 	case cfg.MaxAckPending > 0 && cfg.Batch > cfg.MaxAckPending:
-		return bad("Batch (%d) exceeds MaxAckPending (%d); the server would never deliver a full batch", cfg.Batch, cfg.MaxAckPending)
-	}
-	switch {
-	case cfg.Workers < 0:
-		return bad("Workers is %d; it must not be negative", cfg.Workers)
-	case cfg.Workers == 0:
-		cfg.Workers = 1
-	}
-	if cfg.Logger == nil {
-		cfg.Logger = slog.Default()
+		return bad("Batch", "(%d) exceeds MaxAckPending (%d); the server would never deliver a full batch", cfg.Batch, cfg.MaxAckPending)
 	}
 	log := cfg.Logger.With("stream", cfg.Stream, "consumer", cfg.Durable)
-	if cfg.DeadLetterSubject == nil {
-		cfg.DeadLetterSubject = func(m *exactly.Message) string { return m.Topic + ".dlq" }
-	}
 
 	c := &Consumer{js: js, log: log, ackTimeout: min(maxAckTimeout, cfg.AckWait)}
+	deadLetter := cfg.DeadLetter
 	switch dl := cfg.DeadLetter.(type) {
 	case nil:
 		p, err := NewPublisher(js)
 		if err != nil {
-			return bad("default DeadLetter: %w", err)
+			return bad("DeadLetter", "(the default) could not be built: %w", err)
 		}
 		c.deadLetter = &deadLetterPublisher{p: p, durable: cfg.Durable}
-		cfg.DeadLetter = c.deadLetter
+		deadLetter = c.deadLetter
 	case *Publisher:
 		c.deadLetter = &deadLetterPublisher{p: dl, durable: cfg.Durable}
-		cfg.DeadLetter = c.deadLetter
+		deadLetter = c.deadLetter
 	}
-
-	policy, err := consume.New(consume.Policy{
-		Retry:           cfg.Policy,
-		DeadLetter:      cfg.DeadLetter,
-		DeadLetterTopic: cfg.DeadLetterSubject,
-		Logger:          log,
-		Tracer:          cfg.Tracer,
-		Hooks: consume.Hooks{
-			Handled:      cfg.Hooks.Handled,
-			Failed:       cfg.Hooks.Failed,
-			DeadLettered: cfg.Hooks.DeadLettered,
-		},
-	})
+	shared.Logger = log
+	policy, err := consume.FromConfig(shared, deadLetter)
 	if err != nil {
-		return bad("Policy: %w", err)
+		return nil, fmt.Errorf("nats: NewConsumer: %w", err)
 	}
-	cfg.Policy = policy.Retry
 	c.policy = policy
 
 	server := jetstream.ConsumerConfig{
@@ -335,26 +258,26 @@ func NewConsumer(js jetstream.JetStream, cfg ConsumerConfig) (*Consumer, error) 
 		cfg.Configure(&server)
 		switch {
 		case server.Durable != cfg.Durable || server.Name != "" && server.Name != cfg.Durable:
-			return bad("Configure changed the consumer's name (Durable %q, Name %q); set ConsumerConfig.Durable instead", server.Durable, server.Name)
+			return bad("Configure", "changed the consumer's name (Durable %q, Name %q); set ConsumerConfig.Durable instead", server.Durable, server.Name)
 		case server.AckWait != cfg.AckWait:
-			return bad("Configure changed AckWait to %v; set ConsumerConfig.AckWait instead (the consumer extends the deadline of the messages it holds by it)", server.AckWait)
+			return bad("Configure", "changed AckWait to %v; set ConsumerConfig.AckWait instead (the consumer extends the deadline of the messages it holds by it)", server.AckWait)
 		case server.AckPolicy != jetstream.AckExplicitPolicy:
-			return bad("Configure set AckPolicy %v; the consumer acknowledges each message after its handler, which needs the explicit policy", server.AckPolicy)
+			return bad("Configure", "set AckPolicy %v; the consumer acknowledges each message after its handler, which needs the explicit policy", server.AckPolicy)
 		case server.MaxDeliver > 0 || len(server.BackOff) > 0:
-			return bad("Configure set MaxDeliver or BackOff; the server would stop delivering a message after that many deliveries without dead-lettering it. Policy.MaxAttempts and DeadLetter bound retries instead")
+			return bad("Configure", "set MaxDeliver or BackOff; the server would stop delivering a message after that many deliveries without dead-lettering it. Retry.MaxAttempts and DeadLetter bound retries instead")
 		case server.HeadersOnly:
-			return bad("Configure set HeadersOnly; the handler needs the payload")
+			return bad("Configure", "set HeadersOnly; the handler needs the payload")
 		case server.MaxRequestBatch > 0 && server.MaxRequestBatch < cfg.Batch:
-			return bad("Configure set MaxRequestBatch %d below Batch %d; the server would refuse every fetch", server.MaxRequestBatch, cfg.Batch)
+			return bad("Configure", "set MaxRequestBatch %d below Batch %d; the server would refuse every fetch", server.MaxRequestBatch, cfg.Batch)
 		case server.MaxAckPending > 0 && server.MaxAckPending < cfg.Batch:
-			return bad("Configure set MaxAckPending %d below Batch %d", server.MaxAckPending, cfg.Batch)
+			return bad("Configure", "set MaxAckPending %d below Batch %d", server.MaxAckPending, cfg.Batch)
 		}
 		if server.MaxDeliver == 0 {
 			server.MaxDeliver = -1
 		}
 		for i, f := range append([]string{server.FilterSubject}, server.FilterSubjects...) {
 			if err := checkFilter(f); err != nil && (i > 0 || f != "") {
-				return bad("Configure set a filter subject: %w", err)
+				return bad("Configure", "set a filter subject: %w", err)
 			}
 		}
 	}
@@ -364,14 +287,7 @@ func NewConsumer(js jetstream.JetStream, cfg ConsumerConfig) (*Consumer, error) 
 
 // Stats returns the running totals. It is safe to call at any time.
 func (c *Consumer) Stats() ConsumerStats {
-	return ConsumerStats{
-		Received:     c.stats.received.Load(),
-		Handled:      c.stats.consume.Handled.Load(),
-		Failed:       c.stats.consume.Failed.Load(),
-		DeadLettered: c.stats.consume.DeadLettered.Load(),
-		AckFailures:  c.stats.ackFailures.Load(),
-		Redeliveries: c.stats.redeliveries.Load(),
-	}
+	return ConsumerStats{ConsumerStats: c.stats.Load()}
 }
 
 type metadataKey struct{}
@@ -528,7 +444,7 @@ func (c *Consumer) setup(ctx context.Context) (jetstream.Consumer, int, error) {
 	return cons, batch, nil
 }
 
-// checkDeadLetterRoute applies DeadLetterSubject to a sample message of
+// checkDeadLetterRoute applies DeadLetterTopic to a sample message of
 // each filter (or of each subject of the stream when there is no filter)
 // and fails unless a stream captures the result and this consumer would
 // not consume it again. A dead letter that no stream captures would stall
@@ -541,7 +457,7 @@ func (c *Consumer) checkDeadLetterRoute(ctx context.Context, filters, streamSubj
 	}
 	for _, pattern := range patterns {
 		sample := &exactly.Message{ID: "sample", Topic: sampleSubject(pattern)}
-		subject := c.cfg.DeadLetterSubject(sample)
+		subject := c.cfg.DeadLetterTopic(sample)
 		if c.deadLetter.p.subject != nil {
 			dl := *sample
 			dl.Topic = subject
@@ -554,13 +470,13 @@ func (c *Consumer) checkDeadLetterRoute(ctx context.Context, filters, streamSubj
 		switch {
 		case errors.Is(err, jetstream.ErrStreamNotFound):
 			return fmt.Errorf("nats: consumer %q: no stream captures the dead-letter subject %q (where a failing message on %q would go): "+
-				"add it to a stream's subjects, or set DeadLetterSubject or DeadLetter: %w", c.cfg.Durable, subject, sample.Topic, err)
+				"add it to a stream's subjects, or set DeadLetterTopic or DeadLetter: %w", c.cfg.Durable, subject, sample.Topic, err)
 		case err != nil:
 			return fmt.Errorf("nats: consumer %q: finding the stream of dead-letter subject %q: %w", c.cfg.Durable, subject, err)
 		}
 		if name == c.cfg.Stream && (len(filters) == 0 || matchesAny(filters, subject)) {
 			return fmt.Errorf("nats: consumer %q: dead letters of messages on %q would go to %q, which this consumer consumes again "+
-				"(it would fail and dead-letter them again, without end): set DeadLetterSubject to a subject outside its filter %q, or narrow the filter",
+				"(it would fail and dead-letter them again, without end): set DeadLetterTopic to a subject outside its filter %q, or narrow the filter",
 				c.cfg.Durable, sample.Topic, subject, strings.Join(filters, ", "))
 		}
 	}
@@ -706,7 +622,7 @@ func (r *runner) fatal(err error) error {
 // dispatch hands a fetched message to its worker, which hands it back to
 // the server if the run is ending.
 func (r *runner) dispatch(m jetstream.Msg) {
-	r.c.stats.received.Add(1)
+	r.c.stats.Received.Add(1)
 	d := &delivery{msg: m}
 	r.mu.Lock()
 	d.signaled = time.Now()
@@ -754,7 +670,7 @@ func (r *runner) handle(d *delivery) {
 	first := 1
 	if md != nil {
 		if md.NumDelivered > 1 {
-			c.stats.redeliveries.Add(1)
+			c.stats.Redeliveries.Add(1)
 		}
 		first = int(min(md.NumDelivered, uint64(c.policy.Retry.MaxAttempts)))
 	}
@@ -766,7 +682,7 @@ func (r *runner) handle(d *delivery) {
 		first = c.policy.Retry.MaxAttempts
 	}
 	ctx := context.WithValue(r.ctx, metadataKey{}, md)
-	if _, err := c.policy.Process(ctx, h, msg, first, &c.stats.consume); err != nil {
+	if _, err := c.policy.Process(ctx, h, msg, first, &c.stats); err != nil {
 		r.handBack(d, err.Error())
 		return
 	}
@@ -783,10 +699,7 @@ func (r *runner) ack(d *delivery, msg *exactly.Message) {
 	if err == nil {
 		return
 	}
-	r.c.stats.ackFailures.Add(1)
-	if h := r.c.cfg.Hooks.AckFailed; h != nil {
-		h(msg, err)
-	}
+	r.c.policy.AckFailed(msg, err, &r.c.stats)
 	r.c.log.Warn("acknowledgement not confirmed; unless it reached the server, the message is redelivered after AckWait and the inbox must absorb the copy",
 		"id", msg.ID, "subject", msg.Topic, "err", err)
 }
@@ -844,7 +757,7 @@ func (r *runner) keepAlive() {
 }
 
 // decode turns a delivery into a Message. It returns an error matching
-// ErrNoMessageID, and a Message with a stand-in ID derived from the
+// exactly.ErrNoID, and a Message with a stand-in ID derived from the
 // stream sequence, when the delivery carries no id.
 func (c *Consumer) decode(m jetstream.Msg) (*exactly.Message, *jetstream.MsgMetadata, error) {
 	md, err := m.Metadata()
@@ -899,7 +812,7 @@ func (c *Consumer) decode(m jetstream.Msg) (*exactly.Message, *jetstream.MsgMeta
 	}
 	return msg, md, fmt.Errorf("nats: the message on %q %s has neither an %s nor a %s header, so no inbox could deduplicate it; "+
 		"it was not handled. Publish through nats.Publisher, or set the header. Its dead letter has the stand-in id %s: %w",
-		msg.Topic, where, exactly.HeaderID, jetstream.MsgIDHeader, msg.ID, ErrNoMessageID)
+		msg.Topic, where, exactly.HeaderID, jetstream.MsgIDHeader, msg.ID, exactly.ErrNoID)
 }
 
 // deadLetterPublisher publishes dead letters through a Publisher's

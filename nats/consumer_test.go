@@ -57,12 +57,14 @@ func setupConsumer(t *testing.T) *consumerEnv {
 // the test.
 func (e *consumerEnv) config(t *testing.T) nats.ConsumerConfig {
 	return nats.ConsumerConfig{
+		ConsumerConfig: exactly.ConsumerConfig{
+			Handler: e.effects.record,
+			Retry:   exactly.RetryPolicy{MaxAttempts: 3, InitialBackoff: 5 * time.Millisecond, MaxBackoff: 20 * time.Millisecond},
+			Logger:  slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn})),
+		},
 		Stream:         e.stream,
 		Durable:        e.durable,
 		FilterSubjects: []string{e.subject},
-		Handler:        e.effects.record,
-		Policy:         exactly.RetryPolicy{MaxAttempts: 3, InitialBackoff: 5 * time.Millisecond, MaxBackoff: 20 * time.Millisecond},
-		Logger:         slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn})),
 	}
 }
 
@@ -277,7 +279,7 @@ func TestConsumerHandlesEachMessageOnce(t *testing.T) {
 		}
 	}
 	st := c.Stats()
-	if st != (nats.ConsumerStats{Received: 200, Handled: 200}) {
+	if st != (nats.ConsumerStats{ConsumerStats: exactly.ConsumerStats{Received: 200, Handled: 200}}) {
 		t.Errorf("Stats = %+v", st)
 	}
 	info := e.info(t)
@@ -625,8 +627,8 @@ func TestConsumerMessageWithoutID(t *testing.T) {
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	if !errors.Is(deadErr, nats.ErrNoMessageID) {
-		t.Errorf("DeadLettered hook error %v, want ErrNoMessageID", deadErr)
+	if !errors.Is(deadErr, exactly.ErrNoID) {
+		t.Errorf("DeadLettered hook error %v, want exactly.ErrNoID", deadErr)
 	}
 }
 
@@ -735,7 +737,7 @@ func TestConsumerChecksDeadLetterRoute(t *testing.T) {
 	cfg := e.config(t)
 	cfg.FilterSubjects = []string{prefix + ".>"} // captures its own "<subject>.dlq"
 	err := newConsumer(t, e.js, cfg).Run(t.Context())
-	if err == nil || !strings.Contains(err.Error(), "consumes again") || !strings.Contains(err.Error(), "DeadLetterSubject") {
+	if err == nil || !strings.Contains(err.Error(), "consumes again") || !strings.Contains(err.Error(), "DeadLetterTopic") {
 		t.Errorf("Run with a filter covering its dead letters = %v", err)
 	}
 
@@ -747,7 +749,7 @@ func TestConsumerChecksDeadLetterRoute(t *testing.T) {
 
 	_, nowhere := names()
 	cfg = e.config(t)
-	cfg.DeadLetterSubject = func(*exactly.Message) string { return nowhere }
+	cfg.DeadLetterTopic = func(*exactly.Message) string { return nowhere }
 	err = newConsumer(t, e.js, cfg).Run(t.Context())
 	if !errors.Is(err, jetstream.ErrStreamNotFound) || !strings.Contains(err.Error(), nowhere) {
 		t.Errorf("Run with dead letters no stream captures = %v", err)
@@ -765,7 +767,7 @@ func TestNewConsumerValidation(t *testing.T) {
 	js := struct{ jetstream.JetStream }{} // NewConsumer does no I/O
 	h := func(context.Context, *exactly.Message) error { return nil }
 	valid := func() nats.ConsumerConfig {
-		return nats.ConsumerConfig{Stream: "S", Durable: "D", Handler: h}
+		return nats.ConsumerConfig{ConsumerConfig: exactly.ConsumerConfig{Handler: h}, Stream: "S", Durable: "D"}
 	}
 	for name, edit := range map[string]func(*nats.ConsumerConfig){
 		"no Stream":             func(c *nats.ConsumerConfig) { c.Stream = "" },
@@ -777,7 +779,7 @@ func TestNewConsumerValidation(t *testing.T) {
 		"negative Batch":        func(c *nats.ConsumerConfig) { c.Batch = -1 },
 		"Batch > MaxAckPending": func(c *nats.ConsumerConfig) { c.Batch, c.MaxAckPending = 20, 10 },
 		"negative Workers":      func(c *nats.ConsumerConfig) { c.Workers = -2 },
-		"negative Policy":       func(c *nats.ConsumerConfig) { c.Policy.MaxAttempts = -1 },
+		"negative Retry":        func(c *nats.ConsumerConfig) { c.Retry.MaxAttempts = -1 },
 		"Configure MaxDeliver": func(c *nats.ConsumerConfig) {
 			c.Configure = func(s *jetstream.ConsumerConfig) { s.MaxDeliver = 3 }
 		},
@@ -793,10 +795,11 @@ func TestNewConsumerValidation(t *testing.T) {
 	} {
 		cfg := valid()
 		edit(&cfg)
+		var field *exactly.ConfigError
 		if _, err := nats.NewConsumer(js, cfg); err == nil {
 			t.Errorf("%s: accepted", name)
-		} else if !strings.HasPrefix(err.Error(), "nats: NewConsumer: ") {
-			t.Errorf("%s: %v", name, err)
+		} else if !strings.HasPrefix(err.Error(), "nats: NewConsumer: ") || !errors.As(err, &field) {
+			t.Errorf("%s: %v, want a *exactly.ConfigError naming the field", name, err)
 		}
 	}
 	if _, err := nats.NewConsumer(nil, valid()); err == nil {

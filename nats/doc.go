@@ -66,11 +66,16 @@
 // exactly.Handler for each message:
 //
 //	c, err := nats.NewConsumer(js, nats.ConsumerConfig{
+//		ConsumerConfig: exactly.ConsumerConfig{Handler: handle}, // usually wrapped by the inbox
 //		Stream: "ORDERS", Durable: "billing", FilterSubjects: []string{"orders.events"},
-//		Handler: handle, // usually wrapped by the inbox
 //	})
 //	if err != nil { ... }
 //	err = c.Run(ctx) // until ctx ends
+//
+// That is the shape of every consumer of this module: the settings they
+// share (Handler, Retry, DeadLetter, DeadLetterTopic, Workers, Hooks, Logger,
+// Tracer) are exactly.ConsumerConfig, embedded in [ConsumerConfig] beside
+// JetStream's own (Stream, Durable, AckWait, Batch...).
 //
 // Run creates the durable consumer (or updates it to the configuration),
 // fetches up to Batch messages at a time, and turns each into an
@@ -79,7 +84,7 @@
 // stored the message; Topic is the subject; Headers are the others, without
 // the server's Nats-* headers. The handler runs under the policy every
 // consumer of exactly shares: a panic is a failure, failures are retried
-// with backoff, and after RetryPolicy.MaxAttempts the message is
+// with backoff, and after Retry.MaxAttempts the message is
 // dead-lettered. Attempts are counted from the server's delivery count, so
 // they add up over redeliveries.
 //
@@ -99,9 +104,10 @@
 // NewConsumer refuses a Configure that sets it): giving up is the
 // dead-letter destination's job.
 //
-// A message with neither exactly-id nor Nats-Msg-Id is never handled: it
-// is dead-lettered at once with the reason (ErrNoMessageID) and a stand-in
-// id made of the stream name and sequence.
+// A message with neither exactly-id nor Nats-Msg-Id is never handled: by
+// the rule of exactly.ErrNoID it is dead-lettered at once with a reason
+// matching it and a stand-in id made of the stream name and sequence
+// ("nats:<stream>:<sequence>", the same on every redelivery).
 //
 // Dead letters go by default to the message's subject plus ".dlq", through
 // this package's Publisher, with exactly-dead-reason, -attempts, -topic and

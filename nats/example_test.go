@@ -71,17 +71,19 @@ func ExampleNewConsumer() {
 	}
 
 	c, err := nats.NewConsumer(js, nats.ConsumerConfig{
+		ConsumerConfig: exactly.ConsumerConfig{
+			// In production, wrap the handler with the inbox so that a
+			// redelivered message applies its effect once.
+			Handler: func(ctx context.Context, msg *exactly.Message) error {
+				log.Printf("order %s: %s (message %s)", msg.Key, msg.Payload, msg.ID)
+				return nil
+			},
+			Retry:   exactly.RetryPolicy{MaxAttempts: 10},
+			Workers: 8, // in parallel across keys, in order within one
+		},
 		Stream:         "ORDERS",
 		Durable:        "billing",
 		FilterSubjects: []string{"orders.events"},
-		Workers:        8, // in parallel across keys, in order within one
-		Policy:         exactly.RetryPolicy{MaxAttempts: 10},
-		// In production, wrap the handler with the inbox so that a
-		// redelivered message applies its effect once.
-		Handler: func(ctx context.Context, msg *exactly.Message) error {
-			log.Printf("order %s: %s (message %s)", msg.Key, msg.Payload, msg.ID)
-			return nil
-		},
 	})
 	if err != nil {
 		log.Fatal(err)

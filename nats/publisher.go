@@ -58,7 +58,7 @@ func MaxInFlight(n int) Option {
 
 // AckWait bounds how long Publish waits for the PubAck of a message after
 // sending it, overriding the default of 10s. A message whose ack does not
-// come in time is reported with a retryable "outcome unknown" error (the
+// come in time is reported with a retryable error matching exactly.ErrOutcomeUnknown (the
 // stream may still store it; a re-publish within the duplicate window is
 // then dropped by Nats-Msg-Id). Too short a wait makes a slow stream look
 // failed and causes needless re-publishes; the context passed to Publish
@@ -117,7 +117,7 @@ var errKeyBlocked = errors.New("not sent: an earlier message with the same key f
 // allow, a message larger than the server's max_payload or the stream's
 // max_msg_size. Every other failure is worth retrying, notably
 // jetstream.ErrNoStreamResponse when no stream captures the subject (yet),
-// and "outcome unknown" when the ack did not come before AckWait or ctx;
+// and exactly.ErrOutcomeUnknown when the ack did not come before AckWait or ctx;
 // the stream drops a re-publish of a stored message within its duplicate
 // window (2 minutes by default), and past the window the exactly-id header
 // lets the inbox drop it.
@@ -275,11 +275,11 @@ func (p *Publisher) await(ctx context.Context, m *exactly.Message, subject strin
 	case err := <-f.ack.Err():
 		return describe(m, subject, err)
 	case <-ctx.Done():
-		return fmt.Errorf("nats: message %s to %q: outcome unknown, the context ended before its PubAck; publishing it again is safe: %w",
-			m.ID, subject, ctx.Err())
+		return fmt.Errorf("nats: message %s to %q: the context ended before its PubAck; publishing it again is safe: %w: %w",
+			m.ID, subject, exactly.ErrOutcomeUnknown, ctx.Err())
 	case <-timer.C:
-		return fmt.Errorf("nats: message %s to %q: outcome unknown, no PubAck within %v (AckWait); publishing it again is safe: %w",
-			m.ID, subject, p.ackWait, jetstream.ErrAsyncPublishTimeout)
+		return fmt.Errorf("nats: message %s to %q: no PubAck within %v (AckWait); publishing it again is safe: %w: %w",
+			m.ID, subject, p.ackWait, exactly.ErrOutcomeUnknown, jetstream.ErrAsyncPublishTimeout)
 	}
 }
 
@@ -294,9 +294,13 @@ func describe(m *exactly.Message, subject string, err error) error {
 	case errors.Is(err, jetstream.ErrNoStreamResponse):
 		return fmt.Errorf("nats: message %s: no stream captures subject %q (or its leader is unavailable); create the stream or wait for it: %w",
 			m.ID, subject, err)
-	case errors.Is(err, natsgo.ErrDisconnected):
-		return fmt.Errorf("nats: message %s to %q: outcome unknown, the connection dropped before its PubAck; publishing it again is safe: %w",
-			m.ID, subject, err)
+	case errors.Is(err, natsgo.ErrDisconnected), errors.Is(err, natsgo.ErrConnectionClosed):
+		return fmt.Errorf("nats: message %s to %q: the connection dropped before its PubAck; publishing it again is safe: %w: %w",
+			m.ID, subject, exactly.ErrOutcomeUnknown, err)
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled), errors.Is(err, natsgo.ErrTimeout),
+		errors.Is(err, jetstream.ErrAsyncPublishTimeout):
+		return fmt.Errorf("nats: message %s to %q: no PubAck in time; publishing it again is safe: %w: %w",
+			m.ID, subject, exactly.ErrOutcomeUnknown, err)
 	default:
 		return fmt.Errorf("nats: message %s to %q: %w", m.ID, subject, err)
 	}

@@ -105,9 +105,11 @@ func TestConsumerStartsWhileServerDown(t *testing.T) {
 	srv.stop()
 	handled := make(chan string, 10)
 	c, err := nats.NewConsumer(js, nats.ConsumerConfig{
+		ConsumerConfig: exactly.ConsumerConfig{
+			Handler: func(ctx context.Context, m *exactly.Message) error { handled <- m.ID; return nil },
+			Logger:  slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn})),
+		},
 		Stream: "ORDERS", Durable: "restart", FilterSubjects: []string{"orders.created"},
-		Handler: func(ctx context.Context, m *exactly.Message) error { handled <- m.ID; return nil },
-		Logger:  slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn})),
 	})
 	if err != nil {
 		t.Fatal(err)

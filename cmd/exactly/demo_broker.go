@@ -206,9 +206,11 @@ func (b *natsBroker) member(ctx context.Context, spec memberSpec) error {
 	}
 	c, err := nats.NewConsumer(b.js, nats.ConsumerConfig{
 		Stream: b.stream, Durable: "promotions", FilterSubjects: []string{b.subject},
-		Handler: spec.handler, AckWait: 2 * time.Second, Batch: 50, Workers: 4,
-		Policy: demoRetry, Logger: b.log.With("member", spec.name),
-		Hooks: nats.ConsumerHooks{DeadLettered: spec.deadLettered},
+		AckWait: 2 * time.Second, Batch: 50,
+		ConsumerConfig: exactly.ConsumerConfig{
+			Handler: spec.handler, Workers: 4, Retry: demoRetry, Logger: b.log.With("member", spec.name),
+			Hooks: exactly.ConsumerHooks{DeadLettered: spec.deadLettered},
+		},
 	})
 	if err != nil {
 		return err

@@ -169,7 +169,7 @@ func TestNATSLostAckWithInbox(t *testing.T) {
 			return nil
 		}
 		c, err := exnats.NewConsumer(cjs, exnats.ConsumerConfig{Stream: stream, Durable: "e2e", FilterSubjects: []string{subject},
-			Handler: handler, AckWait: time.Second, Logger: quietLogger(t)})
+			AckWait: time.Second, ConsumerConfig: exactly.ConsumerConfig{Handler: handler, Logger: quietLogger(t)}})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -351,12 +351,14 @@ func (w *worker) natsSQLInbox(ctx context.Context, pipeline, durable, subject st
 	defer nc.Close()
 	cons, err := nats.NewConsumer(js, nats.ConsumerConfig{
 		Stream: natsStream, Durable: durable, FilterSubjects: []string{subject},
-		AckWait: 3 * time.Second, Batch: 50, Workers: 4, Policy: retry, Logger: w.log,
-		Handler: func(ctx context.Context, m *exactly.Message) error {
-			if err := c.delivered(ctx, m); err != nil {
-				return err
-			}
-			return h(ctx, m)
+		AckWait: 3 * time.Second, Batch: 50,
+		ConsumerConfig: exactly.ConsumerConfig{Workers: 4, Retry: retry, Logger: w.log,
+			Handler: func(ctx context.Context, m *exactly.Message) error {
+				if err := c.delivered(ctx, m); err != nil {
+					return err
+				}
+				return h(ctx, m)
+			},
 		},
 	})
 	if err != nil {
