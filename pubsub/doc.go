@@ -1,0 +1,47 @@
+// Package pubsub is the Google Cloud Pub/Sub adapter of exactly, built on
+// cloud.google.com/go/pubsub/v2.
+//
+// # Publisher
+//
+// [Publisher] implements exactly.Publisher. Each message is published, with
+// message ordering enabled, to the topic PublisherConfig.Topic names (by
+// default Message.Topic, a topic ID in the client's project), with:
+//
+//   - ordering key: Message.Key, so a subscription with message ordering
+//     delivers a key's messages in the order they were published;
+//   - data: Message.Payload;
+//   - attribute exactly-id: Message.ID, what the inbox deduplicates on
+//     (Pub/Sub's message_id is assigned by the service to every copy anew);
+//   - attribute exactly-created-at: Message.CreatedAt;
+//   - the message's headers as further attributes.
+//
+// With the client library imported as gpubsub:
+//
+//	client, err := gpubsub.NewClient(ctx, "my-project")
+//	if err != nil { ... }
+//	pub, err := pubsub.NewPublisher(client, pubsub.PublisherConfig{})
+//	if err != nil { ... }
+//	defer pub.Close()
+//	err = pub.Publish(ctx, msgs)
+//
+// gpubsub.NewClient uses Application Default Credentials, and talks to an
+// emulator (or pstest) instead when PUBSUB_EMULATOR_HOST is set.
+//
+// # Guarantees
+//
+// A confirmed message is stored by Pub/Sub. Messages of one key are handed
+// to the client library in slice order, which sends at most one request per
+// ordering key at a time. When a request fails, the library pauses its key
+// and fails the key's later messages unsent, so for every key the confirmed
+// messages are a prefix of the call's messages. The next Publish of the key,
+// the relay's retry of the failed message, resumes it (once every earlier
+// message of the key has its outcome); other keys never wait for it.
+//
+// A message whose outcome is not known (the service did not answer within
+// the publish timeout, the context ended) is reported as
+// exactly.ErrOutcomeUnknown and published again: Pub/Sub then stores a
+// second copy, with the same exactly-id, and delivers both. Pub/Sub's
+// exactly-once delivery (a subscription setting) does not remove those
+// copies: it is about redelivery of one published message, and two
+// publishes are two messages. That is why consumers keep the inbox.
+package pubsub
