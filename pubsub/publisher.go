@@ -361,7 +361,7 @@ func (p *Publisher) outgoing(m *exactly.Message) (outgoing, error) {
 	if m.ID == "" {
 		return outgoing{}, exactly.Unpublishable(errors.New("pubsub: message has an empty ID; outbox.Enqueue assigns one, a direct caller must set it (exactly.NewID)"))
 	}
-	name, err := p.topicName(p.topic(m))
+	name, err := TopicName(p.client.Project(), p.topic(m))
 	if err != nil {
 		return outgoing{}, exactly.Unpublishable(fmt.Errorf("pubsub: message %s: %w", m.ID, err))
 	}
@@ -422,10 +422,14 @@ var (
 	projectID = regexp.MustCompile(`^[a-z0-9][a-z0-9\-.:]*[a-z0-9]$`)
 )
 
-// topicName returns the full name of topic, an ID in the client's project or
-// a full name, or why Pub/Sub would refuse it.
-func (p *Publisher) topicName(topic string) (string, error) {
-	project, id := p.client.Project(), topic
+// TopicName returns the full name, projects/<project>/topics/<id>, of topic:
+// a topic ID in project, or a full name, which it returns as it is. It
+// returns an error when Pub/Sub would refuse the name (a topic ID is 3 to 255
+// letters, digits and -_.~+%, starts with a letter and not with "goog"), as
+// Publish does for the names PublisherConfig.Topic returns; a configuration
+// can be checked with it before anything is published.
+func TopicName(project, topic string) (string, error) {
+	id := topic
 	if rest, ok := strings.CutPrefix(topic, "projects/"); ok {
 		var found bool
 		project, id, found = strings.Cut(rest, "/topics/")

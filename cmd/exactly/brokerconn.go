@@ -186,6 +186,8 @@ func newRelayPublisher(ctx context.Context, f *relayFlags, log *slog.Logger) (ex
 			return nil, nil, fmt.Errorf("--amqp-url: %s", f.hideSecrets(err.Error()))
 		}
 		return p, func() { p.Close() }, nil
+	case "pubsub":
+		return f.newPubsubPublisher(ctx, cctx, log)
 	}
 	return nil, nil, fmt.Errorf("--broker: unknown broker %q (want %s)", f.broker, strings.Join(brokers, ", "))
 }

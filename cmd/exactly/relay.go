@@ -48,6 +48,9 @@ type relayFlags struct {
 	natsCreds     string
 	natsUser      string
 	natsPassword  string
+	// --broker pubsub (brokerpubsub.go)
+	pubsubProject string
+	pubsubTopics  string
 
 	// cdc source
 	slot             string
@@ -62,7 +65,7 @@ type relayFlags struct {
 }
 
 // brokers the relay publishes to.
-var brokers = []string{"kafka", "nats", "amqp"}
+var brokers = []string{"kafka", "nats", "amqp", "pubsub"}
 
 // relayEnv maps each flag of cmd to its environment variable, used when
 // the flag is not given: EXACTLY_ and the flag's name (envName).
@@ -83,12 +86,14 @@ func relayCmd() *cobra.Command {
 	var f relayFlags
 	cmd := &cobra.Command{
 		Use:   "relay",
-		Short: "Run the outbox relay: publish committed outbox rows to Kafka, NATS JetStream or RabbitMQ",
+		Short: "Run the outbox relay: publish committed outbox rows to Kafka, NATS JetStream, RabbitMQ or Google Cloud Pub/Sub",
 		Long: `Run the outbox relay until SIGTERM or SIGINT: it reads the outbox table
 (--source poll: polling, woken at once by NOTIFY on PostgreSQL; --source cdc:
 a PostgreSQL logical replication slot, wal_level=logical, the role needs
-REPLICATION) and publishes the messages to Kafka, NATS JetStream or an AMQP
-broker (RabbitMQ). With --source cdc and --broker kafka, --kafka-exactly-once
+REPLICATION) and publishes the messages to Kafka, NATS JetStream, an AMQP
+broker (RabbitMQ) or Google Cloud Pub/Sub (--pubsub-project; the key is the
+ordering key; Application Default Credentials, or the emulator named by
+PUBSUB_EMULATOR_HOST). With --source cdc and --broker kafka, --kafka-exactly-once
 commits the messages and the slot position in one Kafka transaction: no
 duplicate in read_committed output even after a crash.
 
@@ -116,6 +121,7 @@ have no authentication: keep them on a loopback or private address.`,
 		Example: `  exactly relay --db postgres://relay@127.0.0.1:5432/app --broker nats --nats-url nats://127.0.0.1:4222
   exactly relay --db 'mysql://root@tcp(127.0.0.1:3306)/test' --broker kafka --kafka-brokers 127.0.0.1:9092
   EXACTLY_DB=sqlite:app.db exactly relay --broker amqp --config /etc/exactly/relay.conf
+  exactly relay --db postgres://relay@127.0.0.1:5432/app --broker pubsub --pubsub-project my-project --pubsub-topics orders=orders-v1
 
 Quote a MySQL DSN: the shell reads its parentheses.`,
 		Args: cobra.NoArgs,
@@ -165,11 +171,13 @@ Quote a MySQL DSN: the shell reads its parentheses.`,
 	fl.StringVar(&f.dsn, "db", "", "database: postgres://..., 'mysql://root@tcp(127.0.0.1:3306)/test' (quoted for the shell) or sqlite:path (env EXACTLY_DB)")
 	fl.StringVar(&f.table, "table", outbox.DefaultTable, "outbox table name, optionally schema-qualified (env EXACTLY_TABLE)")
 	fl.StringVar(&f.source, "source", sourcePoll, "where the relay reads the outbox: poll, or cdc (logical replication, PostgreSQL) (env EXACTLY_SOURCE)")
-	fl.StringVar(&f.broker, "broker", "", "broker: kafka, nats or amqp (env EXACTLY_BROKER)")
+	fl.StringVar(&f.broker, "broker", "", "broker: kafka, nats, amqp or pubsub (env EXACTLY_BROKER)")
 	fl.StringVar(&f.kafkaBrokers, "kafka-brokers", "", "comma-separated Kafka seed brokers host:port (env EXACTLY_KAFKA_BROKERS)")
 	fl.StringVar(&f.natsURL, "nats-url", "", "NATS server URL, e.g. nats://127.0.0.1:4222 (env EXACTLY_NATS_URL)")
 	fl.StringVar(&f.amqpURL, "amqp-url", "", "AMQP broker URL, amqp://user:password@host:5672/vhost or amqps://... (env EXACTLY_AMQP_URL)")
 	fl.StringVar(&f.amqpExchange, "amqp-exchange", "", "AMQP exchange to publish to, the topic being the routing key; default the default exchange (env EXACTLY_AMQP_EXCHANGE)")
+	fl.StringVar(&f.pubsubProject, "pubsub-project", "", "Google Cloud project of the Pub/Sub topics; credentials are Application Default Credentials, PUBSUB_EMULATOR_HOST selects an emulator (env EXACTLY_PUBSUB_PROJECT)")
+	fl.StringVar(&f.pubsubTopics, "pubsub-topics", "", "comma-separated topic=pubsub-topic pairs mapping outbox topics to Pub/Sub topic IDs or full names; an unlisted topic goes to the Pub/Sub topic of its name (env EXACTLY_PUBSUB_TOPICS)")
 	addTunables(fl, f.tune.tunables())
 	fl.StringVar(&f.adminAddr, "admin-addr", "127.0.0.1:9464", "address of the admin HTTP server (/metrics, /healthz, /readyz; no authentication) (env EXACTLY_ADMIN_ADDR)")
 	fl.StringVar(&f.logFormat, "log-format", "text", "log format: text or json (env EXACTLY_LOG_FORMAT)")
@@ -254,6 +262,10 @@ func (f *relayFlags) validate(fl *pflag.FlagSet) (*slog.Logger, error) {
 		if _, err := amqp091.ParseURI(f.amqpURL); err != nil {
 			return nil, fmt.Errorf("--amqp-url: invalid URL %s: %s", hide.String(f.amqpURL), f.hideSecrets(err.Error()))
 		}
+	case "pubsub":
+		if err := f.checkPubsub(); err != nil {
+			return nil, err
+		}
 	case "":
 		return nil, fmt.Errorf("--broker is required (or EXACTLY_BROKER): %s", strings.Join(brokers, ", "))
 	default:
@@ -264,6 +276,9 @@ func (f *relayFlags) validate(fl *pflag.FlagSet) (*slog.Logger, error) {
 	}
 	if f.broker != "nats" && (f.natsCreds != "" || f.natsUser != "" || f.natsPassword != "") {
 		return nil, fmt.Errorf("--nats-creds, --nats-user and --nats-password are for --broker nats, not %s", f.broker)
+	}
+	if f.broker != "pubsub" && (f.pubsubProject != "" || f.pubsubTopics != "") {
+		return nil, fmt.Errorf("--pubsub-project and --pubsub-topics are for --broker pubsub, not %s", f.broker)
 	}
 	if _, err := f.tls.config(); err != nil {
 		return nil, err
