@@ -63,7 +63,7 @@ func Example() {
 	// delivery 2: err=<nil>
 	// delivery 3: err=<nil>
 	// invoices: 1, processed: 1, duplicates: 2
-	// inbox: message has an empty ID and cannot be deduplicated
+	// no message id: the message cannot be deduplicated, so it is not handled
 }
 
 // A Redis inbox in front of a handler whose effect lives elsewhere (here, a
