@@ -7,7 +7,7 @@
 //	tr := exactlyotel.New()                                                  // global TracerProvider, W3C trace context
 //	ob, _ := outbox.New(outbox.Config{Dialect: outbox.Postgres, Tracer: tr})   // Enqueue writes traceparent
 //	r, _ := relay.New(relay.Config{..., Publisher: tr.Publisher(pub)})        // a "send" span per message
-//	c, _ := kafka.NewConsumer(kafka.ConsumerConfig{..., Tracer: tr}, h)      // h runs in a "process" span
+//	c, _ := kafka.NewConsumer(seeds, kafka.ConsumerConfig{ConsumerConfig: exactly.ConsumerConfig{Handler: h, Tracer: tr}, ...}) // h runs in a "process" span
 //
 // Enqueue stores the trace context of its ctx (the span of the business
 // transaction) in the message's headers as W3C traceparent and tracestate.

@@ -119,8 +119,8 @@ func TestTraceOutboxRelayKafkaConsumer(t *testing.T) {
 	go func() { relayDone <- r.Run(rctx) }()
 
 	handled := make(chan trace.SpanContext, 1)
-	c, err := kafka.NewConsumer(kafka.ConsumerConfig{Seeds: cluster.ListenAddrs(), Group: "g", Topics: []string{"orders"}, Tracer: tr},
-		func(ctx context.Context, m *exactly.Message) error {
+	c, err := kafka.NewConsumer(cluster.ListenAddrs(), kafka.ConsumerConfig{Group: "g", Topics: []string{"orders"},
+		ConsumerConfig: exactly.ConsumerConfig{Tracer: tr, Handler: func(ctx context.Context, m *exactly.Message) error {
 			// The effect's own span nests under the consumer's.
 			_, s := app.Start(ctx, "apply promotion")
 			s.End()
@@ -128,7 +128,7 @@ func TestTraceOutboxRelayKafkaConsumer(t *testing.T) {
 				handled <- trace.SpanContextFromContext(ctx)
 			}
 			return nil
-		})
+		}}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -131,7 +131,7 @@ func (s *SQL) HandlePgx(ctx context.Context, db PgxBeginner, msg *exactly.Messag
 // Claim claims msg.ID inside the caller's transaction tx (a *sql.Tx, or a
 // pgx.Tx on PostgreSQL) and reports whether the message is fresh. Use it
 // where the transaction is not the inbox's to open, for example in
-// kafka.NewDBConsumer's handler: the stored offsets absorb redeliveries of
+// kafka.DBConfig.TxHandler: the stored offsets absorb redeliveries of
 // a record, and Claim absorbs a message the relay sent twice (a new record
 // at a new offset, with the same id). When it returns false, commit without
 // applying the effect; the claim and the effect commit or roll back

@@ -20,11 +20,41 @@ import (
 	"github.com/exactlyonce/exactly/internal/sqldb"
 )
 
-// ConsumerConfig configures a consumer-group Consumer. Zero values take the
-// documented defaults.
+// ConsumerConfig configures a consumer-group Consumer: the settings every
+// consumer shares (exactly.ConsumerConfig: Handler, Retry, DeadLetter,
+// DeadLetterTopic, Workers, Hooks, Logger, Tracer) and Kafka's own. Group,
+// Topics and Handler are required (a DB-offsets consumer takes
+// DBConfig.TxHandler instead of Handler); zero values take the documented
+// defaults. NewConsumer and NewDBConsumer check the whole configuration up
+// front and name the first bad field.
+//
+// On Kafka the shared settings mean:
+//
+//   - Workers (default 1) is how many partitions are handled at a time.
+//     The records of one partition are always handled one at a time, in
+//     offset order, so order per partition (per key, with the publisher's
+//     key partitioning) holds with any number of workers. With 1 the
+//     partitions a member holds take turns within each poll; set it to the
+//     partitions a member may hold to handle them all at once.
+//   - Retry: a record is retried in place, holding back the rest of its
+//     partition; a rebalance waits for the poll in hand (commit-after-effect
+//     mode), so keep MaxAttempts times MaxBackoff, plus the handler's own
+//     time, below RebalanceTimeout.
+//   - DeadLetter: default a Publisher on the same brokers (with ClientOpts),
+//     to the topic DeadLetterTopic names (default the record's topic plus
+//     ".dlq"). The consumer moves on only once the dead letter is
+//     confirmed.
+//   - Hooks: AckFailed runs, for each record it would have committed, when
+//     an offset commit to Kafka failed (commit-after-effect mode; those
+//     records are delivered again unless a later commit covers them), or
+//     when a record's transaction did not commit (DB offsets, see
+//     DBConfig).
+//   - A record without an exactly-id header is handled under the id
+//     kafka:<topic>/<partition>/<offset>, the same on every redelivery
+//     (the rule of exactly.ErrNoID).
 type ConsumerConfig struct {
-	// Seeds are the bootstrap brokers. Required.
-	Seeds []string
+	exactly.ConsumerConfig
+
 	// ClientOpts are applied to the consumer's client and to the default
 	// dead-letter producer: pass connection options only (TLS, SASL,
 	// dialer, client id). Group and topic options are set from this config.
@@ -75,42 +105,19 @@ type ConsumerConfig struct {
 	// SessionTimeout or less. Default 3s, or SessionTimeout/10 when
 	// SessionTimeout is set and that is shorter.
 	HeartbeatInterval time.Duration
-
-	// Retry is the handler policy; see exactly.RetryPolicy for defaults.
-	Retry exactly.RetryPolicy
-	// DeadLetter receives messages whose handler failed Retry.MaxAttempts
-	// times, with exactly-dead-* headers. Default: a Publisher on the same
-	// brokers, to topic DeadLetterTopic(msg). The consumer moves on only
-	// once the dead letter is confirmed.
-	DeadLetter exactly.Publisher
-	// DeadLetterTopic names the dead-letter topic. Default msg.Topic+".dlq".
-	DeadLetterTopic func(msg *exactly.Message) string
-
-	// Logger receives the consumer's logs. Default slog.Default().
-	Logger *slog.Logger
-	// Hooks receive handling outcomes for metrics. All optional.
-	Hooks Hooks
-	// Tracer, when set, runs each record's handling in a span that
-	// continues the trace the message carries (its traceparent header,
-	// written by outbox.Enqueue with a Tracer); the handler's context holds
-	// that span. See exactlyotel.New. Default nil: no tracing.
-	Tracer exactly.Tracer
 }
 
-// Hooks are called synchronously from the consumer's goroutines.
-type Hooks struct {
-	Handled      func(msg *exactly.Message, took time.Duration)
-	Failed       func(msg *exactly.Message, attempt int, err error)
-	DeadLettered func(msg *exactly.Message, err error)
-}
-
-// ConsumerStats are running totals.
+// ConsumerStats are a Consumer's running totals since it was created: the
+// totals every consumer keeps (exactly.ConsumerStats; Received counts
+// records taken from the client, redeliveries included; AckFailures counts
+// records whose offset commit to Kafka failed, or whose transaction did not
+// commit (DB offsets); Redeliveries stays 0, Kafka
+// does not mark a redelivered record), and Kafka's own.
 type ConsumerStats struct {
-	Handled      int64 // handler returned nil
-	Failed       int64 // failed handler attempts
-	DeadLettered int64
-	Fenced       int64 // records refused because another member owns the partition (DB offsets)
-	CommitErrors int64 // offset commits to Kafka that failed (the records come again)
+	exactly.ConsumerStats
+	// Fenced counts records refused because another member owns the
+	// partition (DB offsets).
+	Fenced int64
 
 	// Partitions is a gauge: the partitions the group coordinator assigns
 	// this member, as it last described the group (every RebalanceTimeout/10,
@@ -123,14 +130,14 @@ type ConsumerStats struct {
 }
 
 // Consumer consumes topics as a member of a consumer group and hands each
-// record, as an exactly.Message, to a handler. Partitions are processed
-// concurrently, the records of one partition in order.
+// record, as an exactly.Message, to a handler. Up to Workers partitions are
+// handled at a time, the records of one partition in order.
 //
 // Create it with NewConsumer (offsets committed to Kafka after the handler's
 // effect) or NewDBConsumer (offsets stored in the database, in the effect's
 // own transaction).
 type Consumer struct {
-	cfg    ConsumerConfig
+	cfg    ConsumerConfig // defaults applied
 	cl     *kgo.Client
 	policy *consume.Policy
 	ownDLQ *Publisher
@@ -145,8 +152,12 @@ type Consumer struct {
 	st      consume.Stats
 	watch   *groupWatch
 	fenced  atomic.Int64
-	commitE atomic.Int64
 	running atomic.Bool
+
+	// marked are the messages marked for the next offset commit to Kafka
+	// since the last one: a failed commit is an AckFailed for each.
+	markedMu sync.Mutex
+	marked   []*exactly.Message
 
 	// start, when set, runs before anything is consumed; its error stops Run
 	// (DB offsets: the offsets table is checked).
@@ -157,78 +168,84 @@ type Consumer struct {
 	afterHandle func(rec *kgo.Record)
 }
 
-// NewConsumer returns a consumer that runs handler for each record and
-// commits the group's offsets to Kafka after the handler returned: the
-// commit-after-effect mode. A crash between the effect and the offset commit
-// redelivers the record (to this member or, after a rebalance, to another):
-// wrap handler with the inbox (inbox.SQL.Handler, inbox.Redis.Handler) so the
-// redelivery is absorbed and the effect applies once.
+// NewConsumer returns a consumer of the brokers at seeds that runs
+// cfg.Handler for each record and commits the group's offsets to Kafka after
+// the handler returned: the commit-after-effect mode. A crash between the
+// effect and the offset commit redelivers the record (to this member or,
+// after a rebalance, to another): wrap the handler with the inbox
+// (inbox.SQL.Handler, inbox.Redis.Handler) so the redelivery is absorbed and
+// the effect applies once. It checks cfg and does no I/O: Run joins the
+// group.
 //
 // Rebalances wait until the records of the current poll are handled and
 // their offsets committed, so a healthy rebalance moves no work twice.
-func NewConsumer(cfg ConsumerConfig, handler exactly.Handler) (*Consumer, error) {
-	if handler == nil {
-		return nil, errors.New("kafka: NewConsumer: handler is nil")
-	}
-	c, err := newConsumer(cfg, true)
+func NewConsumer(seeds []string, cfg ConsumerConfig) (*Consumer, error) {
+	c, err := newConsumer("NewConsumer", seeds, cfg, true)
 	if err != nil {
 		return nil, err
 	}
 	c.process = func(ctx context.Context, rec *kgo.Record) bool {
 		msg := decodeRecord(rec)
-		if _, err := c.policy.Process(ctx, handler, msg, 1, &c.st); err != nil {
+		if _, err := c.policy.Process(ctx, c.cfg.Handler, msg, 1, &c.st); err != nil {
 			return false // stopping: leave the record uncommitted
 		}
 		if c.afterHandle != nil {
 			c.afterHandle(rec)
 		}
 		c.cl.MarkCommitRecords(rec)
+		c.markedMu.Lock()
+		c.marked = append(c.marked, msg)
+		c.markedMu.Unlock()
 		return true
 	}
 	return c, nil
 }
 
-func newConsumer(cfg ConsumerConfig, commitToKafka bool, extra ...kgo.Opt) (*Consumer, error) {
+func newConsumer(fn string, seeds []string, cfg ConsumerConfig, commitToKafka bool, extra ...kgo.Opt) (*Consumer, error) {
+	bad := func(field, format string, args ...any) (*Consumer, error) {
+		return nil, fmt.Errorf("kafka: %s: %w", fn, &exactly.ConfigError{Field: field, Err: fmt.Errorf(format, args...)})
+	}
 	switch {
-	case len(cfg.Seeds) == 0:
-		return nil, errors.New("kafka: ConsumerConfig.Seeds is required")
+	case len(seeds) == 0:
+		return nil, fmt.Errorf("kafka: %s: no seed brokers: pass the addresses of one or more brokers", fn)
 	case cfg.Group == "":
-		return nil, errors.New("kafka: ConsumerConfig.Group is required")
+		return bad("Group", "is empty")
 	case len(cfg.Topics) == 0:
-		return nil, errors.New("kafka: ConsumerConfig.Topics is required")
+		return bad("Topics", "is empty")
 	case cfg.MaxPollRecords < 0:
-		return nil, errors.New("kafka: ConsumerConfig.MaxPollRecords must not be negative")
+		return bad("MaxPollRecords", "is %d; it must not be negative (0 takes the default, 500)", cfg.MaxPollRecords)
 	}
 	group := cfg.membership()
 	if err := group.check(); err != nil {
 		return nil, err
 	}
+	shared, err := cfg.ConsumerConfig.WithDefaults()
+	if err != nil {
+		return nil, fmt.Errorf("kafka: %s: %w", fn, err)
+	}
+	cfg.ConsumerConfig = shared
 	if cfg.MaxPollRecords == 0 {
 		cfg.MaxPollRecords = 500
-	}
-	if cfg.Logger == nil {
-		cfg.Logger = slog.Default()
 	}
 	log := cfg.Logger.With("component", "kafka-consumer", "group", cfg.Group)
 	if cfg.InstanceID != "" {
 		log = log.With("instance_id", cfg.InstanceID)
 	}
 	c := &Consumer{cfg: cfg, commitToKafka: commitToKafka, log: log, watch: &groupWatch{group: cfg.Group, log: log}}
-	if cfg.DeadLetter == nil {
-		p, err := NewClientPublisher(cfg.Seeds, cfg.ClientOpts...)
+	deadLetter := cfg.DeadLetter
+	if deadLetter == nil {
+		p, err := NewClientPublisher(seeds, cfg.ClientOpts...)
 		if err != nil {
-			return nil, fmt.Errorf("kafka: dead-letter producer: %w", err)
+			return nil, fmt.Errorf("kafka: %s: the default DeadLetter producer: %w", fn, err)
 		}
 		c.ownDLQ = p
-		cfg.DeadLetter = p
+		deadLetter = p
 	}
-	policy, err := consume.New(consume.Policy{
-		Retry: cfg.Retry, DeadLetter: cfg.DeadLetter, DeadLetterTopic: cfg.DeadLetterTopic, Logger: c.log, Tracer: cfg.Tracer,
-		Hooks: consume.Hooks{Handled: cfg.Hooks.Handled, Failed: cfg.Hooks.Failed, DeadLettered: cfg.Hooks.DeadLettered},
-	})
+	shared.Logger = log
+	policy, err := consume.FromConfig(shared, deadLetter)
 	if err != nil {
 		c.closeDLQ()
-		return nil, fmt.Errorf("kafka: %w", err)
+		return nil, fmt.Errorf("kafka: %s: %w", fn, err)
 	}
 	c.policy = policy
 	reset := kgo.NewOffset().AtStart()
@@ -236,7 +253,7 @@ func newConsumer(cfg ConsumerConfig, commitToKafka bool, extra ...kgo.Opt) (*Con
 		reset = kgo.NewOffset().AtEnd()
 	}
 	opts := append([]kgo.Opt{
-		kgo.SeedBrokers(cfg.Seeds...),
+		kgo.SeedBrokers(seeds...),
 		kgo.ConsumerGroup(cfg.Group),
 		kgo.ConsumeTopics(cfg.Topics...),
 		kgo.ConsumeResetOffset(reset),
@@ -256,7 +273,7 @@ func newConsumer(cfg ConsumerConfig, commitToKafka bool, extra ...kgo.Opt) (*Con
 	cl, err := kgo.NewClient(opts...)
 	if err != nil {
 		c.closeDLQ()
-		return nil, fmt.Errorf("kafka: consumer client: %w", err)
+		return nil, fmt.Errorf("kafka: %s: consumer client: %w", fn, err)
 	}
 	c.cl = cl
 	return c, nil
@@ -273,12 +290,12 @@ func (c *Consumer) closeDLQ() {
 	}
 }
 
-// Stats returns the running totals.
+// Stats returns the running totals. It is safe to call at any time.
 func (c *Consumer) Stats() ConsumerStats {
 	return ConsumerStats{
-		Handled: c.st.Handled.Load(), Failed: c.st.Failed.Load(), DeadLettered: c.st.DeadLettered.Load(),
-		Fenced: c.fenced.Load(), CommitErrors: c.commitE.Load(),
-		Partitions: c.watch.partitions.Load(), Stalled: c.watch.stalled.Load(),
+		ConsumerStats: c.st.Load(),
+		Fenced:        c.fenced.Load(),
+		Partitions:    c.watch.partitions.Load(), Stalled: c.watch.stalled.Load(),
 	}
 }
 
@@ -301,6 +318,7 @@ func (c *Consumer) Run(ctx context.Context) error {
 	watching.Go(func() { c.watch.run(wctx, c.cl, func() *kgo.Client { return c.cl }, 0) })
 	defer watching.Wait()
 	defer stopWatch()
+	workers := make(chan struct{}, c.cfg.Workers)
 	for ctx.Err() == nil {
 		fs := c.cl.PollRecords(ctx, c.cfg.MaxPollRecords)
 		if fs.IsClientClosed() {
@@ -316,9 +334,12 @@ func (c *Consumer) Run(ctx context.Context) error {
 			if len(p.Records) == 0 {
 				return
 			}
+			c.st.Received.Add(int64(len(p.Records)))
 			wg.Go(func() {
+				workers <- struct{}{}
+				defer func() { <-workers }()
 				for _, rec := range p.Records {
-					if !c.process(ctx, rec) {
+					if ctx.Err() != nil || !c.process(ctx, rec) {
 						return
 					}
 				}
@@ -331,19 +352,28 @@ func (c *Consumer) Run(ctx context.Context) error {
 		c.cl.AllowRebalance()
 	}
 	if c.commitToKafka {
-		c.commit(context.WithoutCancel(ctx))
+		c.commit(ctx)
 	}
 	return nil
 }
 
-// commit commits the offsets of the handled records. A failure is logged
-// and counted: those records are delivered again, and the inbox absorbs them.
+// commit commits the offsets of the handled records. A failure is logged,
+// and counted with an AckFailed for each record marked since the last
+// commit: those records are delivered again (unless a later commit covers
+// them), and the inbox absorbs them.
 func (c *Consumer) commit(ctx context.Context) {
-	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	c.markedMu.Lock()
+	marked := c.marked
+	c.marked = nil
+	c.markedMu.Unlock()
+	// Not cut short by Run's end: what was handled is committed on the way out.
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
 	if err := c.cl.CommitMarkedOffsets(cctx); err != nil {
-		c.commitE.Add(1)
-		c.log.Warn("offset commit failed; the handled records will be delivered again", "err", err)
+		c.log.Warn("offset commit failed; the handled records will be delivered again", "records", len(marked), "err", err)
+		for _, m := range marked {
+			c.policy.AckFailed(m, err, &c.st)
+		}
 	}
 }
 
@@ -379,9 +409,23 @@ func decodeRecord(rec *kgo.Record) *exactly.Message {
 	return m
 }
 
-// DBConfig adds the database of the offsets-in-database mode.
+// DBConfig configures a consumer that stores its offsets in the database:
+// a ConsumerConfig whose Handler is left nil (NewDBConsumer sets it to the
+// transaction around TxHandler), TxHandler, and the database.
+//
+// In this mode the acknowledgement is the record's transaction: the
+// compare-and-set of the partition's offset and the commit, after
+// TxHandler returned nil. The Handled hook runs when TxHandler returned
+// nil; a compare-and-set that finds another member's offset (fenced, also
+// counted in ConsumerStats.Fenced) or a commit that fails is an AckFailed,
+// the transaction is rolled back with the effect, and the record is
+// handled again from the stored offset (by its new owner, when fenced).
 type DBConfig struct {
 	ConsumerConfig
+	// TxHandler applies a message's effect inside the transaction that
+	// advances the partition's offset. Required. It runs under the shared
+	// policy (Retry, DeadLetter, Hooks), one transaction per attempt.
+	TxHandler TxHandler
 	// DB holds the offsets table and the handler's effects: a *sql.DB or a
 	// *pgxpool.Pool. Required.
 	DB any
@@ -395,31 +439,39 @@ type DBConfig struct {
 // partition's offset in the same transaction.
 type TxHandler func(ctx context.Context, tx *sql.Tx, msg *exactly.Message) error
 
-// NewDBConsumer returns a consumer that stores the group's positions in the
-// database: for each record it opens a transaction, runs handler in it,
-// advances the partition's offset by compare-and-set (UPDATE ... WHERE
-// next_offset = expected) and commits. The effect and the position commit
-// together, so no record is applied twice and none is skipped, without a
-// dedup table. A member that lost its partition (a zombie: paused, or still
-// busy after a rebalance) fails the compare-and-set and rolls back; its new
-// owner's effect stands. On assignment the consumer seeks to the stored
-// offset. Nothing is committed to Kafka.
+// NewDBConsumer returns a consumer of the brokers at seeds that stores the
+// group's positions in the database: for each record it opens a
+// transaction, runs cfg.TxHandler in it, advances the partition's offset by
+// compare-and-set (UPDATE ... WHERE next_offset = expected) and commits.
+// The effect and the position commit together, so no record is applied
+// twice and none is skipped, without a dedup table. A member that lost its
+// partition (a zombie: paused, or still busy after a rebalance) fails the
+// compare-and-set and rolls back; its new owner's effect stands. On
+// assignment the consumer seeks to the stored offset. Nothing is committed
+// to Kafka.
 //
 // Apply the offsets table's migrations first with MigrateOffsets.
-func NewDBConsumer(cfg DBConfig, handler TxHandler) (*Consumer, error) {
-	if handler == nil {
-		return nil, errors.New("kafka: NewDBConsumer: handler is nil")
+func NewDBConsumer(seeds []string, cfg DBConfig) (*Consumer, error) {
+	bad := func(field, why string) (*Consumer, error) {
+		return nil, fmt.Errorf("kafka: NewDBConsumer: %w", &exactly.ConfigError{Field: field, Err: errors.New(why)})
+	}
+	switch {
+	case cfg.TxHandler == nil:
+		return bad("TxHandler", "is nil: the consumer has nothing to run in a record's transaction")
+	case cfg.Handler != nil:
+		return bad("Handler", "is set: a DB-offsets consumer runs TxHandler, in the transaction that advances the offset; set that instead")
 	}
 	store, err := offsetstore.New(cfg.Dialect, cfg.OffsetsTable)
 	if err != nil {
-		return nil, fmt.Errorf("kafka: %w", err)
+		return nil, fmt.Errorf("kafka: NewDBConsumer: %w", err)
 	}
 	db, closeDB, err := sqldb.Open(cfg.DB)
 	if err != nil {
-		return nil, fmt.Errorf("kafka: %w", err)
+		return nil, fmt.Errorf("kafka: NewDBConsumer: %w", err)
 	}
 	d := &dbOffsets{store: store, db: db, group: cfg.Group, next: map[tp]int64{}, owned: map[tp]bool{}}
-	c, err := newConsumer(cfg.ConsumerConfig, false,
+	cfg.Handler = d.handler(cfg.TxHandler)
+	c, err := newConsumer("NewDBConsumer", seeds, cfg.ConsumerConfig, false,
 		kgo.AdjustFetchOffsetsFn(d.adjust),
 		kgo.OnPartitionsRevoked(d.drop), kgo.OnPartitionsLost(d.drop))
 	if err != nil {
@@ -429,7 +481,7 @@ func NewDBConsumer(cfg DBConfig, handler TxHandler) (*Consumer, error) {
 	d.log = c.log
 	c.start = d.check
 	c.process = func(ctx context.Context, rec *kgo.Record) bool {
-		return d.process(ctx, c, handler, rec)
+		return d.process(ctx, c, rec)
 	}
 	go func() {
 		// closeDB when the client is closed by Run.
@@ -494,7 +546,53 @@ func (d *dbOffsets) expected(k tp) (int64, bool) {
 	return n, ok && d.owned[k]
 }
 
-func (d *dbOffsets) process(ctx context.Context, c *Consumer, handler TxHandler, rec *kgo.Record) bool {
+// position is where a record's transaction moves its partition's stored
+// offset, from expected to next, and the transaction once its handler
+// succeeded.
+type position struct {
+	k              tp
+	expected, next int64
+	tx             *sql.Tx // set by the handler that returned nil; ended by process
+}
+
+type positionKey struct{}
+
+// handler is the Handler of a DB-offsets consumer: it opens the record's
+// transaction and runs h in it, leaving the acknowledgement of this mode
+// (the compare-and-set of the offset, which process puts in the context,
+// and the commit) to process. A failed attempt is rolled back.
+func (d *dbOffsets) handler(h TxHandler) exactly.Handler {
+	return func(ctx context.Context, m *exactly.Message) error {
+		pos, ok := ctx.Value(positionKey{}).(*position)
+		if !ok {
+			return errors.New("kafka: the DB-offsets handler ran without its record's position")
+		}
+		// Not ended by Run's end: a handler that returned nil is committed
+		// on the way out. h's own statements run under ctx.
+		tx, err := d.db.BeginTx(context.WithoutCancel(ctx), nil)
+		if err != nil {
+			return err
+		}
+		if err := h(ctx, tx, m); err != nil {
+			tx.Rollback()
+			return err
+		}
+		pos.tx = tx
+		return nil
+	}
+}
+
+// ack advances the stored offset in the handled record's transaction and
+// commits it.
+func (d *dbOffsets) ack(ctx context.Context, pos *position) error {
+	defer pos.tx.Rollback() // after a commit, a no-op
+	if err := d.advance(ctx, pos.tx, pos.k, pos.expected, pos.next); err != nil {
+		return err
+	}
+	return pos.tx.Commit()
+}
+
+func (d *dbOffsets) process(ctx context.Context, c *Consumer, rec *kgo.Record) bool {
 	k := tp{rec.Topic, rec.Partition}
 	expected, owned := d.expected(k)
 	if !owned {
@@ -505,13 +603,26 @@ func (d *dbOffsets) process(ctx context.Context, c *Consumer, handler TxHandler,
 	}
 	msg := decodeRecord(rec)
 	// One transaction per attempt: the effect and the advance of the offset.
-	attempt := func(ctx context.Context, m *exactly.Message) error {
-		return d.inTx(ctx, k, expected, rec.Offset+1, func(tx *sql.Tx) error { return handler(ctx, tx, m) })
-	}
-	out, err := c.policy.Process(ctx, attempt, msg, 1, &c.st)
-	if err == nil && out == consume.DeadLettered {
+	pos := &position{k: k, expected: expected, next: rec.Offset + 1}
+	out, err := c.policy.Process(context.WithValue(ctx, positionKey{}, pos), c.cfg.Handler, msg, 1, &c.st)
+	// Not cut short by Run's end: what was handled is stored on the way out.
+	ackCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	switch {
+	case err == nil && out == consume.DeadLettered:
 		// The message is safe in the dead-letter destination: advance past it.
-		err = d.inTx(ctx, k, expected, rec.Offset+1, func(*sql.Tx) error { return nil })
+		err = d.inTx(ackCtx, k, expected, rec.Offset+1, func(*sql.Tx) error { return nil })
+	case err == nil:
+		if err = d.ack(ackCtx, pos); err != nil {
+			// The effect and the offset went together, or neither did:
+			// the record is handled again from the stored offset, by this
+			// member or by the one that fenced it.
+			c.policy.AckFailed(msg, err, &c.st)
+			if !errors.Is(err, offsetstore.ErrFenced) {
+				d.log.Warn("committing a record's effect and offset failed; it is handled again from the stored offset",
+					"topic", rec.Topic, "partition", rec.Partition, "offset", rec.Offset, "err", err)
+			}
+		}
 	}
 	switch {
 	case err == nil:
@@ -524,8 +635,12 @@ func (d *dbOffsets) process(ctx context.Context, c *Consumer, handler TxHandler,
 		d.log.Warn("fenced: another member advanced this partition; rolled back", "topic", rec.Topic, "partition", rec.Partition, "offset", rec.Offset)
 		d.reload(ctx, c, k)
 		return false
-	default:
+	case ctx.Err() != nil:
 		return false // stopping
+	default:
+		// The record is not stored as applied: fetch it again.
+		d.reload(ctx, c, k)
+		return false
 	}
 }
 
@@ -539,13 +654,22 @@ func (d *dbOffsets) inTx(ctx context.Context, k tp, expected, next int64, fn fun
 	if err := fn(tx); err != nil {
 		return err
 	}
+	if err := d.advance(ctx, tx, k, expected, next); err != nil {
+		return err
+	}
+	return tx.Commit()
+}
+
+// advance moves the stored offset of k from expected to next in tx; a
+// fence aborts the record's processing.
+func (d *dbOffsets) advance(ctx context.Context, tx *sql.Tx, k tp, expected, next int64) error {
 	if err := d.store.Advance(ctx, tx, d.group, k.topic, k.part, expected, next); err != nil {
 		if errors.Is(err, offsetstore.ErrFenced) {
 			return fmt.Errorf("%w: %w", consume.ErrAbort, err)
 		}
 		return err
 	}
-	return tx.Commit()
+	return nil
 }
 
 // reload re-reads a fenced partition's stored offset and, if this member

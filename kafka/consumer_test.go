@@ -80,18 +80,27 @@ func newConsumerFixture(t *testing.T, partitions, n int) *consumerFixture {
 	return f
 }
 
-func (f *consumerFixture) config(t *testing.T, group string) kafka.DBConfig {
+// config is the configuration of a DB-offsets consumer of the fixture's
+// topic in group, running h; its ConsumerConfig, with a Handler, is that of
+// a commit-after-effect consumer.
+func (f *consumerFixture) config(t *testing.T, group string, h kafka.TxHandler) kafka.DBConfig {
 	return kafka.DBConfig{
 		ConsumerConfig: kafka.ConsumerConfig{
-			Seeds: f.tc.c.ListenAddrs(), Group: group, Topics: []string{f.topic}, MaxPollRecords: 100,
-			Retry:  exactly.RetryPolicy{MaxAttempts: 3, InitialBackoff: time.Millisecond, MaxBackoff: 10 * time.Millisecond},
-			Logger: slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn})),
+			ConsumerConfig: exactly.ConsumerConfig{
+				Retry:   exactly.RetryPolicy{MaxAttempts: 3, InitialBackoff: time.Millisecond, MaxBackoff: 10 * time.Millisecond},
+				Logger:  slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn})),
+				Workers: 8, // every partition at once
+			},
+			Group: group, Topics: []string{f.topic}, MaxPollRecords: 100,
 			ClientOpts: []kgo.Opt{kgo.SessionTimeout(6 * time.Second), kgo.HeartbeatInterval(200 * time.Millisecond),
 				kgo.RebalanceTimeout(10 * time.Second)},
 		},
-		DB: f.db, Dialect: "postgres", OffsetsTable: f.offsets,
+		TxHandler: h,
+		DB:        f.db, Dialect: "postgres", OffsetsTable: f.offsets,
 	}
 }
+
+func (f *consumerFixture) seeds() []string { return f.tc.c.ListenAddrs() }
 
 // effectHandler records one effect row per handling, in the transaction.
 func (f *consumerFixture) effectHandler(member string) kafka.TxHandler {
@@ -184,7 +193,7 @@ func TestDBOffsetsRebalanceAndRestart(t *testing.T) {
 	f := newConsumerFixture(t, 6, 3000)
 	group := "g-" + f.topic
 	start := func(name string) func() {
-		c, err := kafka.NewDBConsumer(f.config(t, group), f.effectHandler(name))
+		c, err := kafka.NewDBConsumer(f.seeds(), f.config(t, group, f.effectHandler(name)))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -241,7 +250,7 @@ func TestDBOffsetsZombieIsFenced(t *testing.T) {
 		}
 		return nil
 	}
-	za, err := kafka.NewDBConsumer(f.config(t, group), zombieHandler)
+	za, err := kafka.NewDBConsumer(f.seeds(), f.config(t, group, zombieHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -262,7 +271,7 @@ func TestDBOffsetsZombieIsFenced(t *testing.T) {
 	}
 	kafka.LeaveGroup(za) // a is out of the group, still inside its handler
 
-	b, err := kafka.NewDBConsumer(f.config(t, group), f.effectHandler("b"))
+	b, err := kafka.NewDBConsumer(f.seeds(), f.config(t, group, f.effectHandler("b")))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -298,7 +307,7 @@ func TestDBOffsetsDeadLetter(t *testing.T) {
 		}
 		return f.effectHandler("a")(ctx, tx, m)
 	}
-	c, err := kafka.NewDBConsumer(f.config(t, "g-"+f.topic), h)
+	c, err := kafka.NewDBConsumer(f.seeds(), f.config(t, "g-"+f.topic, h))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -337,13 +346,21 @@ func TestDBOffsetsDeadLetter(t *testing.T) {
 func TestConsumerConfigErrors(t *testing.T) {
 	t.Parallel()
 	h := func(context.Context, *exactly.Message) error { return nil }
+	seeds := []string{"127.0.0.1:1"}
+	shared := exactly.ConsumerConfig{Handler: h}
+	if _, err := kafka.NewConsumer(nil, kafka.ConsumerConfig{ConsumerConfig: shared, Group: "g", Topics: []string{"t"}}); err == nil || !strings.Contains(err.Error(), "seed") {
+		t.Errorf("no seeds: got %v", err)
+	}
 	for name, cfg := range map[string]kafka.ConsumerConfig{
-		"Seeds":  {Group: "g", Topics: []string{"t"}},
-		"Group":  {Seeds: []string{"127.0.0.1:1"}, Topics: []string{"t"}},
-		"Topics": {Seeds: []string{"127.0.0.1:1"}, Group: "g"},
+		"Group":          {ConsumerConfig: shared, Topics: []string{"t"}},
+		"Topics":         {ConsumerConfig: shared, Group: "g"},
+		"Handler":        {Group: "g", Topics: []string{"t"}},
+		"MaxPollRecords": {ConsumerConfig: shared, Group: "g", Topics: []string{"t"}, MaxPollRecords: -1},
+		"Workers":        {ConsumerConfig: exactly.ConsumerConfig{Handler: h, Workers: -1}, Group: "g", Topics: []string{"t"}},
 	} {
-		if _, err := kafka.NewConsumer(cfg, h); err == nil || !strings.Contains(err.Error(), name) {
-			t.Errorf("missing %s: got %v", name, err)
+		var field *exactly.ConfigError
+		if _, err := kafka.NewConsumer(seeds, cfg); err == nil || !errors.As(err, &field) || field.Field != name {
+			t.Errorf("missing %s: got %v, want a *exactly.ConfigError naming it", name, err)
 		}
 	}
 	for name, edit := range map[string]func(*kafka.ConsumerConfig){
@@ -352,15 +369,25 @@ func TestConsumerConfigErrors(t *testing.T) {
 		"RebalanceTimeout":  func(c *kafka.ConsumerConfig) { c.RebalanceTimeout = time.Millisecond },
 		"HeartbeatInterval": func(c *kafka.ConsumerConfig) { c.SessionTimeout, c.HeartbeatInterval = 6*time.Second, 10*time.Second },
 	} {
-		cfg := kafka.ConsumerConfig{Seeds: []string{"127.0.0.1:1"}, Group: "g", Topics: []string{"t"}}
+		cfg := kafka.ConsumerConfig{ConsumerConfig: shared, Group: "g", Topics: []string{"t"}}
 		edit(&cfg)
-		if _, err := kafka.NewConsumer(cfg, h); err == nil || !strings.Contains(err.Error(), name) {
+		if _, err := kafka.NewConsumer(seeds, cfg); err == nil || !strings.Contains(err.Error(), name) {
 			t.Errorf("bad %s: got %v", name, err)
 		}
 	}
-	if _, err := kafka.NewDBConsumer(kafka.DBConfig{ConsumerConfig: kafka.ConsumerConfig{Seeds: []string{"x:1"}, Group: "g", Topics: []string{"t"}},
-		Dialect: "oracle", DB: &sql.DB{}}, func(context.Context, *sql.Tx, *exactly.Message) error { return nil }); err == nil {
+	txh := func(context.Context, *sql.Tx, *exactly.Message) error { return nil }
+	if _, err := kafka.NewDBConsumer(seeds, kafka.DBConfig{ConsumerConfig: kafka.ConsumerConfig{Group: "g", Topics: []string{"t"}},
+		Dialect: "oracle", DB: &sql.DB{}, TxHandler: txh}); err == nil {
 		t.Error("unknown dialect accepted")
+	}
+	for name, cfg := range map[string]kafka.DBConfig{
+		"TxHandler": {ConsumerConfig: kafka.ConsumerConfig{Group: "g", Topics: []string{"t"}}, Dialect: "postgres", DB: &sql.DB{}},
+		"Handler":   {ConsumerConfig: kafka.ConsumerConfig{ConsumerConfig: shared, Group: "g", Topics: []string{"t"}}, Dialect: "postgres", DB: &sql.DB{}, TxHandler: txh},
+	} {
+		var field *exactly.ConfigError
+		if _, err := kafka.NewDBConsumer(seeds, cfg); err == nil || !errors.As(err, &field) || field.Field != name {
+			t.Errorf("DBConfig %s: got %v, want a *exactly.ConfigError naming it", name, err)
+		}
 	}
 }
 
@@ -397,8 +424,9 @@ func TestConsumerCommitsOffsetsToKafka(t *testing.T) {
 			time.Sleep(20 * time.Millisecond)
 		}
 	}
-	cfg := f.config(t, group).ConsumerConfig
-	c, err := kafka.NewConsumer(cfg, handler)
+	cfg := f.config(t, group, nil).ConsumerConfig
+	cfg.Handler = handler
+	c, err := kafka.NewConsumer(f.seeds(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -432,7 +460,7 @@ func TestConsumerCommitsOffsetsToKafka(t *testing.T) {
 	if err := f.tc.publisher(t).Publish(t.Context(), more); err != nil {
 		t.Fatal(err)
 	}
-	c2, err := kafka.NewConsumer(cfg, handler)
+	c2, err := kafka.NewConsumer(f.seeds(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -64,14 +64,18 @@ func crashChild() int {
 		}
 		return handler(ctx, m)
 	}
-	c, err := kafka.NewConsumer(kafka.ConsumerConfig{
-		Seeds: []string{env("X_SEEDS")}, Group: env("X_GROUP"), Topics: []string{env("X_TOPIC")}, MaxPollRecords: 50,
+	c, err := kafka.NewConsumer([]string{env("X_SEEDS")}, kafka.ConsumerConfig{
+		ConsumerConfig: exactly.ConsumerConfig{
+			Handler: counted,
+			Workers: 16, // every partition at once
+			Logger:  slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		},
+		Group: env("X_GROUP"), Topics: []string{env("X_TOPIC")}, MaxPollRecords: 50,
 		// A member killed during a join holds the group's rebalance until
 		// the rebalance timeout (60 s by default): keep it short.
 		ClientOpts: []kgo.Opt{kgo.SessionTimeout(6 * time.Second), kgo.HeartbeatInterval(200 * time.Millisecond),
 			kgo.RebalanceTimeout(10 * time.Second)},
-		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
-	}, counted)
+	})
 	if err != nil {
 		return fail(err)
 	}

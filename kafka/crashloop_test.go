@@ -66,15 +66,17 @@ func loopChild(kind string) int {
 	session, rebalance := loopMembership()
 	retry := exactly.RetryPolicy{MaxAttempts: 1000, InitialBackoff: 10 * time.Millisecond, MaxBackoff: 200 * time.Millisecond}
 	fast := []kgo.Opt{kgo.FetchMaxWait(100 * time.Millisecond), kgo.RetryBackoffFn(func(int) time.Duration { return 50 * time.Millisecond })}
+	seeds := []string{env("X_SEEDS")}
 	ccfg := kafka.ConsumerConfig{
-		Seeds: []string{env("X_SEEDS")}, Group: env("X_GROUP"), Topics: []string{env("X_TOPIC")}, MaxPollRecords: 50,
+		ConsumerConfig: exactly.ConsumerConfig{Retry: retry, Logger: log, Workers: 16},
+		Group:          env("X_GROUP"), Topics: []string{env("X_TOPIC")}, MaxPollRecords: 50,
 		InstanceID: env("X_INSTANCE"), SessionTimeout: session, RebalanceTimeout: rebalance,
-		ClientOpts: fast, Retry: retry, Logger: log,
+		ClientOpts: fast,
 	}
 	if kind == "processor" {
 		out := env("X_OUT")
 		p, err := kafka.NewProcessor(kafka.ProcessorConfig{
-			Seeds: ccfg.Seeds, Group: ccfg.Group, Topics: ccfg.Topics, InstanceID: ccfg.InstanceID,
+			Seeds: seeds, Group: ccfg.Group, Topics: ccfg.Topics, InstanceID: ccfg.InstanceID,
 			StaticMembership: true, SessionTimeout: session, RebalanceTimeout: rebalance,
 			ClientOpts: fast, TransactionTimeout: 10 * time.Second, Retry: retry, Logger: log,
 		}, func(ctx context.Context, rec *kgo.Record) ([]exactly.Message, error) {
@@ -108,12 +110,13 @@ func loopChild(kind string) int {
 		if err != nil {
 			return fail(err)
 		}
-		c, err = kafka.NewConsumer(ccfg, in.Handler(db, effect))
+		ccfg.Handler = in.Handler(db, effect)
+		c, err = kafka.NewConsumer(seeds, ccfg)
 		if err != nil {
 			return fail(err)
 		}
 	case "db":
-		c, err = kafka.NewDBConsumer(kafka.DBConfig{ConsumerConfig: ccfg, DB: db, Dialect: "postgres", OffsetsTable: env("X_OFFSETS")}, effect)
+		c, err = kafka.NewDBConsumer(seeds, kafka.DBConfig{ConsumerConfig: ccfg, TxHandler: effect, DB: db, Dialect: "postgres", OffsetsTable: env("X_OFFSETS")})
 		if err != nil {
 			return fail(err)
 		}

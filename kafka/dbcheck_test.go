@@ -18,7 +18,7 @@ func TestDBConsumerRefusesUnusableTable(t *testing.T) {
 	f := newConsumerFixture(t, 1, 1)
 	runErr := func() error {
 		t.Helper()
-		c, err := kafka.NewDBConsumer(f.config(t, "g-"+f.topic), f.effectHandler("a"))
+		c, err := kafka.NewDBConsumer(f.seeds(), f.config(t, "g-"+f.topic, f.effectHandler("a")))
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -32,8 +32,8 @@
 // a prefix of its messages in that call.
 //
 // The context of Publish bounds the wait, not the records. When it ends,
-// Publish returns at once and reports the unanswered messages as "outcome
-// unknown"; the client keeps delivering them, in order, in the background
+// Publish returns at once and reports the unanswered messages as
+// exactly.ErrOutcomeUnknown; the client keeps delivering them, in order, in the background
 // until the broker takes them or Close. Cancelling them instead would fail
 // every record buffered behind them in their partitions, including those of
 // concurrent Publish calls, and could fail an earlier message of a key while
@@ -64,6 +64,32 @@
 // relay to park the message with the reason instead of retrying it. A topic
 // that does not exist is not unpublishable: it fails after
 // kgo.UnknownTopicRetries metadata attempts (default 4) and is retried.
+//
+// # Consumer
+//
+// [Consumer] consumes topics as a member of a consumer group and runs an
+// exactly.Handler for each record, in the shape every consumer of exactly
+// has: the shared settings (Handler, Retry, DeadLetter, DeadLetterTopic,
+// Workers, Hooks, Logger, Tracer) are exactly.ConsumerConfig, embedded in
+// [ConsumerConfig] beside Kafka's own.
+//
+//	c, err := kafka.NewConsumer(seeds, kafka.ConsumerConfig{
+//		ConsumerConfig: exactly.ConsumerConfig{Handler: handle}, // usually wrapped by the inbox
+//		Group: "billing", Topics: []string{"orders"},
+//	})
+//	if err != nil { ... }
+//	err = c.Run(ctx) // until ctx ends
+//
+// It has two modes. [NewConsumer] commits the group's offsets to Kafka
+// after the handler returned (commit-after-effect): a crash in between
+// redelivers the record, and the inbox absorbs the copy. [NewDBConsumer]
+// stores the offsets in the database, in the transaction of the effect
+// ([DBConfig].TxHandler), so nothing is applied twice without a dedup
+// table. Both handle up to Workers partitions at a time (default 1), the
+// records of one partition one at a time in offset order, and retry and
+// dead-letter under the policy every consumer shares. A record without an
+// exactly-id header gets the id kafka:<topic>/<partition>/<offset>, stable
+// across redeliveries, and is handled as any other.
 //
 // # Exactly-once processing: Processor
 //

@@ -53,11 +53,14 @@ func TestStalledGauge(t *testing.T) {
 	}
 	start := func(instance string) *member {
 		logs := &syncBuffer{}
-		cons, err := kafka.NewConsumer(kafka.ConsumerConfig{
-			Seeds: c.ListenAddrs(), Group: "stalled", Topics: []string{"one"}, InstanceID: instance,
+		cons, err := kafka.NewConsumer(c.ListenAddrs(), kafka.ConsumerConfig{
+			ConsumerConfig: exactly.ConsumerConfig{
+				Handler: func(context.Context, *exactly.Message) error { return nil },
+				Logger:  slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo})),
+			},
+			Group: "stalled", Topics: []string{"one"}, InstanceID: instance,
 			SessionTimeout: time.Second, RebalanceTimeout: time.Second,
-			Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo})),
-		}, func(context.Context, *exactly.Message) error { return nil })
+		})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -141,11 +141,13 @@ type ProcessorConfig struct {
 
 	// Logger receives the processor's logs. Default slog.Default().
 	Logger *slog.Logger
-	// Hooks receive outcomes for metrics. Handled and Failed run when the
-	// ProcessFunc returns, before the transaction ends; DeadLettered runs
-	// when the dead letter is produced, also before the commit. All
-	// optional; called synchronously from the processing goroutines.
-	Hooks Hooks
+	// Hooks receive outcomes for metrics: the hooks every consumer takes.
+	// Handled and Failed run when the ProcessFunc returns, before the
+	// transaction ends; DeadLettered runs when the dead letter is produced,
+	// also before the commit; AckFailed is not called (an aborted
+	// transaction counts in ProcessorStats.Aborts). All optional; called
+	// synchronously from the processing goroutines.
+	Hooks exactly.ConsumerHooks
 }
 
 // ProcessorStats are running totals. The first three count work of

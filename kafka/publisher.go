@@ -171,8 +171,8 @@ type produced struct {
 // The context bounds how long Publish waits, not the records: a record
 // handed to the client is never cancelled, as with the Java producer's
 // send. When ctx ends first, Publish returns at once and reports the
-// unanswered messages as "outcome unknown"; the client keeps delivering
-// them in the background, in order, until the broker takes them or Close.
+// unanswered messages with errors matching exactly.ErrOutcomeUnknown; the
+// client keeps delivering them in the background, in order, until the broker takes them or Close.
 // Publishing them again is safe: the broker may then hold two copies with
 // the same exactly-id, which the inbox absorbs. Cancelling records instead
 // would fail every record buffered behind them in the same partition,
@@ -246,8 +246,8 @@ func (p *Publisher) Publish(ctx context.Context, msgs []*exactly.Message) error 
 		case <-ctx.Done():
 			for _, i := range todo {
 				if !resolved[i] {
-					errs[i] = fmt.Errorf("kafka: message %s to topic %q: outcome unknown, the context ended before the broker answered; publishing it again is safe: %w",
-						msgs[i].ID, topics[i], ctx.Err())
+					errs[i] = fmt.Errorf("kafka: message %s to topic %q: the context ended before the broker answered; publishing it again is safe: %w: %w",
+						msgs[i].ID, topics[i], exactly.ErrOutcomeUnknown, ctx.Err())
 				}
 			}
 			left = 0

@@ -116,17 +116,21 @@ func (b *kafkaBroker) publisher() exactly.Publisher { return b.pub }
 
 func (b *kafkaBroker) member(ctx context.Context, spec memberSpec) error {
 	cfg := kafka.ConsumerConfig{
-		Seeds: b.seeds, Group: b.group, Topics: []string{b.t}, MaxPollRecords: 100,
-		Retry: demoRetry, DeadLetter: b.pub, Logger: b.log.With("member", spec.name),
-		Hooks: kafka.Hooks{DeadLettered: spec.deadLettered},
+		ConsumerConfig: exactly.ConsumerConfig{
+			Retry: demoRetry, DeadLetter: b.pub, Logger: b.log.With("member", spec.name),
+			Workers: demoPartitions, // every partition at once
+			Hooks:   exactly.ConsumerHooks{DeadLettered: spec.deadLettered},
+		},
+		Group: b.group, Topics: []string{b.t}, MaxPollRecords: 100,
 	}
 	var c *kafka.Consumer
 	var err error
 	if b.offsets != nil {
-		c, err = kafka.NewDBConsumer(kafka.DBConfig{ConsumerConfig: cfg, DB: b.offsets.db, Dialect: b.offsets.dialect,
-			OffsetsTable: b.offsets.table(demoOffsetsTable)}, spec.txHandler)
+		c, err = kafka.NewDBConsumer(b.seeds, kafka.DBConfig{ConsumerConfig: cfg, TxHandler: spec.txHandler, DB: b.offsets.db, Dialect: b.offsets.dialect,
+			OffsetsTable: b.offsets.table(demoOffsetsTable)})
 	} else {
-		c, err = kafka.NewConsumer(cfg, spec.handler)
+		cfg.Handler = spec.handler
+		c, err = kafka.NewConsumer(b.seeds, cfg)
 	}
 	if err != nil {
 		return err

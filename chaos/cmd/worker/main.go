@@ -373,10 +373,13 @@ const kafkaSessionTimeout = 3 * time.Second
 
 func (w *worker) kafkaConfig(group string) kafka.ConsumerConfig {
 	cfg := kafka.ConsumerConfig{
-		Seeds: kafkaSeeds(), Group: group, Topics: []string{kafkaTopic}, MaxPollRecords: 50, Retry: retry, Logger: w.log,
-		DeadLetterTopic: func(*exactly.Message) string { return kafkaDLQ },
-		ClientOpts:      []kgo.Opt{kafkaDialer()},
-		SessionTimeout:  kafkaSessionTimeout, HeartbeatInterval: 300 * time.Millisecond, RebalanceTimeout: 10 * time.Second,
+		ConsumerConfig: exactly.ConsumerConfig{
+			Retry: retry, Logger: w.log, Workers: 16, // every partition at once
+			DeadLetterTopic: func(*exactly.Message) string { return kafkaDLQ },
+		},
+		Group: group, Topics: []string{kafkaTopic}, MaxPollRecords: 50,
+		ClientOpts:     []kgo.Opt{kafkaDialer()},
+		SessionTimeout: kafkaSessionTimeout, HeartbeatInterval: 300 * time.Millisecond, RebalanceTimeout: 10 * time.Second,
 	}
 	// A pipeline's consumer keeps its role as a static InstanceID across
 	// its restarts (CHAOS_NAME is role#incarnation), as under an
@@ -406,8 +409,8 @@ func (w *worker) kafkaDBOffsets(ctx context.Context, pipeline, group string, ded
 	if err != nil {
 		return err
 	}
-	cons, err := kafka.NewDBConsumer(kafka.DBConfig{ConsumerConfig: w.kafkaConfig(group), DB: c.db, Dialect: "postgres", OffsetsTable: offsetsTable},
-		func(ctx context.Context, tx *sql.Tx, m *exactly.Message) error {
+	cons, err := kafka.NewDBConsumer(kafkaSeeds(), kafka.DBConfig{ConsumerConfig: w.kafkaConfig(group), DB: c.db, Dialect: "postgres", OffsetsTable: offsetsTable,
+		TxHandler: func(ctx context.Context, tx *sql.Tx, m *exactly.Message) error {
 			if err := c.delivered(ctx, m); err != nil {
 				return err
 			}
@@ -417,7 +420,8 @@ func (w *worker) kafkaDBOffsets(ctx context.Context, pipeline, group string, ded
 				}
 			}
 			return c.effect(ctx, tx, m)
-		})
+		},
+	})
 	if err != nil {
 		return err
 	}
@@ -459,12 +463,14 @@ func (w *worker) kafkaRedisInbox(ctx context.Context, pipeline, group string) er
 		}
 		return err
 	})
-	cons, err := kafka.NewConsumer(w.kafkaConfig(group), func(ctx context.Context, m *exactly.Message) error {
+	cfg := w.kafkaConfig(group)
+	cfg.Handler = func(ctx context.Context, m *exactly.Message) error {
 		if err := c.delivered(ctx, m); err != nil {
 			return err
 		}
 		return h(ctx, m)
-	})
+	}
+	cons, err := kafka.NewConsumer(kafkaSeeds(), cfg)
 	if err != nil {
 		return err
 	}
@@ -484,7 +490,8 @@ func (w *worker) kafkaBroken(ctx context.Context, pipeline, group string) error 
 		return err
 	}
 	defer c.db.Close()
-	cons, err := kafka.NewConsumer(w.kafkaConfig(group), func(ctx context.Context, m *exactly.Message) error {
+	cfg := w.kafkaConfig(group)
+	cfg.Handler = func(ctx context.Context, m *exactly.Message) error {
 		if err := c.delivered(ctx, m); err != nil {
 			return err
 		}
@@ -493,7 +500,8 @@ func (w *worker) kafkaBroken(ctx context.Context, pipeline, group string) error 
 		}
 		time.Sleep(10 * time.Millisecond)
 		return nil
-	})
+	}
+	cons, err := kafka.NewConsumer(kafkaSeeds(), cfg)
 	if err != nil {
 		return err
 	}
