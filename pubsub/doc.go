@@ -27,6 +27,26 @@
 // gpubsub.NewClient uses Application Default Credentials, and talks to an
 // emulator (or pstest) instead when PUBSUB_EMULATOR_HOST is set.
 //
+// # Consumer
+//
+// [Consumer] pulls from a subscription with streaming pull, on the one
+// consumer contract of exactly.ConsumerConfig: the Handler's effect commits
+// before the ack; while it runs (and is retried, with backoff) the client
+// library extends the message's ack deadline; after Retry.MaxAttempts the
+// message is dead-lettered with the exactly-dead-* headers and acknowledged
+// only once the dead letter is confirmed. On a subscription with message
+// ordering the messages of one key are handled one at a time, in order. On
+// a subscription with exactly-once delivery the ack's outcome is awaited
+// (AckWithResult); a failed one is counted (AckFailures, the AckFailed
+// hook) and the message may come again, which the inbox absorbs.
+//
+//	c, err := pubsub.NewConsumer(client, pubsub.ConsumerConfig{
+//		ConsumerConfig: exactly.ConsumerConfig{Handler: in.Handler(db, apply)},
+//		Subscription:   "orders-billing",
+//	})
+//	if err != nil { ... }
+//	err = c.Run(ctx)
+//
 // # Guarantees
 //
 // A confirmed message is stored by Pub/Sub. Messages of one key are handed
