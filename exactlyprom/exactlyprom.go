@@ -1,7 +1,8 @@
-// Package exactlyprom exports the counters of the parts that run in your
-// own processes (the inbox and the consumers) as Prometheus metrics, the
-// way `exactly relay` exports the relay's. Register the collectors with
-// your registry and serve it as you already do:
+// Package exactlyprom exports the counters of exactly's parts as Prometheus
+// metrics: the inbox, the consumers, and the relays (Relay, which `exactly
+// relay` serves on /metrics, for a relay you run in your own process).
+// Register the collectors with your registry and serve it as you already
+// do:
 //
 //	in, _ := inbox.NewSQL(inbox.Config{Dialect: inbox.Postgres, Consumer: "promotions"})
 //	prometheus.MustRegister(exactlyprom.Inbox("promotions", in.Stats))

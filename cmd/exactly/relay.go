@@ -19,7 +19,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
-	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/exactlyprom"
 	hide "github.com/exactlyonce/exactly/internal/redact"
 	"github.com/exactlyonce/exactly/outbox"
 	"github.com/exactlyonce/exactly/pgcdc"
@@ -349,111 +349,48 @@ func openRelayDB(ctx context.Context, dsn string) (*relayDB, error) {
 	return &relayDB{handle: db, dialect: dialect, ping: db.PingContext, close: func() { db.Close() }}, nil
 }
 
-// relayMetrics are the Prometheus metrics of the relay, on their own registry.
+// relayMetrics are the Prometheus metrics of the relay (exactlyprom.Relay),
+// on their own registry.
 type relayMetrics struct {
-	reg       *prometheus.Registry
-	published prometheus.Counter
-	failed    prometheus.Counter
-	dead      prometheus.Counter
-	took      prometheus.Histogram
-	pending   prometheus.Gauge
-	oldest    prometheus.Gauge
-	// blockedKeys is this relay's held-back keys (relay.Stats.BlockedKeys);
-	// the outbox gauges below cover the whole table, from the attempts the
-	// polling relay stores in it.
-	blockedKeys      prometheus.Gauge
-	outboxFailing    prometheus.Gauge
-	outboxBlocked    prometheus.Gauge
-	outboxOldestFail prometheus.Gauge
-	// cdcSlotLag is the replication slot's lag behind the WAL, for the cdc
-	// source; registered by registerCDC, so the poll source does not
-	// export a lag that cannot exist.
-	cdcSlotLag    prometheus.Gauge
-	cdcLagSeconds prometheus.Gauge
+	reg        *prometheus.Registry
+	partitions func() float64
+	*exactlyprom.Relay
 }
 
 func newRelayMetrics(partitions func() float64) *relayMetrics {
-	m := &relayMetrics{
-		reg: prometheus.NewRegistry(),
-		published: prometheus.NewCounter(prometheus.CounterOpts{Name: "exactly_relay_published_total",
-			Help: "Messages confirmed by the broker."}),
-		failed: prometheus.NewCounter(prometheus.CounterOpts{Name: "exactly_relay_failed_total",
-			Help: "Failed publish attempts that will be retried."}),
-		dead: prometheus.NewCounter(prometheus.CounterOpts{Name: "exactly_relay_dead_total",
-			Help: "Messages parked as dead after too many failures or an unpublishable error."}),
-		took: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "exactly_relay_publish_seconds",
-			Help: "Time a batch took to be confirmed by the broker.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16)}),
-		pending: prometheus.NewGauge(prometheus.GaugeOpts{Name: "exactly_outbox_pending",
-			Help: "Pending rows in the outbox table."}),
-		oldest: prometheus.NewGauge(prometheus.GaugeOpts{Name: "exactly_outbox_oldest_pending_seconds",
-			Help: "Age of the oldest pending row, 0 when none is."}),
-		blockedKeys: prometheus.NewGauge(prometheus.GaugeOpts{Name: "exactly_relay_blocked_keys",
-			Help: "Keys this relay holds back because their head message failed to publish: the key's later messages wait for its retry."}),
-		outboxFailing: prometheus.NewGauge(prometheus.GaugeOpts{Name: "exactly_outbox_failing",
-			Help: "Pending rows in the outbox table whose last publish failed (attempts above 0)."}),
-		outboxBlocked: prometheus.NewGauge(prometheus.GaugeOpts{Name: "exactly_outbox_blocked_keys",
-			Help: "Keys in the outbox table whose head message failed to publish, over every relay's partitions."}),
-		outboxOldestFail: prometheus.NewGauge(prometheus.GaugeOpts{Name: "exactly_outbox_oldest_failing_seconds",
-			Help: "Age (since it was enqueued) of the oldest pending row whose last publish failed, 0 when none is failing."}),
-	}
-	held := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "exactly_relay_partitions_held",
-		Help: "Partitions of the outbox this relay holds."}, partitions)
-	m.reg.MustRegister(m.published, m.failed, m.dead, m.took, m.pending, m.oldest, held,
-		m.blockedKeys, m.outboxFailing, m.outboxBlocked, m.outboxOldestFail)
-	m.cdcSlotLag = prometheus.NewGauge(prometheus.GaugeOpts{Name: "exactly_cdc_slot_lag_bytes",
-		Help: "Bytes of WAL the replication slot holds back: the current WAL position minus the slot's confirmed flush position."})
-	m.cdcLagSeconds = prometheus.NewGauge(prometheus.GaugeOpts{Name: "exactly_cdc_slot_lag_seconds",
-		Help: "Age of the oldest committed transaction received from the slot and not yet confirmed, 0 when all are."})
+	m := &relayMetrics{reg: prometheus.NewRegistry(), partitions: partitions}
+	m.use(exactlyprom.NewRelay(exactlyprom.RelayConfig{Partitions: m.held}))
 	return m
 }
 
-// registerCDC exports the metrics of the cdc source; the source sets
-// them through cdcHooks as it reads the slot. The failing gauges of the
-// polling relay are left out: the cdc source keeps its attempts in memory
-// (its failures show as exactly_relay_failed_total and in its warn logs).
-func (m *relayMetrics) registerCDC() {
-	for _, g := range []prometheus.Collector{m.blockedKeys, m.outboxFailing, m.outboxBlocked, m.outboxOldestFail} {
-		m.reg.Unregister(g)
+func (m *relayMetrics) held() int { return int(m.partitions()) }
+
+func (m *relayMetrics) use(r *exactlyprom.Relay) {
+	if m.Relay != nil {
+		m.reg.Unregister(m.Relay)
 	}
-	m.reg.MustRegister(m.cdcSlotLag, m.cdcLagSeconds)
+	m.Relay = r
+	m.reg.MustRegister(r)
+}
+
+// registerCDC exports the metrics of the cdc source instead; the source
+// sets them through cdcHooks as it reads the slot. The failing gauges of
+// the polling relay are left out: the cdc source keeps its attempts in
+// memory (its failures show as exactly_relay_failed_total and in its warn
+// logs).
+func (m *relayMetrics) registerCDC() {
+	m.use(exactlyprom.NewRelay(exactlyprom.RelayConfig{CDC: true, Partitions: m.held}))
 }
 
 // cdcHooks feed the metrics from the cdc source.
 func (m *relayMetrics) cdcHooks() pgcdc.Hooks {
-	return pgcdc.Hooks{
-		Published: func(msgs []*exactly.Message, took time.Duration) {
-			m.published.Add(float64(len(msgs)))
-			m.took.Observe(took.Seconds())
-		},
-		Failed: func(*exactly.Message, int, error) { m.failed.Inc() },
-		Dead:   func(*exactly.Message, error) { m.dead.Inc() },
-		Lag: func(bytes int64, seconds float64) {
-			m.cdcSlotLag.Set(float64(bytes))
-			m.cdcLagSeconds.Set(seconds)
-		},
-	}
+	return pgcdc.Hooks{Published: m.Published, Failed: m.Failed, Dead: m.Dead, Lag: m.Lag}
 }
 
 func (m *relayMetrics) hooks() relay.Hooks {
-	return relay.Hooks{
-		Published: func(msgs []*exactly.Message, took time.Duration) {
-			m.published.Add(float64(len(msgs)))
-			m.took.Observe(took.Seconds())
-		},
-		Failed: func(*exactly.Message, int, error) { m.failed.Inc() },
-		Dead:   func(*exactly.Message, error) { m.dead.Inc() },
-		Backlog: func(pending int64, oldest time.Duration) {
-			m.pending.Set(float64(pending))
-			m.oldest.Set(oldest.Seconds())
-		},
-		Failing: func(f relay.FailingReport) {
-			m.blockedKeys.Set(float64(f.BlockedKeys))
-			m.outboxFailing.Set(float64(f.Table.Messages))
-			m.outboxBlocked.Set(float64(f.Table.BlockedKeys))
-			m.outboxOldestFail.Set(f.Table.OldestAge.Seconds())
-		},
-		BacklogInterval: 5 * time.Second,
-	}
+	h := m.Relay.Hooks()
+	h.BacklogInterval = 5 * time.Second
+	return h
 }
 
 func runRelay(ctx context.Context, f *relayFlags, log *slog.Logger) error {
@@ -555,8 +492,7 @@ func runRelay(ctx context.Context, f *relayFlags, log *slog.Logger) error {
 			for {
 				sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 				if st, err := ob.Status(sctx, db.handle); err == nil {
-					m.pending.Set(float64(st.Pending))
-					m.oldest.Set(st.OldestAge.Seconds())
+					m.Backlog(st.Pending, st.OldestAge)
 				}
 				cancel()
 				select {
