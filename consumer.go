@@ -178,8 +178,9 @@ type ConsumerStats struct {
 //   - otherwise (AMQP, NATS) the Handler never sees the message: it is
 //     dead-lettered at once, with ErrNoID as its reason (the Failed and
 //     DeadLettered hooks get an error matching it), under a stand-in id
-//     derived from its content so that its redelivered copies carry the same
-//     one, and acknowledged once the dead letter is confirmed.
+//     its redelivered copies carry too (AMQP: derived from its content;
+//     NATS: nats:<stream>:<stream sequence>), and acknowledged once the
+//     dead letter is confirmed.
 //
 // The inbox also returns it for a message with an empty ID.
 var ErrNoID = errors.New("no message id: the message cannot be deduplicated, so it is not handled")
