@@ -47,7 +47,9 @@ type ConsumerConfig struct {
 	// long a message held by a consumer that died waits before Pub/Sub
 	// delivers it again. Default 0: the library's choice, from the 99th
 	// percentile of ack latency, 60s at start. Between 10s and 600s: a
-	// shorter one costs more ModifyAckDeadline calls.
+	// shorter one costs more ModifyAckDeadline calls. On a subscription
+	// with exactly-once delivery the library extends by at least 60s
+	// whatever this says.
 	MaxLeaseExtension time.Duration
 
 	// AckTimeout bounds the wait for the outcome of an acknowledgement on a

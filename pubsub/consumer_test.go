@@ -4,15 +4,21 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	gpubsub "cloud.google.com/go/pubsub/v2"
 	pb "cloud.google.com/go/pubsub/v2/apiv1/pubsubpb"
+	"cloud.google.com/go/pubsub/v2/pstest"
 	_ "github.com/jackc/pgx/v5/stdlib"
 	"google.golang.org/api/option"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/exactlytest"
@@ -66,12 +72,28 @@ func TestConsumerSuite(t *testing.T) {
 // which Crash closes, so nothing it holds can be acknowledged any more and
 // pstest redelivers it once its lease runs out (MaxLeaseExtension after the
 // last extension at most).
+//
+// LoseAcks swallows the next Acknowledge call, as if it vanished on the
+// way (the library reports no outcome for acks outside exactly-once
+// delivery, so the consumer believes it sent), then drops the connection.
 func (f *fake) consumer(t *testing.T, sub string, shared exactly.ConsumerConfig) exactlytest.TestConsumer {
 	t.Helper()
+	var (
+		lose   atomic.Bool
+		client *gpubsub.Client
+	)
+	swallow := func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		if strings.HasSuffix(method, "/Acknowledge") && lose.CompareAndSwap(true, false) {
+			go func() { _ = client.Close() }()
+			return nil
+		}
+		return invoker(ctx, method, req, reply, cc, opts...)
+	}
 	client, err := gpubsub.NewClient(context.Background(), project,
 		option.WithEndpoint(f.srv.Addr),
 		option.WithoutAuthentication(),
-		option.WithGRPCDialOption(grpc.WithTransportCredentials(insecure.NewCredentials())))
+		option.WithGRPCDialOption(grpc.WithTransportCredentials(insecure.NewCredentials())),
+		option.WithGRPCDialOption(grpc.WithUnaryInterceptor(swallow)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -82,9 +104,10 @@ func (f *fake) consumer(t *testing.T, sub string, shared exactly.ConsumerConfig)
 		t.Fatalf("NewConsumer: %v", err)
 	}
 	return exactlytest.TestConsumer{
-		Run:   c.Run,
-		Stats: func() exactly.ConsumerStats { return c.Stats().ConsumerStats },
-		Crash: func() { _ = client.Close() },
+		Run:      c.Run,
+		Stats:    func() exactly.ConsumerStats { return c.Stats().ConsumerStats },
+		Crash:    func() { _ = client.Close() },
+		LoseAcks: func() { lose.Store(true) },
 	}
 }
 
@@ -123,6 +146,109 @@ func TestNewConsumerRefusesBadConfig(t *testing.T) {
 		var ce *exactly.ConfigError
 		if !errors.As(err, &ce) || ce.Field != tc.field {
 			t.Errorf("NewConsumer(%+v) = %v, want a *exactly.ConfigError naming %s", tc.cfg, err, tc.field)
+		}
+	}
+}
+
+// failAck is a pstest reactor that fails the first Acknowledge call with
+// code once armed.
+type failAck struct {
+	code  codes.Code
+	armed atomic.Bool
+	hits  atomic.Int32
+}
+
+func (r *failAck) React(req any) (bool, any, error) {
+	if _, ok := req.(*pb.AcknowledgeRequest); !ok || !r.armed.CompareAndSwap(true, false) {
+		return false, nil, nil
+	}
+	r.hits.Add(1)
+	return true, nil, status.Error(r.code, "injected ack failure")
+}
+
+// On a subscription with exactly-once delivery the consumer awaits each
+// ack's outcome: an ack the service refuses is counted as an ack failure
+// (Stats, the AckFailed hook), and the message comes again, handled a
+// second time, which is what the inbox is there to absorb. (pstest passes
+// the subscription's exactly-once setting to the client, so the library
+// takes its exactly-once ack path; it does not emulate the service's side
+// of exactly-once delivery.)
+func TestExactlyOnceAckFailure(t *testing.T) {
+	t.Parallel()
+	fail := &failAck{code: codes.FailedPrecondition}
+	f := newFake(t, pstest.ServerReactorOption{FuncName: "Acknowledge", Reactor: fail})
+	id := f.topic(t)
+	ctx := context.Background()
+	sub := "projects/" + project + "/subscriptions/" + id
+	if err := f.client.SubscriptionAdminClient.DeleteSubscription(ctx, &pb.DeleteSubscriptionRequest{Subscription: sub}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.client.SubscriptionAdminClient.CreateSubscription(ctx, &pb.Subscription{
+		Name: sub, Topic: f.name(id), EnableMessageOrdering: true, EnableExactlyOnceDelivery: true, AckDeadlineSeconds: 10,
+	}); err != nil {
+		t.Fatal(err)
+	}
+	msgs := messages(id, []string{"a", "b", "c"}, 1)
+	if err := f.publisher(t, pubsub.PublisherConfig{}).Publish(ctx, msgs); err != nil {
+		t.Fatal(err)
+	}
+
+	var (
+		mu        sync.Mutex
+		runs      = map[string]int{}
+		ackFailed []string
+	)
+	fail.armed.Store(true)
+	c, err := pubsub.NewConsumer(f.client, pubsub.ConsumerConfig{
+		ConsumerConfig: exactly.ConsumerConfig{
+			Handler: func(_ context.Context, m *exactly.Message) error {
+				mu.Lock()
+				runs[m.ID]++
+				mu.Unlock()
+				return nil
+			},
+			DeadLetter: &exactlytest.Recorder{},
+			Hooks: exactly.ConsumerHooks{AckFailed: func(m *exactly.Message, err error) {
+				mu.Lock()
+				ackFailed = append(ackFailed, m.ID)
+				mu.Unlock()
+			}},
+		},
+		Subscription:      id,
+		MaxLeaseExtension: 10 * time.Second,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- c.Run(runCtx) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+	// The library extends leases on exactly-once subscriptions by at least
+	// 60s, so the redelivery comes up to a minute after the failed ack.
+	waitWithin(t, 100*time.Second, "every message handled and the one whose ack failed handled again", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		total := 0
+		for _, n := range runs {
+			total += n
+		}
+		return len(runs) == len(msgs) && total > len(msgs) && len(ackFailed) > 0
+	})
+	st := c.Stats()
+	mu.Lock()
+	defer mu.Unlock()
+	if fail.hits.Load() != 1 || st.AckFailures != int64(len(ackFailed)) || st.AckFailures < 1 {
+		t.Fatalf("injected %d ack failures; Stats %+v; AckFailed hook for %v", fail.hits.Load(), st, ackFailed)
+	}
+	for _, id := range ackFailed {
+		if runs[id] < 2 {
+			t.Fatalf("message %s: ack failed, handled %d times, want it delivered again", id, runs[id])
 		}
 	}
 }
