@@ -89,6 +89,7 @@ type Consumer struct {
 	cfg     ConsumerConfig
 	subName string
 	policy  *consume.Policy
+	ownDL   *Publisher // the default dead-letter publisher, when cfg.DeadLetter is nil
 	stats   consume.Stats
 	running atomic.Bool
 }
@@ -127,18 +128,19 @@ func NewConsumer(client *gpubsub.Client, cfg ConsumerConfig) (*Consumer, error) 
 		subName = "projects/" + client.Project() + "/subscriptions/" + subName
 	}
 	dl := cfg.DeadLetter
+	var ownDL *Publisher
 	if dl == nil {
-		p, err := NewPublisher(client, PublisherConfig{})
+		ownDL, err = NewPublisher(client, PublisherConfig{})
 		if err != nil {
 			return nil, fmt.Errorf("pubsub: NewConsumer: the dead-letter publisher: %w", err)
 		}
-		dl = p
+		dl = ownDL
 	}
 	policy, err := consume.FromConfig(cfg.ConsumerConfig, dl)
 	if err != nil {
 		return nil, fmt.Errorf("pubsub: NewConsumer: %w", err)
 	}
-	return &Consumer{client: client, cfg: cfg, subName: subName, policy: policy}, nil
+	return &Consumer{client: client, cfg: cfg, subName: subName, policy: policy, ownDL: ownDL}, nil
 }
 
 // Stats returns the running totals.
@@ -153,6 +155,9 @@ func (c *Consumer) Run(ctx context.Context) error {
 		return errors.New("pubsub: Consumer.Run called twice")
 	}
 	defer c.running.Store(false)
+	if c.ownDL != nil {
+		defer c.ownDL.stopTopics() // every handler has returned by then
+	}
 	topic := c.cfg.Topic
 	if topic == "" {
 		sub, err := c.client.SubscriptionAdminClient.GetSubscription(ctx, &pb.GetSubscriptionRequest{Subscription: c.subName})

@@ -252,3 +252,55 @@ func TestExactlyOnceAckFailure(t *testing.T) {
 		}
 	}
 }
+
+// With no DeadLetter, a message that keeps failing goes to the Pub/Sub topic
+// DeadLetterTopic names (the topic plus ".dlq"), with the same id and key and
+// the reason, and is acknowledged once that topic stored it.
+func TestConsumerDeadLettersToTopic(t *testing.T) {
+	t.Parallel()
+	f := newFake(t)
+	topic := f.topic(t)
+	ctx := context.Background()
+	if _, err := f.client.TopicAdminClient.CreateTopic(ctx, &pb.Topic{Name: f.name(topic + ".dlq")}); err != nil {
+		t.Fatal(err)
+	}
+	msgs := messages(topic, []string{"k"}, 2)
+	if err := f.publisher(t, pubsub.PublisherConfig{}).Publish(ctx, msgs); err != nil {
+		t.Fatal(err)
+	}
+	c, err := pubsub.NewConsumer(f.client, pubsub.ConsumerConfig{
+		ConsumerConfig: exactly.ConsumerConfig{
+			Handler: func(_ context.Context, m *exactly.Message) error {
+				if m.ID == msgs[0].ID {
+					return errors.New("cannot apply")
+				}
+				return nil
+			},
+			Retry: exactly.RetryPolicy{MaxAttempts: 2, InitialBackoff: 10 * time.Millisecond},
+		},
+		Subscription: topic,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- c.Run(runCtx) }()
+	waitUntil(t, "the dead letter stored and both messages done", func() bool {
+		st := c.Stats()
+		return len(f.stored(topic+".dlq")) == 1 && st.DeadLettered == 1 && st.Handled == 1
+	})
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	dl := f.stored(topic + ".dlq")[0]
+	if dl.ID != msgs[0].ID || dl.Key != "k" || dl.Headers[exactly.HeaderDeadReason] != "cannot apply" || dl.Headers[exactly.HeaderDeadTopic] != topic {
+		t.Fatalf("dead letter %+v", dl)
+	}
+	for _, m := range f.srv.Messages() {
+		if m.Topic == f.name(topic) && m.Acks == 0 {
+			t.Fatalf("message %s not acknowledged", m.Attributes[exactly.HeaderID])
+		}
+	}
+}

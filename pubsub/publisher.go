@@ -148,6 +148,15 @@ func NewPublisher(client *gpubsub.Client, cfg PublisherConfig) (*Publisher, erro
 func (p *Publisher) Close() error {
 	p.mu.Lock()
 	p.closed = true
+	p.mu.Unlock()
+	p.stopTopics()
+	return nil
+}
+
+// stopTopics stops the client publisher of every topic, and their
+// goroutines; a later Publish makes new ones.
+func (p *Publisher) stopTopics() {
+	p.mu.Lock()
 	topics := p.topics
 	p.topics = map[string]*gpubsub.Publisher{}
 	p.mu.Unlock()
@@ -156,7 +165,6 @@ func (p *Publisher) Close() error {
 		wg.Go(t.Stop)
 	}
 	wg.Wait()
-	return nil
 }
 
 // outgoing is a message ready to hand to the library.
