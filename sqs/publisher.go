@@ -28,9 +28,6 @@ type PublishAPI interface {
 // 256 KiB, the limit of SNS and of every SQS queue created before 2025.
 const DefaultMaxMessageSize = 256 << 10
 
-// maxBatchEntries is the number of entries SendMessageBatch takes.
-const maxBatchEntries = 10
-
 // PublisherConfig configures a Publisher. The zero value is ready to use:
 // every topic is the name of its queue.
 type PublisherConfig struct {
@@ -179,69 +176,34 @@ func (p *Publisher) Publish(ctx context.Context, msgs []*exactly.Message) error 
 		byQueue[url] = append(byQueue[url], e)
 	}
 	for _, url := range queues {
-		p.sendQueue(ctx, url, msgs, byQueue[url], errs)
+		entries := byQueue[url]
+		items := make([]awsmsg.Item, len(entries))
+		reqs := make(map[int]types.SendMessageBatchRequestEntry, len(entries))
+		for k, e := range entries {
+			items[k] = awsmsg.Item{I: e.i, Size: e.n}
+			reqs[e.i] = e.req
+		}
+		awsmsg.SendInBatches(ctx, "sqs", msgs, items, awsmsg.MaxBatchEntries, p.cfg.MaxMessageSize, errs, func(ctx context.Context, batch []awsmsg.Item) error {
+			return p.sendBatch(ctx, url, msgs, batch, reqs, errs)
+		})
 	}
 	return exactly.NewBatchError(errs)
 }
 
-// sendQueue sends the entries of one queue in batches, in order.
-func (p *Publisher) sendQueue(ctx context.Context, url string, msgs []*exactly.Message, entries []entry, errs []error) {
-	blocked := map[string]int{} // key -> index of the message that failed
-	var stop error              // fails every later entry of the queue
-	for len(entries) > 0 {
-		batch := make([]entry, 0, maxBatchEntries)
-		size := 0
-		for len(entries) > 0 && len(batch) < maxBatchEntries && (len(batch) == 0 || size+entries[0].n <= p.cfg.MaxMessageSize) {
-			e := entries[0]
-			entries = entries[1:]
-			m := msgs[e.i]
-			switch j, isBlocked := blocked[m.Key]; {
-			case stop != nil:
-				errs[e.i] = fmt.Errorf("sqs: message %s not sent: %w", m.ID, stop)
-			case isBlocked && m.Key != "":
-				errs[e.i] = fmt.Errorf("sqs: message %s not sent: an earlier message with the same key (%s) failed; publish them again in order: %w",
-					m.ID, msgs[j].ID, errs[j])
-			default:
-				batch = append(batch, e)
-				size += e.n
-			}
-		}
-		if len(batch) == 0 {
-			continue
-		}
-		if err := ctx.Err(); err != nil {
-			stop = err
-			for _, e := range batch {
-				errs[e.i] = fmt.Errorf("sqs: message %s not sent: %w", msgs[e.i].ID, err)
-			}
-			continue
-		}
-		if err := p.sendBatch(ctx, url, msgs, batch, errs); err != nil {
-			stop = err
-		}
-		for _, e := range batch {
-			if err := errs[e.i]; err != nil && !errors.Is(err, exactly.ErrUnpublishable) {
-				if _, ok := blocked[msgs[e.i].Key]; !ok {
-					blocked[msgs[e.i].Key] = e.i
-				}
-			}
-		}
-	}
-}
-
 // sendBatch sends one SendMessageBatch call and records each entry's
 // outcome. It returns the call's error when the call failed as a whole.
-func (p *Publisher) sendBatch(ctx context.Context, url string, msgs []*exactly.Message, batch []entry, errs []error) error {
+func (p *Publisher) sendBatch(ctx context.Context, url string, msgs []*exactly.Message, batch []awsmsg.Item,
+	reqs map[int]types.SendMessageBatchRequestEntry, errs []error) error {
 	in := &awssqs.SendMessageBatchInput{QueueUrl: aws.String(url), Entries: make([]types.SendMessageBatchRequestEntry, len(batch))}
-	for k, e := range batch {
-		in.Entries[k] = e.req
+	for k, it := range batch {
+		in.Entries[k] = reqs[it.I]
 		in.Entries[k].Id = aws.String(strconv.Itoa(k))
 	}
 	out, err := p.api.SendMessageBatch(ctx, in)
 	if err != nil {
 		err = describeCall(ctx, url, err)
-		for _, e := range batch {
-			errs[e.i] = fmt.Errorf("sqs: message %s: %w", msgs[e.i].ID, err)
+		for _, it := range batch {
+			errs[it.I] = fmt.Errorf("sqs: message %s: %w", msgs[it.I].ID, err)
 		}
 		return err
 	}
@@ -257,12 +219,12 @@ func (p *Publisher) sendBatch(ctx context.Context, url string, msgs []*exactly.M
 			continue
 		}
 		done[k] = true
-		errs[batch[k].i] = describeEntry(msgs[batch[k].i], url, f)
+		errs[batch[k].I] = describeEntry(msgs[batch[k].I], url, f)
 	}
-	for k, e := range batch {
+	for k, it := range batch {
 		if !done[k] {
-			errs[e.i] = fmt.Errorf("sqs: message %s to %s: SQS's answer does not mention it; publishing it again is safe: %w",
-				msgs[e.i].ID, url, exactly.ErrOutcomeUnknown)
+			errs[it.I] = fmt.Errorf("sqs: message %s to %s: SQS's answer does not mention it; publishing it again is safe: %w",
+				msgs[it.I].ID, url, exactly.ErrOutcomeUnknown)
 		}
 	}
 	return nil

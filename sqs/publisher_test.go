@@ -1,11 +1,13 @@
 package sqs_test
 
 import (
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/exactlytest"
+	"github.com/exactlyonce/exactly/internal/testenv"
 	"github.com/exactlyonce/exactly/sqs"
 )
 
@@ -17,27 +19,22 @@ func TestPublisherSuite(t *testing.T) {
 		}
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()
-			e := connect(t)
-			urls := map[string]string{} // topic -> queue URL, written before the subtest reads it
-			var mu = make(chan struct{}, 1)
+			e := testenv.NewSQSQueues(t)
+			var urls sync.Map // topic -> queue URL
 			exactlytest.RunPublisherSuite(t, exactlytest.PublisherHarness{
 				New: func(t *testing.T) (exactly.Publisher, string) {
-					topic := queueName(fifo)
-					url := e.createQueue(t, topic, nil)
-					mu <- struct{}{}
-					urls[topic] = url
-					<-mu
-					p, err := sqs.NewPublisher(e.client, sqs.PublisherConfig{})
+					topic := testenv.QueueName(fifo)
+					url := e.CreateQueue(t, topic, nil)
+					urls.Store(topic, url)
+					p, err := sqs.NewPublisher(e.Client, sqs.PublisherConfig{})
 					if err != nil {
 						t.Fatal(err)
 					}
 					return p, topic
 				},
 				Read: func(t *testing.T, topic string, n int, timeout time.Duration) []exactlytest.Received {
-					mu <- struct{}{}
-					url := urls[topic]
-					<-mu
-					return e.readQueue(t, url, n, timeout)
+					url, _ := urls.Load(topic)
+					return e.Read(t, url.(string), n, timeout)
 				},
 				MaxMessageSize: sqs.DefaultMaxMessageSize,
 				NativeDedup:    fifo,

@@ -1,4 +1,4 @@
-package sqs_test
+package testenv
 
 import (
 	"cmp"
@@ -18,26 +18,26 @@ import (
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/exactlytest"
 	"github.com/exactlyonce/exactly/internal/awsmsg"
-	"github.com/exactlyonce/exactly/internal/testenv"
 )
 
-// emulator is a client of the test emulator and what the test read from
-// the queues it created.
-type emulator struct {
-	client *awssqs.Client
+// SQSQueues is a client of the SQS emulator, the queues a test creates on
+// it and what the test read from them.
+type SQSQueues struct {
+	Client *awssqs.Client
 
 	mu   sync.Mutex
 	read map[string][]readMessage // queue URL -> messages read so far
 	seen map[string]bool          // SQS message ids read so far
 }
 
-func connect(t *testing.T) *emulator {
+// NewSQSQueues connects to the emulator (see AWSConfig).
+func NewSQSQueues(t testing.TB) *SQSQueues {
 	t.Helper()
-	return &emulator{client: awssqs.NewFromConfig(testenv.AWSConfig(t)), read: map[string][]readMessage{}, seen: map[string]bool{}}
+	return &SQSQueues{Client: awssqs.NewFromConfig(AWSConfig(t)), read: map[string][]readMessage{}, seen: map[string]bool{}}
 }
 
-// queueName returns a fresh queue name, FIFO or standard.
-func queueName(fifo bool) string {
+// QueueName returns a fresh queue (or topic) name, FIFO or standard.
+func QueueName(fifo bool) string {
 	name := "exactly-test-" + strings.ReplaceAll(exactly.NewID(), "-", "")
 	if fifo {
 		name += ".fifo"
@@ -45,9 +45,9 @@ func queueName(fifo bool) string {
 	return name
 }
 
-// createQueue creates a queue named name, deleted when the test ends, and
+// CreateQueue creates a queue named name, deleted when the test ends, and
 // returns its URL.
-func (e *emulator) createQueue(t *testing.T, name string, attrs map[string]string) string {
+func (e *SQSQueues) CreateQueue(t testing.TB, name string, attrs map[string]string) string {
 	t.Helper()
 	a := map[string]string{}
 	if strings.HasSuffix(name, ".fifo") {
@@ -56,7 +56,7 @@ func (e *emulator) createQueue(t *testing.T, name string, attrs map[string]strin
 	for k, v := range attrs {
 		a[k] = v
 	}
-	out, err := e.client.CreateQueue(t.Context(), &awssqs.CreateQueueInput{QueueName: aws.String(name), Attributes: a})
+	out, err := e.Client.CreateQueue(t.Context(), &awssqs.CreateQueueInput{QueueName: aws.String(name), Attributes: a})
 	if err != nil {
 		t.Fatalf("creating queue %s: %v", name, err)
 	}
@@ -64,17 +64,17 @@ func (e *emulator) createQueue(t *testing.T, name string, attrs map[string]strin
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		if _, err := e.client.DeleteQueue(ctx, &awssqs.DeleteQueueInput{QueueUrl: aws.String(url)}); err != nil {
+		if _, err := e.Client.DeleteQueue(ctx, &awssqs.DeleteQueueInput{QueueUrl: aws.String(url)}); err != nil {
 			t.Errorf("deleting queue %s: %v", name, err)
 		}
 	})
 	return url
 }
 
-// readQueue returns the messages read from the queue at url so far plus
+// Read returns the messages read from the queue at url so far plus
 // those it holds now, receiving (and deleting) until it has n or timeout
 // has passed.
-func (e *emulator) readQueue(t *testing.T, url string, n int, timeout time.Duration) []exactlytest.Received {
+func (e *SQSQueues) Read(t testing.TB, url string, n int, timeout time.Duration) []exactlytest.Received {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	e.mu.Lock()
@@ -82,7 +82,7 @@ func (e *emulator) readQueue(t *testing.T, url string, n int, timeout time.Durat
 	e.mu.Unlock()
 	for have < n {
 		wait := int32(min(time.Until(deadline), time.Second) / time.Second)
-		out, err := e.client.ReceiveMessage(t.Context(), &awssqs.ReceiveMessageInput{
+		out, err := e.Client.ReceiveMessage(t.Context(), &awssqs.ReceiveMessageInput{
 			QueueUrl:                    aws.String(url),
 			MaxNumberOfMessages:         10,
 			WaitTimeSeconds:             max(wait, 0),
@@ -107,7 +107,7 @@ func (e *emulator) readQueue(t *testing.T, url string, n int, timeout time.Durat
 			del = append(del, types.DeleteMessageBatchRequestEntry{Id: aws.String(aws.ToString(m.MessageId)), ReceiptHandle: m.ReceiptHandle})
 		}
 		if len(del) > 0 {
-			out, err := e.client.DeleteMessageBatch(t.Context(), &awssqs.DeleteMessageBatchInput{QueueUrl: aws.String(url), Entries: del})
+			out, err := e.Client.DeleteMessageBatch(t.Context(), &awssqs.DeleteMessageBatchInput{QueueUrl: aws.String(url), Entries: del})
 			if err == nil && len(out.Failed) > 0 {
 				err = fmt.Errorf("%d entries failed, first: %s: %s", len(out.Failed), aws.ToString(out.Failed[0].Code), aws.ToString(out.Failed[0].Message))
 			}
@@ -128,8 +128,16 @@ func (e *emulator) readQueue(t *testing.T, url string, n int, timeout time.Durat
 	if !strings.HasSuffix(url, ".fifo") {
 		// A standard queue keeps no order, and a message whose receive
 		// was cut off comes back later: read it in the order SQS
-		// stamped the messages.
-		slices.SortStableFunc(read, func(a, b readMessage) int { return cmp.Compare(a.sent, b.sent) })
+		// stamped the messages, and in the millisecond of a stamp in the
+		// order of the publisher suite's x-seq header.
+		slices.SortStableFunc(read, func(a, b readMessage) int {
+			if c := cmp.Compare(a.sent, b.sent); c != 0 {
+				return c
+			}
+			as, _ := strconv.Atoi(a.Headers["x-seq"])
+			bs, _ := strconv.Atoi(b.Headers["x-seq"])
+			return cmp.Compare(as, bs)
+		})
 	}
 	out := make([]exactlytest.Received, len(read))
 	for i, r := range read {
@@ -143,7 +151,7 @@ type readMessage struct {
 	sent int64 // SentTimestamp, ms
 }
 
-func (e *emulator) append(t *testing.T, url string, m types.Message) {
+func (e *SQSQueues) append(t testing.TB, url string, m types.Message) {
 	t.Helper()
 	r := received(t, aws.ToString(m.Body), m.MessageAttributes)
 	r.NativeID = m.Attributes[string(types.MessageSystemAttributeNameMessageDeduplicationId)]
@@ -157,7 +165,7 @@ func (e *emulator) append(t *testing.T, url string, m types.Message) {
 }
 
 // received decodes a message as the Publisher encoded it.
-func received(t *testing.T, body string, attrs map[string]types.MessageAttributeValue) exactlytest.Received {
+func received(t testing.TB, body string, attrs map[string]types.MessageAttributeValue) exactlytest.Received {
 	t.Helper()
 	var as []awsmsg.Attr
 	for name, v := range attrs {
