@@ -22,6 +22,7 @@ import (
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/exactlytest"
+	"github.com/exactlyonce/exactly/inbox"
 	"github.com/exactlyonce/exactly/internal/testenv"
 	"github.com/exactlyonce/exactly/pubsub"
 )
@@ -302,5 +303,96 @@ func TestConsumerDeadLettersToTopic(t *testing.T) {
 		if m.Topic == f.name(topic) && m.Acks == 0 {
 			t.Fatalf("message %s not acknowledged", m.Attributes[exactly.HeaderID])
 		}
+	}
+}
+
+// A publish the service accepted whose response was lost: the client
+// library sends the request again and Pub/Sub stores a second copy, with
+// the same exactly-id; Publish confirms the message, and a consumer with
+// the SQL inbox applies it once.
+func TestLostPublishResponseAbsorbed(t *testing.T) {
+	t.Parallel()
+	testenv.Need(t, testenv.Postgres)
+	db, err := sql.Open("pgx", testenv.PostgresDSN())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	f := newFake(t)
+	topic := f.topic(t)
+	ctx := context.Background()
+
+	// A client whose first Publish call reaches the server and then fails
+	// as if the answer were lost on the way back.
+	var lost atomic.Bool
+	loseAnswer := func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		err := invoker(ctx, method, req, reply, cc, opts...)
+		if err == nil && strings.HasSuffix(method, "/Publish") && lost.CompareAndSwap(false, true) {
+			return status.Error(codes.Unavailable, "injected: the answer was lost")
+		}
+		return err
+	}
+	client, err := gpubsub.NewClient(ctx, project, option.WithEndpoint(f.srv.Addr), option.WithoutAuthentication(),
+		option.WithGRPCDialOption(grpc.WithTransportCredentials(insecure.NewCredentials())),
+		option.WithGRPCDialOption(grpc.WithUnaryInterceptor(loseAnswer)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { client.Close() })
+	p, err := pubsub.NewPublisher(client, pubsub.PublisherConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	msgs := messages(topic, []string{"k"}, 1)
+	if err := p.Publish(ctx, msgs); err != nil {
+		t.Fatalf("Publish after a lost answer: %v (the library retries it)", err)
+	}
+	if got := f.stored(topic); len(got) != 2 || got[0].ID != msgs[0].ID || got[1].ID != msgs[0].ID {
+		t.Fatalf("the server holds %d copies, want 2 of id %s: %+v", len(got), msgs[0].ID, got)
+	}
+
+	table := strings.ReplaceAll("exactly_ps_lost_"+exactly.NewID()[:13], "-", "_")
+	in, err := inbox.NewSQL(inbox.Config{Dialect: inbox.Postgres, Table: table, Consumer: "lost-answer"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := in.Migrate(ctx, db); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.ExecContext(ctx, "CREATE TABLE "+table+"_effects (id TEXT NOT NULL)"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_, _ = db.ExecContext(ctx, "DROP TABLE IF EXISTS "+table+", "+table+"_effects")
+		_, _ = db.ExecContext(ctx, "DELETE FROM exactly_migrations WHERE scope = $1", "inbox:"+table)
+	})
+	c, err := pubsub.NewConsumer(f.client, pubsub.ConsumerConfig{
+		ConsumerConfig: exactly.ConsumerConfig{
+			Handler: in.Handler(db, func(ctx context.Context, tx *sql.Tx, m *exactly.Message) error {
+				_, err := tx.ExecContext(ctx, "INSERT INTO "+table+"_effects (id) VALUES ($1)", m.ID)
+				return err
+			}),
+			DeadLetter: &exactlytest.Recorder{},
+		},
+		Subscription: topic,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- c.Run(runCtx) }()
+	waitUntil(t, "both copies handled", func() bool { return c.Stats().Handled == 2 })
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	var n int
+	if err := db.QueryRowContext(ctx, "SELECT count(*) FROM "+table+"_effects WHERE id = $1", msgs[0].ID).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	if n != 1 {
+		t.Fatalf("the effect of %s applied %d times from two copies, want 1", msgs[0].ID, n)
 	}
 }
