@@ -188,6 +188,8 @@ func newRelayPublisher(ctx context.Context, f *relayFlags, log *slog.Logger) (ex
 		return p, func() { p.Close() }, nil
 	case "pubsub":
 		return f.newPubsubPublisher(ctx, cctx, log)
+	case "sqs", "sns":
+		return f.newAWSPublisher(ctx, cctx, log)
 	}
 	return nil, nil, fmt.Errorf("--broker: unknown broker %q (want %s)", f.broker, strings.Join(brokers, ", "))
 }

@@ -51,6 +51,8 @@ type relayFlags struct {
 	// --broker pubsub (brokerpubsub.go)
 	pubsubProject string
 	pubsubTopics  string
+	// --broker sqs and sns (brokeraws.go)
+	aws awsFlags
 
 	// cdc source
 	slot             string
@@ -65,7 +67,7 @@ type relayFlags struct {
 }
 
 // brokers the relay publishes to.
-var brokers = []string{"kafka", "nats", "amqp", "pubsub"}
+var brokers = []string{"kafka", "nats", "amqp", "pubsub", "sqs", "sns"}
 
 // relayEnv maps each flag of cmd to its environment variable, used when
 // the flag is not given: EXACTLY_ and the flag's name (envName).
@@ -86,14 +88,17 @@ func relayCmd() *cobra.Command {
 	var f relayFlags
 	cmd := &cobra.Command{
 		Use:   "relay",
-		Short: "Run the outbox relay: publish committed outbox rows to Kafka, NATS JetStream, RabbitMQ or Google Cloud Pub/Sub",
+		Short: "Run the outbox relay: publish committed outbox rows to Kafka, NATS JetStream, RabbitMQ, Google Cloud Pub/Sub, Amazon SQS or SNS",
 		Long: `Run the outbox relay until SIGTERM or SIGINT: it reads the outbox table
 (--source poll: polling, woken at once by NOTIFY on PostgreSQL; --source cdc:
 a PostgreSQL logical replication slot, wal_level=logical, the role needs
 REPLICATION) and publishes the messages to Kafka, NATS JetStream, an AMQP
 broker (RabbitMQ) or Google Cloud Pub/Sub (--pubsub-project; the key is the
 ordering key; Application Default Credentials, or the emulator named by
-PUBSUB_EMULATOR_HOST). With --source cdc and --broker kafka, --kafka-exactly-once
+PUBSUB_EMULATOR_HOST), or Amazon SQS or SNS (--broker sqs, sns; the standard
+AWS credential chain and region, --aws-endpoint for an emulator; FIFO queues
+and topics deduplicate by the message id for 5 minutes). With --source cdc
+and --broker kafka, --kafka-exactly-once
 commits the messages and the slot position in one Kafka transaction: no
 duplicate in read_committed output even after a crash.
 
@@ -122,6 +127,7 @@ have no authentication: keep them on a loopback or private address.`,
   exactly relay --db 'mysql://root@tcp(127.0.0.1:3306)/test' --broker kafka --kafka-brokers 127.0.0.1:9092
   EXACTLY_DB=sqlite:app.db exactly relay --broker amqp --config /etc/exactly/relay.conf
   exactly relay --db postgres://relay@127.0.0.1:5432/app --broker pubsub --pubsub-project my-project --pubsub-topics orders=orders-v1
+  exactly relay --db postgres://relay@127.0.0.1:5432/app --broker sqs --aws-region eu-west-1 --sqs-queues orders=orders.fifo
 
 Quote a MySQL DSN: the shell reads its parentheses.`,
 		Args: cobra.NoArgs,
@@ -171,13 +177,18 @@ Quote a MySQL DSN: the shell reads its parentheses.`,
 	fl.StringVar(&f.dsn, "db", "", "database: postgres://..., 'mysql://root@tcp(127.0.0.1:3306)/test' (quoted for the shell) or sqlite:path (env EXACTLY_DB)")
 	fl.StringVar(&f.table, "table", outbox.DefaultTable, "outbox table name, optionally schema-qualified (env EXACTLY_TABLE)")
 	fl.StringVar(&f.source, "source", sourcePoll, "where the relay reads the outbox: poll, or cdc (logical replication, PostgreSQL) (env EXACTLY_SOURCE)")
-	fl.StringVar(&f.broker, "broker", "", "broker: kafka, nats, amqp or pubsub (env EXACTLY_BROKER)")
+	fl.StringVar(&f.broker, "broker", "", "broker: kafka, nats, amqp, pubsub, sqs or sns (env EXACTLY_BROKER)")
 	fl.StringVar(&f.kafkaBrokers, "kafka-brokers", "", "comma-separated Kafka seed brokers host:port (env EXACTLY_KAFKA_BROKERS)")
 	fl.StringVar(&f.natsURL, "nats-url", "", "NATS server URL, e.g. nats://127.0.0.1:4222 (env EXACTLY_NATS_URL)")
 	fl.StringVar(&f.amqpURL, "amqp-url", "", "AMQP broker URL, amqp://user:password@host:5672/vhost or amqps://... (env EXACTLY_AMQP_URL)")
 	fl.StringVar(&f.amqpExchange, "amqp-exchange", "", "AMQP exchange to publish to, the topic being the routing key; default the default exchange (env EXACTLY_AMQP_EXCHANGE)")
 	fl.StringVar(&f.pubsubProject, "pubsub-project", "", "Google Cloud project of the Pub/Sub topics; credentials are Application Default Credentials, PUBSUB_EMULATOR_HOST selects an emulator (env EXACTLY_PUBSUB_PROJECT)")
 	fl.StringVar(&f.pubsubTopics, "pubsub-topics", "", "comma-separated topic=pubsub-topic pairs mapping outbox topics to Pub/Sub topic IDs or full names; an unlisted topic goes to the Pub/Sub topic of its name (env EXACTLY_PUBSUB_TOPICS)")
+	fl.StringVar(&f.aws.region, "aws-region", "", "sqs, sns: AWS region, default that of the standard AWS configuration (AWS_REGION, the shared config); credentials come from the standard chain (env EXACTLY_AWS_REGION)")
+	fl.StringVar(&f.aws.endpoint, "aws-endpoint", "", "sqs, sns: endpoint URL instead of AWS's, for an emulator such as http://127.0.0.1:4566 (env EXACTLY_AWS_ENDPOINT)")
+	fl.StringVar(&f.aws.sqsQueues, "sqs-queues", "", "sqs: comma-separated topic=queue pairs, the queue a URL or a name; an unlisted topic goes to the queue of its name (env EXACTLY_SQS_QUEUES)")
+	fl.StringVar(&f.aws.snsTopics, "sns-topics", "", "sns: comma-separated topic=topic-ARN pairs; an unlisted topic is an ARN itself or is appended to --sns-arn-prefix (env EXACTLY_SNS_TOPICS)")
+	fl.StringVar(&f.aws.snsPrefix, "sns-arn-prefix", "", "sns: ARN prefix of the topics not in --sns-topics, e.g. arn:aws:sns:eu-west-1:123456789012: (env EXACTLY_SNS_ARN_PREFIX)")
 	addTunables(fl, f.tune.tunables())
 	fl.StringVar(&f.adminAddr, "admin-addr", "127.0.0.1:9464", "address of the admin HTTP server (/metrics, /healthz, /readyz; no authentication) (env EXACTLY_ADMIN_ADDR)")
 	fl.StringVar(&f.logFormat, "log-format", "text", "log format: text or json (env EXACTLY_LOG_FORMAT)")
@@ -266,6 +277,10 @@ func (f *relayFlags) validate(fl *pflag.FlagSet) (*slog.Logger, error) {
 		if err := f.checkPubsub(); err != nil {
 			return nil, err
 		}
+	case "sqs", "sns":
+		if err := f.checkAWS(); err != nil {
+			return nil, err
+		}
 	case "":
 		return nil, fmt.Errorf("--broker is required (or EXACTLY_BROKER): %s", strings.Join(brokers, ", "))
 	default:
@@ -279,6 +294,9 @@ func (f *relayFlags) validate(fl *pflag.FlagSet) (*slog.Logger, error) {
 	}
 	if f.broker != "pubsub" && (f.pubsubProject != "" || f.pubsubTopics != "") {
 		return nil, fmt.Errorf("--pubsub-project and --pubsub-topics are for --broker pubsub, not %s", f.broker)
+	}
+	if f.broker != "sqs" && f.broker != "sns" && f.aws != (awsFlags{}) {
+		return nil, fmt.Errorf("--aws-region, --aws-endpoint, --sqs-queues, --sns-topics and --sns-arn-prefix are for --broker sqs and sns, not %s", f.broker)
 	}
 	if _, err := f.tls.config(); err != nil {
 		return nil, err

@@ -104,7 +104,7 @@ func testRelayBadFlags(t *testing.T, bin string) {
 		{[]string{"--broker", "nats", "--nats-url", "nats://127.0.0.1:1"}, nil, "--db is required"},
 		{[]string{"--db", dsn, "--broker", "rabbit"}, nil, `--broker: unknown broker "rabbit"`},
 		{[]string{"--db", dsn}, nil, "--broker is required"},
-		{[]string{"--db", dsn}, []string{"EXACTLY_BROKER=sqs"}, `--broker: unknown broker "sqs"`},
+		{[]string{"--db", dsn}, []string{"EXACTLY_BROKER=zeromq"}, `--broker: unknown broker "zeromq"`},
 		{[]string{"--db", dsn, "--broker", "kafka"}, nil, "--kafka-brokers is required"},
 		{[]string{"--db", dsn, "--broker", "nats"}, nil, "--nats-url is required"},
 		{[]string{"--db", dsn, "--broker", "nats", "--nats-url", "nats://x", "--poll-interval", "soon"}, nil, `invalid argument "soon" for "--poll-interval"`},
