@@ -602,46 +602,75 @@ func (d *dbOffsets) process(ctx context.Context, c *Consumer, rec *kgo.Record) b
 		return true // already applied (a stale fetch after a reload)
 	}
 	msg := decodeRecord(rec)
-	// One transaction per attempt: the effect and the advance of the offset.
-	pos := &position{k: k, expected: expected, next: rec.Offset + 1}
+	for try := 1; ; try++ {
+		err := d.apply(ctx, c, msg, k, expected, rec.Offset+1)
+		switch {
+		case err == nil:
+			d.mu.Lock()
+			d.next[k] = rec.Offset + 1
+			d.mu.Unlock()
+			return true
+		case errors.Is(err, offsetstore.ErrFenced):
+			c.fenced.Add(1)
+			d.log.Warn("fenced: another member advanced this partition; rolled back", "topic", rec.Topic, "partition", rec.Partition, "offset", rec.Offset)
+			d.reload(ctx, c, k)
+			return false
+		case ctx.Err() != nil:
+			return false // stopping: the next owner takes it from the stored offset
+		}
+		// Neither the effect nor the offset was stored (the database
+		// failed the commit): the record is handled again, in place, so
+		// nothing after it in the partition overtakes it. (Had the commit
+		// applied after all, the compare-and-set fences the second run.)
+		wait := c.policy.Retry.Backoff(try)
+		d.log.Warn("storing a record's effect and offset failed; handling it again", "topic", rec.Topic, "partition", rec.Partition,
+			"offset", rec.Offset, "err", err, "retry_in", wait)
+		if !sleepCtx(ctx, wait) {
+			return false
+		}
+	}
+}
+
+// apply handles msg once under the policy and stores the outcome: the
+// record's transaction commits with the offset (handled), or the offset
+// alone moves past the message's confirmed dead letter.
+func (d *dbOffsets) apply(ctx context.Context, c *Consumer, msg *exactly.Message, k tp, expected, next int64) error {
+	pos := &position{k: k, expected: expected, next: next}
 	out, err := c.policy.Process(context.WithValue(ctx, positionKey{}, pos), c.cfg.Handler, msg, 1, &c.st)
-	// Not cut short by Run's end: what was handled is stored on the way out.
-	ackCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-	defer cancel()
-	switch {
-	case err == nil && out == consume.DeadLettered:
-		// The message is safe in the dead-letter destination: advance past it.
-		err = d.inTx(ackCtx, k, expected, rec.Offset+1, func(*sql.Tx) error { return nil })
-	case err == nil:
-		if err = d.ack(ackCtx, pos); err != nil {
-			// The effect and the offset went together, or neither did:
-			// the record is handled again from the stored offset, by this
-			// member or by the one that fenced it.
-			c.policy.AckFailed(msg, err, &c.st)
-			if !errors.Is(err, offsetstore.ErrFenced) {
-				d.log.Warn("committing a record's effect and offset failed; it is handled again from the stored offset",
-					"topic", rec.Topic, "partition", rec.Partition, "offset", rec.Offset, "err", err)
+	if err != nil {
+		return err
+	}
+	if out == consume.DeadLettered {
+		// The message is safe in the dead-letter destination: advance past
+		// it, without dead-lettering it again.
+		for try := 1; ; try++ {
+			err := d.finish(ctx, func(ctx context.Context) error {
+				return d.inTx(ctx, k, expected, next, func(*sql.Tx) error { return nil })
+			})
+			if err == nil || errors.Is(err, offsetstore.ErrFenced) {
+				return err
+			}
+			wait := c.policy.Retry.Backoff(try)
+			d.log.Warn("advancing past a dead-lettered record failed; retrying", "topic", k.topic, "partition", k.part, "err", err, "retry_in", wait)
+			if !sleepCtx(ctx, wait) {
+				return err
 			}
 		}
 	}
-	switch {
-	case err == nil:
-		d.mu.Lock()
-		d.next[k] = rec.Offset + 1
-		d.mu.Unlock()
-		return true
-	case errors.Is(err, offsetstore.ErrFenced):
-		c.fenced.Add(1)
-		d.log.Warn("fenced: another member advanced this partition; rolled back", "topic", rec.Topic, "partition", rec.Partition, "offset", rec.Offset)
-		d.reload(ctx, c, k)
-		return false
-	case ctx.Err() != nil:
-		return false // stopping
-	default:
-		// The record is not stored as applied: fetch it again.
-		d.reload(ctx, c, k)
-		return false
+	if err := d.finish(ctx, func(ctx context.Context) error { return d.ack(ctx, pos) }); err != nil {
+		// The effect and the offset went together, or neither did.
+		c.policy.AckFailed(msg, err, &c.st)
+		return err
 	}
+	return nil
+}
+
+// finish runs one write of a record's outcome. It is not cut short by
+// Run's end: what was handled is stored on the way out.
+func (d *dbOffsets) finish(ctx context.Context, write func(context.Context) error) error {
+	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	return write(wctx)
 }
 
 // inTx runs fn and the offset compare-and-set in one transaction.
@@ -674,11 +703,23 @@ func (d *dbOffsets) advance(ctx context.Context, tx *sql.Tx, k tp, expected, nex
 
 // reload re-reads a fenced partition's stored offset and, if this member
 // still owns the partition, seeks there.
+//
+// It retries until the offset is read or ctx ends: the caller skips the
+// rest of the partition's records in this poll, and only the seek brings
+// them back.
 func (d *dbOffsets) reload(ctx context.Context, c *Consumer, k tp) {
-	next, err := d.store.Load(ctx, d.db, d.group, k.topic, k.part)
-	if err != nil {
-		d.log.Warn("reloading a fenced partition's offset failed", "topic", k.topic, "partition", k.part, "err", err)
-		return
+	backoff := exactly.RetryPolicy{InitialBackoff: 100 * time.Millisecond, MaxBackoff: 5 * time.Second}
+	var next int64
+	for try := 1; ; try++ {
+		var err error
+		if next, err = d.store.Load(ctx, d.db, d.group, k.topic, k.part); err == nil {
+			break
+		}
+		wait := backoff.Backoff(try)
+		d.log.Warn("reloading a fenced partition's offset failed; retrying", "topic", k.topic, "partition", k.part, "err", err, "retry_in", wait)
+		if !sleepCtx(ctx, wait) {
+			return // stopping: the next owner reads it
+		}
 	}
 	d.mu.Lock()
 	owned := d.owned[k]

@@ -177,9 +177,10 @@ func suiteConsumer(t *testing.T, seeds []string, topic string, db *sql.DB, offse
 // the sockets it opens, so a test can cut them as a crash would; after the
 // cut it dials no more.
 type kafkaSockets struct {
-	mu    sync.Mutex
-	dead  bool
-	conns []net.Conn
+	mu      sync.Mutex
+	dead    bool
+	refused time.Time // dials fail until then
+	conns   []net.Conn
 }
 
 func (s *kafkaSockets) dial(ctx context.Context, network, host string) (net.Conn, error) {
@@ -187,6 +188,9 @@ func (s *kafkaSockets) dial(ctx context.Context, network, host string) (net.Conn
 	defer s.mu.Unlock()
 	if s.dead {
 		return nil, errCrashed
+	}
+	if time.Now().Before(s.refused) {
+		return nil, errors.New("the network is down")
 	}
 	var d net.Dialer
 	c, err := d.DialContext(ctx, network, host)
@@ -204,4 +208,16 @@ func (s *kafkaSockets) cut() {
 	for _, c := range s.conns {
 		c.Close()
 	}
+}
+
+// drop closes the open sockets and refuses to dial for d: a network cut
+// the process outlives.
+func (s *kafkaSockets) drop(d time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.refused = time.Now().Add(d)
+	for _, c := range s.conns {
+		c.Close()
+	}
+	s.conns = nil
 }

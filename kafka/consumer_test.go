@@ -12,7 +12,8 @@ import (
 	"testing"
 	"time"
 
-	_ "github.com/jackc/pgx/v5/stdlib"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/stdlib"
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 
@@ -183,6 +184,53 @@ func runConsumer(t *testing.T, c *kafka.Consumer) (stop func()) {
 	}
 	t.Cleanup(stop)
 	return stop
+}
+
+// TestDBOffsetsCommitFails: the database connection of a DB-offsets
+// consumer drops while a record's transaction commits, and stays away for
+// a while: the record and the ones after it in its partition are applied
+// once when it is back, none skipped, and the failed commit is an
+// AckFailure.
+func TestDBOffsetsCommitFails(t *testing.T) {
+	t.Parallel()
+	f := newConsumerFixture(t, 3, 300)
+	s := &kafkaSockets{}
+	pgcfg, err := pgx.ParseConfig(testenv.PostgresDSN())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pgcfg.DialFunc = s.dial
+	own := stdlib.OpenDB(*pgcfg)
+	t.Cleanup(func() { own.Close() })
+	victim := f.ids[100]
+	var dropped atomic.Bool
+	cfg := f.config(t, "g-"+f.topic, func(ctx context.Context, tx *sql.Tx, m *exactly.Message) error {
+		if err := f.effectHandler("a")(ctx, tx, m); err != nil {
+			return err
+		}
+		if m.ID == victim && dropped.CompareAndSwap(false, true) {
+			s.drop(time.Second) // the commit that follows fails, and so do reconnects for a second
+		}
+		return nil
+	})
+	cfg.DB = own
+	// Retries outlast the outage: a handler that cannot begin its
+	// transaction fails like any other.
+	cfg.Retry = exactly.RetryPolicy{MaxAttempts: 50, InitialBackoff: 20 * time.Millisecond, MaxBackoff: 100 * time.Millisecond}
+	c, err := kafka.NewDBConsumer(f.seeds(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := runConsumer(t, c)
+	f.waitEffects(t, len(f.ids), 60*time.Second)
+	stop()
+	if !dropped.Load() {
+		t.Fatal("the victim was never handled")
+	}
+	f.checkOnce(t)
+	if st := c.Stats(); st.AckFailures < 1 {
+		t.Errorf("Stats = %+v, want the failed commit counted in AckFailures", st)
+	}
 }
 
 // TestDBOffsetsRebalanceAndRestart: three members come and go while 3,000
