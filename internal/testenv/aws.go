@@ -1,12 +1,10 @@
 package testenv
 
 import (
-	"net/http"
 	"net/url"
 	"testing"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
-	awshttp "github.com/aws/aws-sdk-go-v2/aws/transport/http"
 	"github.com/aws/aws-sdk-go-v2/credentials"
 )
 
@@ -31,20 +29,7 @@ func AWSConfig(t testing.TB) aws.Config {
 		Region:       AWSRegion,
 		BaseEndpoint: aws.String(SQSEndpoint()),
 		Credentials:  credentials.NewStaticCredentialsProvider("test", "test", ""),
-		HTTPClient:   EmulatorHTTPClient(),
 	}
-}
-
-// EmulatorHTTPClient is the HTTP client for the emulator: the SDK's own
-// transport in a plain http.Client. With the SDK's default client, a
-// ReceiveMessage answer from fauxqs is now and then cut off ("use of closed
-// network connection" while reading its body); the client's retry then
-// leaves the messages of the lost answer invisible for their visibility
-// timeout.
-func EmulatorHTTPClient() *http.Client {
-	tr := awshttp.NewBuildableClient().GetTransport()
-	tr.DisableKeepAlives = true
-	return &http.Client{Transport: tr}
 }
 
 func endpointAddr(endpoint string) string {

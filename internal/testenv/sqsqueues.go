@@ -96,8 +96,10 @@ func (e *SQSQueues) Read(t testing.TB, url string, n int, timeout time.Duration)
 			}
 			// Under the race detector, an answer of the emulator is now and
 			// then cut off ("use of closed network connection" while its
-			// body is read); its messages come back after the visibility
-			// timeout, and seen records them once.
+			// body is read). The client retries such a call by itself, and
+			// this one once more; either way the messages of the lost
+			// answer come back after the visibility timeout (1s, short for
+			// that reason), and seen records each once.
 			t.Logf("receiving from %s: %v", url, err)
 			continue
 		}
