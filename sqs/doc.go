@@ -1,5 +1,10 @@
-// Package sqs publishes exactly.Messages to Amazon SQS queues (AWS SDK for
-// Go v2).
+// Package sqs publishes exactly.Messages to Amazon SQS queues and consumes
+// them (AWS SDK for Go v2): Publisher, and Consumer on the consumer
+// contract every broker of this module keeps (delete only after the effect
+// committed, visibility extended while a message is held, retries in
+// place, dead letters after MaxAttempts counted from SQS's receive count,
+// per-key workers that keep a FIFO group's order, SNS deliveries raw or in
+// their envelope).
 //
 // # How a message travels
 //

@@ -85,6 +85,8 @@ type Publisher struct {
 
 	mu   sync.Mutex
 	urls map[string]string // topic -> queue URL
+
+	fixedURL string // every topic's queue, for a Consumer's dead letters
 }
 
 // NewPublisher returns a Publisher that sends through api, usually an
@@ -278,6 +280,9 @@ func isNoQueue(err smithy.APIError) bool {
 // records the topics whose lookup failed in this Publish call, so it is not
 // repeated for each of their messages.
 func (p *Publisher) queueURL(ctx context.Context, topic string, failed map[string]error) (string, error) {
+	if p.fixedURL != "" {
+		return p.fixedURL, nil
+	}
 	p.mu.Lock()
 	url, ok := p.urls[topic]
 	p.mu.Unlock()
