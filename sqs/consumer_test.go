@@ -76,9 +76,15 @@ func (f *faultyAPI) SendMessageBatch(ctx context.Context, in *awssqs.SendMessage
 const visibility = 2 * time.Second
 
 // TestConsumerSuite holds the Consumer to the contract every consumer
-// keeps, on FIFO queues of the emulator with the SQL inbox on PostgreSQL.
+// keeps, on FIFO queues (per-key order) and standard queues (no order) of
+// the emulator, with the SQL inbox on PostgreSQL.
 func TestConsumerSuite(t *testing.T) {
 	t.Parallel()
+	t.Run("FIFO", func(t *testing.T) { t.Parallel(); runConsumerSuite(t, true) })
+	t.Run("Standard", func(t *testing.T) { t.Parallel(); runConsumerSuite(t, false) })
+}
+
+func runConsumerSuite(t *testing.T, fifo bool) {
 	e := testenv.NewSQSQueues(t)
 	testenv.Need(t, testenv.Postgres)
 	db, err := sql.Open("pgx", testenv.PostgresDSN())
@@ -87,10 +93,15 @@ func TestConsumerSuite(t *testing.T) {
 	}
 	db.SetMaxOpenConns(40)
 	t.Cleanup(func() { db.Close() })
+	// A standard queue hands out a key's messages in no set order.
+	ordering := exactlytest.NoOrder
+	if fifo {
+		ordering = exactlytest.OrderPerKey
+	}
 	exactlytest.RunConsumerSuite(t, exactlytest.ConsumerHarness{
 		DB: db,
 		Setup: func(t *testing.T) exactlytest.ConsumerSource {
-			name := testenv.QueueName(true)
+			name := testenv.QueueName(fifo)
 			url := e.CreateQueue(t, name, nil)
 			p, err := sqs.NewPublisher(e.Client, sqs.PublisherConfig{})
 			if err != nil {
@@ -100,11 +111,14 @@ func TestConsumerSuite(t *testing.T) {
 				Topic:     name,
 				Publisher: p,
 				PublishWithoutID: func(t *testing.T, payload []byte) {
-					if _, err := e.Client.SendMessage(t.Context(), &awssqs.SendMessageInput{
+					in := &awssqs.SendMessageInput{
 						QueueUrl: aws.String(url), MessageBody: aws.String(string(payload)),
-						MessageGroupId: aws.String("legacy"), MessageDeduplicationId: aws.String(exactly.NewID()),
 						MessageAttributes: map[string]types.MessageAttributeValue{"x-from": {DataType: aws.String("String"), StringValue: aws.String("legacy")}},
-					}); err != nil {
+					}
+					if fifo {
+						in.MessageGroupId, in.MessageDeduplicationId = aws.String("legacy"), aws.String(exactly.NewID())
+					}
+					if _, err := e.Client.SendMessage(t.Context(), in); err != nil {
 						t.Fatalf("publishing without an id: %v", err)
 					}
 				},
@@ -124,7 +138,7 @@ func TestConsumerSuite(t *testing.T) {
 				},
 			}
 		},
-		Ordering:    exactlytest.OrderPerKey,
+		Ordering:    ordering,
 		NoID:        exactlytest.NoIDDeadLettered,
 		AckDeadline: visibility,
 		Timeout:     time.Minute,
