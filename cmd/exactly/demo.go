@@ -37,6 +37,13 @@ const (
 	demoGroupSize = 3
 )
 
+// The demo's brokers.
+const (
+	demoKafka  = "kafka"
+	demoNATS   = "nats"
+	demoPubsub = "pubsub"
+)
+
 const demoOffsetsTable = "kafka_offsets"
 
 type demoOptions struct {
@@ -47,8 +54,10 @@ type demoOptions struct {
 	verbose bool
 
 	db      string // "" for the embedded SQLite
-	kafka   string // "" for the in-process kfake (unless nats is set)
+	broker  string // kafka, nats or pubsub; "" picks it from the address given
+	kafka   string // "" for the in-process kfake
 	nats    string
+	pubsub  string // the emulator's host:port; "" for PUBSUB_EMULATOR_HOST, or the in-process pstest
 	redis   string
 	relay   string // poll or cdc
 	inbox   string // sql or redis
@@ -67,8 +76,12 @@ promotion per order through the inbox. While it runs it injects the faults
 that make brokers deliver twice: publish acknowledgements lost after the
 broker accepted, relay crashes after the broker confirmed and before the rows
 were marked sent, consumer crashes after the effect and before the offset
-commit, and rebalances (members leaving and joining). At the end it reads the
-database and prints what was written, published, delivered and applied. It
+commit or the ack, and rebalances (members leaving and joining; on Pub/Sub,
+a subscriber leaving the subscription and another taking over its
+messages). On Pub/Sub some publish answers are also lost on the wire after
+the server stored the message, and the client library sends it again. At
+the end it reads the database and prints what was written, published,
+delivered and applied. It
 exits 1 if any order's promotion was lost or applied twice (with the Redis
 inbox: applied twice in a way its documented limits do not explain; each
 double application is listed with the window that let it happen), if a
@@ -81,6 +94,10 @@ real services and pick the strategy:
   --db postgres://... | mysql://...   the database (a schema or database of the run's own, dropped at the end)
   --kafka host:port,...               a real Kafka (topics of the run's own, deleted at the end)
   --nats nats://host:4222             NATS JetStream instead of Kafka
+  --broker pubsub                     Google Cloud Pub/Sub instead of Kafka: an in-process pstest
+                                      server, or the emulator PUBSUB_EMULATOR_HOST names
+  --pubsub host:8085                  a Pub/Sub emulator (topics and subscriptions of the run's own,
+                                      deleted at the end)
   --redis redis://host:6379           the Redis inbox instead of the SQL one
   --offsets db                        Kafka offsets stored in the effect's transaction, and each id
                                       claimed in it too (inbox.SQL.Claim), for the relay's re-sends
@@ -104,6 +121,8 @@ real services and pick the strategy:
 	f.StringVar(&o.db, "db", "", "database: postgres://... or mysql://...; default an embedded SQLite")
 	f.StringVar(&o.kafka, "kafka", "", "comma-separated Kafka seed brokers; default an in-process Kafka (kfake)")
 	f.StringVar(&o.nats, "nats", "", "NATS URL (nats://host:4222): use JetStream instead of Kafka")
+	f.StringVar(&o.broker, "broker", "", "broker: kafka, nats or pubsub (default nats when --nats is given, pubsub when --pubsub is, else kafka)")
+	f.StringVar(&o.pubsub, "pubsub", "", "Pub/Sub emulator address (host:port): use Pub/Sub instead of Kafka; with --broker pubsub the default is PUBSUB_EMULATOR_HOST, else an in-process Pub/Sub (pstest)")
 	f.StringVar(&o.redis, "redis", "", "Redis address (redis://host:6379/0 or host:port) for the Redis inbox")
 	f.StringVar(&o.relay, "relay", sourcePoll, "outbox source of the relay: poll or cdc")
 	f.StringVar(&o.inbox, "inbox", "", "inbox: sql or redis (default redis when --redis is given, else sql)")
@@ -120,11 +139,39 @@ func (o *demoOptions) validate() error {
 		return fmt.Errorf("--writers %d: want 1 to 64", o.writers)
 	case o.timeout <= 0:
 		return fmt.Errorf("--timeout must be positive, got %s", o.timeout)
-	case o.kafka != "" && o.nats != "":
-		return errors.New("--kafka and --nats both given: the demo uses one broker")
 	}
-	if o.kafka != "" && len(splitList(o.kafka)) == 0 {
+	var given []string // the brokers' addresses given
+	implied := demoKafka
+	for _, b := range []struct{ name, addr string }{{demoKafka, o.kafka}, {demoNATS, o.nats}, {demoPubsub, o.pubsub}} {
+		if b.addr != "" {
+			given, implied = append(given, "--"+b.name), b.name
+		}
+	}
+	if len(given) > 1 {
+		return fmt.Errorf("%s both given: the demo uses one broker", strings.Join(given, " and "))
+	}
+	if o.broker == "" {
+		o.broker = implied
+	}
+	switch o.broker {
+	case demoKafka, demoNATS, demoPubsub:
+		if len(given) == 1 && implied != o.broker {
+			return fmt.Errorf("--broker %s and %s both given: the demo uses one broker", o.broker, given[0])
+		}
+	default:
+		return fmt.Errorf("--broker: unknown broker %q (want kafka, nats or pubsub)", o.broker)
+	}
+	switch {
+	case o.broker == demoNATS && o.nats == "":
+		return errors.New("--broker nats needs --nats nats://host:4222")
+	case o.kafka != "" && len(splitList(o.kafka)) == 0:
 		return fmt.Errorf("--kafka %q: want host:port[,host:port...]", o.kafka)
+	case o.broker == demoPubsub:
+		if addr, from := pubsubEmulator(o.pubsub); addr != "" {
+			if err := checkEmulatorAddr(from, addr); err != nil {
+				return err
+			}
+		}
 	}
 	dialect := ""
 	switch {
@@ -158,8 +205,11 @@ func (o *demoOptions) validate() error {
 	switch o.offsets {
 	case offsetsKafka:
 	case offsetsDB:
-		if o.nats != "" {
+		switch o.broker {
+		case demoNATS:
 			return errors.New("--offsets db is for Kafka; NATS tracks its consumers' positions itself")
+		case demoPubsub:
+			return errors.New("--offsets db is for Kafka; Pub/Sub tracks what each subscription acknowledged itself")
 		}
 		if o.redis != "" || o.inbox != inboxSQL {
 			return errors.New("--offsets db claims each id in the effect's transaction with the SQL inbox, which --redis and --inbox would replace; leave them out")
@@ -525,13 +575,13 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 			err = cerr
 		}
 	}()
+	r.f = newFaults(o.seed, o.orders)
 	if err := r.setup(ctx); err != nil {
 		return err
 	}
 	fmt.Fprintf(out, "exactly demo: %d orders; %s outbox -> %s relay -> %s -> consumer group of %d -> %s; seed %d\n",
 		o.orders, r.db.label, o.relay, r.broker.label(), demoGroupSize, o.strategy(), o.seed)
 
-	r.f = newFaults(o.seed, o.orders)
 	r.pub = &faultyPublisher{inner: r.broker.publisher(), f: r.f, crash: make(chan struct{}, 1)}
 	r.got = &deliveries{count: map[string]int{}}
 	workCtx, stopWork := context.WithCancel(ctx)
@@ -613,11 +663,17 @@ func (r *demoRun) setup(ctx context.Context) error {
 	}
 
 	var kb *kafkaBroker
-	if o.nats != "" {
+	switch o.broker {
+	case demoNATS:
 		if r.broker, err = newNATSBroker(ctx, o.nats, r.id, r.log); err != nil {
 			return err
 		}
-	} else {
+	case demoPubsub:
+		addr, from := pubsubEmulator(o.pubsub)
+		if r.broker, err = newPubsubBroker(ctx, addr, from, r.id, r.f, r.log); err != nil {
+			return err
+		}
+	default:
 		if kb, err = newKafkaBroker(ctx, splitList(o.kafka), r.id, r.log); err != nil {
 			return err
 		}
@@ -915,7 +971,14 @@ func (r *demoRun) verdict(ctx context.Context, finished bool, lastProgress time.
 	row := func(name string, val any, note string) { fmt.Fprintf(out, "  %-24s %15v   %s\n", name, val, note) }
 	row("orders written", v.orders, "each with its order.created event, in one transaction")
 	row("events published", published, fmt.Sprintf("confirmed by the broker; %d re-sends of events already published", published-v.orders))
-	row("records on the broker", onBroker, map[bool]string{true: "the stream dropped re-sends within its duplicate window", false: "re-sends included"}[o.nats != ""])
+	storedNote := "re-sends included"
+	switch o.broker {
+	case demoNATS:
+		storedNote = "the stream dropped re-sends within its duplicate window"
+	case demoPubsub:
+		storedNote = "re-sends included, and the client library's own after a lost answer"
+	}
+	row("records on the broker", onBroker, storedNote)
 	row("deliveries", total, fmt.Sprintf("%d duplicates: re-sends, redeliveries after crashes and rebalances", total-distinct))
 	row("duplicates absorbed", absorbed, absorbedBy)
 	row("effects applied", v.applied, "one promotion per order")
@@ -952,16 +1015,24 @@ func (r *demoRun) verdict(ctx context.Context, finished bool, lastProgress time.
 	fmt.Fprintln(out)
 	fmt.Fprintln(out, "  faults injected")
 	crashNote := "consumer crash after the effect, before the offset commit"
-	if o.nats != "" {
+	rebalanceNote := "rebalance (a member left the group, another joined)"
+	switch {
+	case o.broker == demoPubsub:
 		crashNote = "consumer crash after the effect, before the ack"
-	} else if o.offsets == offsetsDB {
+		rebalanceNote = "rebalance (a subscriber left, another took over)"
+	case o.broker == demoNATS:
+		crashNote = "consumer crash after the effect, before the ack"
+	case o.offsets == offsetsDB:
 		crashNote = "consumer crash after the effect, before the commit"
 	}
 	frow := func(name string, n int64) { fmt.Fprintf(out, "    %-58s %7d\n", name, n) }
 	frow("publish ack lost (a timeout after the broker accepted)", f.lostAcks.Load())
+	if pb, ok := r.broker.(*pubsubBroker); ok {
+		frow("  of which on the wire, sent again by the client library", pb.lostWire.Load())
+	}
 	frow("relay crash after the broker confirmed, before mark-sent", f.relayCrashes.Load())
 	frow(crashNote, f.consumerCrashes.Load())
-	frow("rebalance (a member left the group, another joined)", f.rebalances.Load())
+	frow(rebalanceNote, f.rebalances.Load())
 	fmt.Fprintf(out, "\ntook %s\n", time.Since(r.start).Round(time.Millisecond))
 
 	var problems []string

@@ -12,7 +12,13 @@ import (
 	"testing"
 	"time"
 
+	gpubsub "cloud.google.com/go/pubsub/v2"
+	pb "cloud.google.com/go/pubsub/v2/apiv1/pubsubpb"
+	"cloud.google.com/go/pubsub/v2/pstest"
 	"github.com/twmb/franz-go/pkg/kfake"
+	"google.golang.org/api/option"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/inbox"
@@ -34,7 +40,7 @@ func checkDemoTable(t *testing.T, out string, orders int) {
 		regexp.MustCompile(`(?m)^    publish ack lost \(a timeout after the broker accepted\)\s+[1-9]\d*$`),
 		regexp.MustCompile(`(?m)^    relay crash after the broker confirmed, before mark-sent\s+[1-9]\d*$`),
 		regexp.MustCompile(`(?m)^    consumer crash after the effect, before the (offset commit|ack|commit)\s+[1-9]\d*$`),
-		regexp.MustCompile(`(?m)^    rebalance \(a member left the group, another joined\)\s+[1-9]\d*$`),
+		regexp.MustCompile(`(?m)^    rebalance \((a member left the group, another joined|a subscriber left, another took over)\)\s+[1-9]\d*$`),
 		regexp.MustCompile(`(?m)^OK: every order's promotion applied`),
 	} {
 		if !want.MatchString(out) {
@@ -182,6 +188,107 @@ func TestDemoStrategies(t *testing.T) {
 	})
 }
 
+// The demo on Pub/Sub: the in-process pstest server by default, and an
+// emulator of the user's named by PUBSUB_EMULATOR_HOST or --pubsub, where it
+// creates and deletes topics and subscriptions of its own.
+func TestDemoPubsub(t *testing.T) {
+	wire := regexp.MustCompile(`(?m)^      of which on the wire, sent again by the client library\s+[1-9]\d*$`)
+	t.Run("InProcess", func(t *testing.T) {
+		t.Setenv("PUBSUB_EMULATOR_HOST", "")
+		out := runDemoT(t, demoOptions{orders: 300, seed: 18, broker: demoPubsub})
+		checkDemoTable(t, out, 300)
+		if !strings.Contains(out, "SQLite (embedded) outbox -> poll relay -> in-process Pub/Sub (pstest) -> consumer group of 3 -> SQL inbox") {
+			t.Errorf("unexpected set-up line:\n%s", out)
+		}
+		if !wire.MatchString(out) {
+			t.Errorf("no publish answer lost on the wire:\n%s", out)
+		}
+	})
+	t.Run("Emulator", func(t *testing.T) {
+		srv := pstest.NewServer()
+		defer srv.Close()
+		t.Setenv("PUBSUB_EMULATOR_HOST", srv.Addr)
+		out := runDemoT(t, demoOptions{orders: 200, seed: 19, broker: demoPubsub})
+		checkDemoTable(t, out, 200)
+		if !strings.Contains(out, "-> Pub/Sub emulator ->") {
+			t.Errorf("not the emulator:\n%s", out)
+		}
+		// Every copy on the emulator was counted, through the audit
+		// subscription: one per order at least, and more for the re-sends.
+		m := regexp.MustCompile(`(?m)^  records on the broker\s+(\d+)\s`).FindStringSubmatch(out)
+		if m == nil {
+			t.Fatalf("no records row:\n%s", out)
+		}
+		if n, _ := strconv.Atoi(m[1]); n <= 200 {
+			t.Errorf("records on the broker: %d, want above 200:\n%s", n, out)
+		}
+		// The run's topics and subscriptions are gone.
+		ctx := context.Background()
+		cl, err := gpubsub.NewClient(ctx, demoPubsubProject, option.WithEndpoint(srv.Addr), option.WithoutAuthentication(),
+			option.WithGRPCDialOption(grpc.WithTransportCredentials(insecure.NewCredentials())))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cl.Close()
+		topics, subs := 0, 0
+		for it := cl.TopicAdminClient.ListTopics(ctx, &pb.ListTopicsRequest{Project: "projects/" + demoPubsubProject}); ; topics++ {
+			if _, err := it.Next(); err != nil {
+				break
+			}
+		}
+		for it := cl.SubscriptionAdminClient.ListSubscriptions(ctx, &pb.ListSubscriptionsRequest{Project: "projects/" + demoPubsubProject}); ; subs++ {
+			if _, err := it.Next(); err != nil {
+				break
+			}
+		}
+		if topics != 0 || subs != 0 {
+			t.Errorf("the demo left %d topics and %d subscriptions on the emulator", topics, subs)
+		}
+	})
+	t.Run("Address", func(t *testing.T) {
+		// --pubsub wins over PUBSUB_EMULATOR_HOST, and implies the broker;
+		// with neither, pstest runs in-process.
+		for _, tc := range []struct {
+			flag, env, broker  string
+			wantAddr, wantFrom string
+			wantErr            string
+		}{
+			{"", "", demoPubsub, "", "", ""},
+			{"", "127.0.0.1:8085", demoPubsub, "127.0.0.1:8085", "PUBSUB_EMULATOR_HOST", ""},
+			{"[::1]:9000", "127.0.0.1:8085", "", "[::1]:9000", "--pubsub", ""},
+			{"", "emulator", demoPubsub, "", "", `PUBSUB_EMULATOR_HOST "emulator": want host:port`},
+			{"", "emulator", "", "", "", ""}, // the Kafka demo ignores it
+		} {
+			t.Setenv("PUBSUB_EMULATOR_HOST", tc.env)
+			o := demoOptions{orders: 100, writers: 1, timeout: time.Second, relay: sourcePoll, offsets: offsetsKafka, broker: tc.broker, pubsub: tc.flag}
+			err := o.validate()
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Errorf("%+v: validate: %v, want %q", tc, err, tc.wantErr)
+				}
+				continue
+			}
+			if err != nil {
+				t.Errorf("%+v: validate: %v", tc, err)
+				continue
+			}
+			wantBroker := demoPubsub
+			if tc.broker == "" && tc.flag == "" {
+				wantBroker = demoKafka
+			}
+			if o.broker != wantBroker {
+				t.Errorf("%+v: broker %q, want %q", tc, o.broker, wantBroker)
+			}
+			if wantBroker != demoPubsub {
+				continue
+			}
+			if addr, from := pubsubEmulator(o.pubsub); addr != tc.wantAddr || from != tc.wantFrom {
+				t.Errorf("%+v: emulator %q from %q, want %q from %q", tc, addr, from, tc.wantAddr, tc.wantFrom)
+			}
+		}
+	})
+}
+
 // A member that leaves the group (an injected crash or a rebalance cancels
 // its context) while its effect's COMMIT is at the server: pgx then returns
 // "context canceled" though the server commits, the Redis inbox takes that
@@ -309,6 +416,13 @@ func TestDemoBadInput(t *testing.T) {
 		{[]string{"--offsets", "zookeeper"}, `--offsets: unknown value "zookeeper"`},
 		{[]string{"--offsets", "db", "--nats", "nats://127.0.0.1:4222"}, "--offsets db is for Kafka"},
 		{[]string{"--kafka", "k:9092", "--nats", "nats://x:4222"}, "--kafka and --nats both given"},
+		{[]string{"--nats", "nats://x:4222", "--pubsub", "localhost:8085"}, "--nats and --pubsub both given"},
+		{[]string{"--broker", "pubsub", "--kafka", "k:9092"}, "--broker pubsub and --kafka both given"},
+		{[]string{"--broker", "sqs"}, `--broker: unknown broker "sqs" (want kafka, nats or pubsub)`},
+		{[]string{"--broker", "nats"}, "--broker nats needs --nats nats://host:4222"},
+		{[]string{"--pubsub", "localhost"}, `--pubsub "localhost": want host:port of a Pub/Sub emulator`},
+		{[]string{"--offsets", "db", "--broker", "pubsub"}, "--offsets db is for Kafka; Pub/Sub tracks"},
+		{[]string{"--pubsub", "127.0.0.1:1"}, "--pubsub: cannot reach the Pub/Sub emulator at 127.0.0.1:1"},
 		{[]string{"--db", "oracle://u:secret@x/db"}, "--db: unrecognised database DSN"},
 		{[]string{"--db", "postgres://u:secret@127.0.0.1:1/db"}, "--db: cannot reach the database postgres://u:***@127.0.0.1:1/db"},
 		{[]string{"--nats", "nats://u:secret@127.0.0.1:1"}, "--nats: cannot connect to NATS at nats://u:***@127.0.0.1:1"},
