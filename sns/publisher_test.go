@@ -13,6 +13,7 @@ import (
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/exactlytest"
+	"github.com/exactlyonce/exactly/internal/sqstest"
 	"github.com/exactlyonce/exactly/internal/testenv"
 	"github.com/exactlyonce/exactly/sns"
 )
@@ -20,9 +21,9 @@ import (
 // topicWithQueue creates an SNS topic and an SQS queue subscribed to it
 // with raw message delivery, both deleted when the test ends, and returns
 // the topic's ARN and the queue's URL.
-func topicWithQueue(t *testing.T, client *awssns.Client, queues *testenv.SQSQueues, fifo bool) (arn, url string) {
+func topicWithQueue(t *testing.T, client *awssns.Client, queues *sqstest.SQSQueues, fifo bool) (arn, url string) {
 	t.Helper()
-	name := testenv.QueueName(fifo)
+	name := sqstest.QueueName(fifo)
 	attrs := map[string]string{}
 	if fifo {
 		attrs["FifoTopic"] = "true"
@@ -63,7 +64,7 @@ func TestPublisherSuite(t *testing.T) {
 		}
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()
-			queues := testenv.NewSQSQueues(t)
+			queues := sqstest.NewSQSQueues(t)
 			client := awssns.NewFromConfig(testenv.AWSConfig(t))
 			var urls sync.Map // topic ARN -> URL of the queue subscribed to it
 			exactlytest.RunPublisherSuite(t, exactlytest.PublisherHarness{

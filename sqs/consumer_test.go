@@ -18,6 +18,7 @@ import (
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/exactlytest"
+	"github.com/exactlyonce/exactly/internal/sqstest"
 	"github.com/exactlyonce/exactly/internal/testenv"
 	"github.com/exactlyonce/exactly/sns"
 	"github.com/exactlyonce/exactly/sqs"
@@ -85,7 +86,7 @@ func TestConsumerSuite(t *testing.T) {
 }
 
 func runConsumerSuite(t *testing.T, fifo bool) {
-	e := testenv.NewSQSQueues(t)
+	e := sqstest.NewSQSQueues(t)
 	testenv.Need(t, testenv.Postgres)
 	db, err := sql.Open("pgx", testenv.PostgresDSN())
 	if err != nil {
@@ -101,7 +102,7 @@ func runConsumerSuite(t *testing.T, fifo bool) {
 	exactlytest.RunConsumerSuite(t, exactlytest.ConsumerHarness{
 		DB: db,
 		Setup: func(t *testing.T) exactlytest.ConsumerSource {
-			name := testenv.QueueName(fifo)
+			name := sqstest.QueueName(fifo)
 			url := e.CreateQueue(t, name, nil)
 			p, err := sqs.NewPublisher(e.Client, sqs.PublisherConfig{})
 			if err != nil {
@@ -148,8 +149,8 @@ func runConsumerSuite(t *testing.T, fifo bool) {
 // A queue that does not exist ends Run with an error naming it.
 func TestConsumerMissingQueue(t *testing.T) {
 	t.Parallel()
-	e := testenv.NewSQSQueues(t)
-	url := testenv.SQSEndpoint() + "/000000000000/" + testenv.QueueName(false)
+	e := sqstest.NewSQSQueues(t)
+	url := testenv.SQSEndpoint() + "/000000000000/" + sqstest.QueueName(false)
 	c, err := sqs.NewConsumer(e.Client, sqs.ConsumerConfig{QueueURL: url, WaitTime: time.Second,
 		ConsumerConfig: exactly.ConsumerConfig{Handler: func(context.Context, *exactly.Message) error { return nil }, DeadLetter: &exactlytest.Recorder{}}})
 	if err != nil {
@@ -165,9 +166,9 @@ func TestConsumerMissingQueue(t *testing.T) {
 // the sns Publisher published.
 func TestConsumerSNSDeliveries(t *testing.T) {
 	t.Parallel()
-	e := testenv.NewSQSQueues(t)
+	e := sqstest.NewSQSQueues(t)
 	client := awssns.NewFromConfig(testenv.AWSConfig(t))
-	name := testenv.QueueName(false)
+	name := sqstest.QueueName(false)
 	topic, err := client.CreateTopic(t.Context(), &awssns.CreateTopicInput{Name: aws.String(name)})
 	if err != nil {
 		t.Fatal(err)
@@ -182,7 +183,7 @@ func TestConsumerSNSDeliveries(t *testing.T) {
 		{ID: exactly.NewID(), Topic: arn, Key: "order-2", Payload: nil, Headers: map[string]string{"x-empty": ""}},
 	}
 	for _, raw := range []bool{false, true} {
-		url := e.CreateQueue(t, testenv.QueueName(false), nil)
+		url := e.CreateQueue(t, sqstest.QueueName(false), nil)
 		qa, err := e.Client.GetQueueAttributes(t.Context(), &awssqs.GetQueueAttributesInput{QueueUrl: aws.String(url),
 			AttributeNames: []types.QueueAttributeName{types.QueueAttributeNameQueueArn}})
 		if err != nil {

@@ -12,7 +12,7 @@ import (
 	awssqs "github.com/aws/aws-sdk-go-v2/service/sqs"
 
 	"github.com/exactlyonce/exactly"
-	"github.com/exactlyonce/exactly/internal/testenv"
+	"github.com/exactlyonce/exactly/internal/sqstest"
 	"github.com/exactlyonce/exactly/sqs"
 )
 
@@ -58,8 +58,8 @@ func batch(topic string, keys, perKey int) []*exactly.Message {
 // looked up once for all of it.
 func TestLostAnswerRepublished(t *testing.T) {
 	t.Parallel()
-	e := testenv.NewSQSQueues(t)
-	topic := testenv.QueueName(true)
+	e := sqstest.NewSQSQueues(t)
+	topic := sqstest.QueueName(true)
 	url := e.CreateQueue(t, topic, nil)
 	api := &lossyAPI{PublishAPI: e.Client}
 	p, err := sqs.NewPublisher(api, sqs.PublisherConfig{})
@@ -105,8 +105,8 @@ func TestLostAnswerRepublished(t *testing.T) {
 // and publishing works once the queue exists.
 func TestMissingQueueRetryable(t *testing.T) {
 	t.Parallel()
-	e := testenv.NewSQSQueues(t)
-	topic := testenv.QueueName(false)
+	e := sqstest.NewSQSQueues(t)
+	topic := sqstest.QueueName(false)
 	p, err := sqs.NewPublisher(e.Client, sqs.PublisherConfig{})
 	if err != nil {
 		t.Fatal(err)
@@ -133,8 +133,8 @@ func TestMissingQueueRetryable(t *testing.T) {
 // its attributes is unpublishable.
 func TestAttributesBeyondTheLimits(t *testing.T) {
 	t.Parallel()
-	e := testenv.NewSQSQueues(t)
-	topic := testenv.QueueName(true)
+	e := sqstest.NewSQSQueues(t)
+	topic := sqstest.QueueName(true)
 	url := e.CreateQueue(t, topic, nil)
 	p, err := sqs.NewPublisher(e.Client, sqs.PublisherConfig{})
 	if err != nil {

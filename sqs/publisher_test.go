@@ -7,7 +7,7 @@ import (
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/exactlytest"
-	"github.com/exactlyonce/exactly/internal/testenv"
+	"github.com/exactlyonce/exactly/internal/sqstest"
 	"github.com/exactlyonce/exactly/sqs"
 )
 
@@ -19,11 +19,11 @@ func TestPublisherSuite(t *testing.T) {
 		}
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()
-			e := testenv.NewSQSQueues(t)
+			e := sqstest.NewSQSQueues(t)
 			var urls sync.Map // topic -> queue URL
 			exactlytest.RunPublisherSuite(t, exactlytest.PublisherHarness{
 				New: func(t *testing.T) (exactly.Publisher, string) {
-					topic := testenv.QueueName(fifo)
+					topic := sqstest.QueueName(fifo)
 					url := e.CreateQueue(t, topic, nil)
 					urls.Store(topic, url)
 					p, err := sqs.NewPublisher(e.Client, sqs.PublisherConfig{})

@@ -15,6 +15,7 @@ import (
 	sqstypes "github.com/aws/aws-sdk-go-v2/service/sqs/types"
 
 	"github.com/exactlyonce/exactly/exactlytest"
+	"github.com/exactlyonce/exactly/internal/sqstest"
 	"github.com/exactlyonce/exactly/internal/testenv"
 	"github.com/exactlyonce/exactly/outbox"
 )
@@ -101,7 +102,7 @@ func testRelayAWSUnreachable(t *testing.T, bin string) {
 // readIDs reads n messages from the queue at url and returns their ids,
 // failing unless every key (k-<n> from enqueueN) arrives in the order of
 // its payloads when ordered.
-func readIDs(t *testing.T, queues *testenv.SQSQueues, url string, n int, ordered bool) []string {
+func readIDs(t *testing.T, queues *sqstest.SQSQueues, url string, n int, ordered bool) []string {
 	t.Helper()
 	got := queues.Read(t, url, n, 30*time.Second)
 	last := map[string]int{}
@@ -123,8 +124,8 @@ func readIDs(t *testing.T, queues *testenv.SQSQueues, url string, n int, ordered
 func testRelayPostgresSQS(t *testing.T, bin string) {
 	db := pgDB(t)
 	ob := exactlytest.MigratedOutbox(t, db, outbox.Postgres, "relay_cmd_sqs")
-	queues := testenv.NewSQSQueues(t)
-	fifo, plain := testenv.QueueName(true), testenv.QueueName(false)
+	queues := sqstest.NewSQSQueues(t)
+	fifo, plain := sqstest.QueueName(true), sqstest.QueueName(false)
 	fifoURL := queues.CreateQueue(t, fifo, nil)
 	plainURL := queues.CreateQueue(t, plain, nil)
 	ordersIDs := enqueueN(t, db, ob, "orders", 0, 70)
@@ -151,9 +152,9 @@ func testRelayPostgresSQS(t *testing.T, bin string) {
 func testRelayPostgresSNS(t *testing.T, bin string) {
 	db := pgDB(t)
 	ob := exactlytest.MigratedOutbox(t, db, outbox.Postgres, "relay_cmd_sns")
-	queues := testenv.NewSQSQueues(t)
+	queues := sqstest.NewSQSQueues(t)
 	client := awssns.NewFromConfig(testenv.AWSConfig(t))
-	name := testenv.QueueName(true)
+	name := sqstest.QueueName(true)
 	topic, err := client.CreateTopic(t.Context(), &awssns.CreateTopicInput{Name: aws.String(name), Attributes: map[string]string{"FifoTopic": "true"}})
 	if err != nil {
 		t.Fatal(err)

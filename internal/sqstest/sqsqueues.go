@@ -1,4 +1,7 @@
-package testenv
+// Package sqstest holds the SQS test helpers: queues on the emulator and what
+// a test read from them. It lives apart from testenv because it builds on
+// exactlytest, which testenv must not import (the inbox tests use testenv).
+package sqstest
 
 import (
 	"cmp"
@@ -18,6 +21,7 @@ import (
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/exactlytest"
 	"github.com/exactlyonce/exactly/internal/awsmsg"
+	"github.com/exactlyonce/exactly/internal/testenv"
 )
 
 // SQSQueues is a client of the SQS emulator, the queues a test creates on
@@ -33,7 +37,7 @@ type SQSQueues struct {
 // NewSQSQueues connects to the emulator (see AWSConfig).
 func NewSQSQueues(t testing.TB) *SQSQueues {
 	t.Helper()
-	return &SQSQueues{Client: awssqs.NewFromConfig(AWSConfig(t)), read: map[string][]readMessage{}, seen: map[string]bool{}}
+	return &SQSQueues{Client: awssqs.NewFromConfig(testenv.AWSConfig(t)), read: map[string][]readMessage{}, seen: map[string]bool{}}
 }
 
 // QueueName returns a fresh queue (or topic) name, FIFO or standard.
