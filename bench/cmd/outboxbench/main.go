@@ -1,6 +1,7 @@
 // Command outboxbench measures the outbox relay against its ceilings (a raw
-// SQL drain, a raw JetStream publish) and against Watermill's SQL forwarder,
-// on the same PostgreSQL and NATS, in one run, and prints one markdown table.
+// SQL drain, a raw JetStream publish, a raw Pub/Sub publish loop to pstest
+// in this process) and against Watermill's SQL forwarder, on the same
+// PostgreSQL and NATS, in one run, and prints one markdown table.
 //
 // Every row creates its own schema and stream, fills them the same way,
 // runs alone (rows never overlap) and drops what it created.
@@ -86,6 +87,8 @@ type bench struct {
 	pgBackends cpumeter.Backends
 	// sqlTrace times the statements on the pool during a measured section.
 	sqlTrace sqlTracer
+	// ps is the run's pstest server, started by the first Pub/Sub row.
+	ps *pubsubFake
 }
 
 var rows = []row{
@@ -98,6 +101,9 @@ var rows = []row{
 	{id: "wm-queue", num: "5b", name: "Watermill forwarder → JetStream, queue schema", run: runWatermillQueue},
 	{id: "lat-relay", num: "6a", name: "latency: exactly relay (LISTEN/NOTIFY) → JetStream", run: runLatencyRelay, latency: true},
 	{id: "lat-wm", num: "6b", name: "latency: Watermill forwarder (default schema, 10 ms poll) → JetStream", run: runLatencyWatermill, latency: true},
+	{id: "pubsub", repeat: true, num: "7", name: "ceiling: raw Pub/Sub publish loop to pstest (client library, ordering keys)", run: runPubsubCeiling},
+	{id: "pub-pubsub", repeat: true, num: "7b", name: "diagnostic: pubsub publisher alone, sequential Publish of -batch msgs, no database", run: runPubsubPublisherAlone},
+	{id: "relay-pubsub", repeat: true, num: "8", name: "exactly relay → Pub/Sub, pstest (pubsub publisher)", run: runRelayPubsub},
 }
 
 func main() {
@@ -114,7 +120,7 @@ func main() {
 	flag.DurationVar(&cfg.latFor, "lat-duration", 10*time.Second, "how long the latency rows produce")
 	flag.DurationVar(&cfg.wmPoll, "wm-poll", 10*time.Millisecond, "Watermill subscriber poll interval in the latency row")
 	flag.DurationVar(&cfg.timeout, "row-timeout", 3*time.Minute, "give up on a row after this long")
-	flag.IntVar(&cfg.repeat, "repeat", 3, "rounds of the short drain rows (1-4), one run of each per round; the median is reported")
+	flag.IntVar(&cfg.repeat, "repeat", 3, "rounds of the short drain rows (1-4, 7-8), one run of each per round; the median is reported")
 	flag.BoolVar(&cfg.relayAsyncCommit, "relay-async-commit", false, "what-if: run the relay's own connections with synchronous_commit=off (its mark transactions stop waiting for the WAL flush)")
 	flag.StringVar(&cfg.profileDir, "cpuprofile", "", "write a CPU profile of each row's timed section to `DIR`/<row>.pprof")
 	flag.StringVar(&only, "rows", "all", "rows to run, comma-separated ids or numbers: "+rowIDs())
@@ -191,7 +197,7 @@ func selectRows(spec string) ([]row, error) {
 			}
 		}
 		if !found {
-			return nil, fmt.Errorf("unknown row %q in -rows; want all or some of %s (or numbers 1-6)", s, rowIDs())
+			return nil, fmt.Errorf("unknown row %q in -rows; want all or some of %s (or numbers 1-8)", s, rowIDs())
 		}
 	}
 	var out []row
@@ -227,6 +233,11 @@ func run(ctx context.Context, cfg config, selected []row, out io.Writer) error {
 		return fmt.Errorf("PostgreSQL at %s: %w", cfg.pgDSN, err)
 	}
 	b.pool = pool
+	defer func() {
+		if b.ps != nil {
+			b.ps.close()
+		}
+	}()
 	if needsNATS(selected) {
 		nc, err := nats.Connect(cfg.natsURL)
 		if err != nil {
@@ -320,7 +331,13 @@ func (b *bench) trackBackend(ctx context.Context, conn *pgx.Conn) error {
 }
 
 func needsNATS(selected []row) bool {
-	return slices.ContainsFunc(selected, func(r row) bool { return r.id != "sql" && r.id != "relay-null" })
+	return slices.ContainsFunc(selected, func(r row) bool {
+		switch r.id {
+		case "sql", "relay-null", "pubsub", "pub-pubsub", "relay-pubsub":
+			return false
+		}
+		return true
+	})
 }
 
 // printTable writes the one markdown table: throughput, the ratio to the
@@ -352,6 +369,7 @@ var ceilingOf = map[string]string{
 	"sql": "sql", "nats": "nats", "pub-nats": "nats",
 	"relay-null": "sql",
 	"relay-nats": "nats", "wm-default": "nats", "wm-queue": "nats",
+	"pubsub": "pubsub", "pub-pubsub": "pubsub", "relay-pubsub": "pubsub",
 }
 
 // ratioText compares a row with its ceiling: the median of the ratios of
@@ -427,6 +445,12 @@ func targetText(b *bench, id string) string {
 		return s
 	case "lat-relay":
 		return "p99 ≤ 5 ms: " + verdict(res.p99 <= 5*time.Millisecond)
+	case "relay-pubsub":
+		ceil, ok := b.results["pubsub"]
+		if !ok || ceil.err != nil {
+			return "≥ 0.80× row 7 (not run)"
+		}
+		return fmt.Sprintf("≥ 0.80× row 7: %s", verdict(ratioOf(b, "relay-pubsub", "pubsub") >= 0.8))
 	}
 	return ""
 }
