@@ -179,31 +179,21 @@ func (p *Publisher) sendBatch(ctx context.Context, arn string, msgs []*exactly.M
 		}
 		return err
 	}
-	done := make([]bool, len(batch))
-	for _, ok := range out.Successful {
-		if k, err := strconv.Atoi(aws.ToString(ok.Id)); err == nil && k >= 0 && k < len(batch) {
-			done[k] = true
-		}
+	ok := make([]string, len(out.Successful))
+	for i, e := range out.Successful {
+		ok[i] = aws.ToString(e.Id)
 	}
-	for _, f := range out.Failed {
-		k, err := strconv.Atoi(aws.ToString(f.Id))
-		if err != nil || k < 0 || k >= len(batch) {
-			continue
-		}
-		done[k] = true
-		m := msgs[batch[k].I]
-		e := fmt.Errorf("sns: message %s to %s: refused: %s: %s", m.ID, arn, aws.ToString(f.Code), aws.ToString(f.Message))
-		if f.SenderFault && permanentCodes[aws.ToString(f.Code)] {
-			e = exactly.Unpublishable(e)
-		}
-		errs[batch[k].I] = e
+	failed := make([]awsmsg.Refusal, len(out.Failed))
+	for i, f := range out.Failed {
+		failed[i] = awsmsg.Refusal{ID: aws.ToString(f.Id), Code: aws.ToString(f.Code), Message: aws.ToString(f.Message), SenderFault: f.SenderFault}
 	}
-	for k, it := range batch {
-		if !done[k] {
-			errs[it.I] = fmt.Errorf("sns: message %s to %s: SNS's answer does not mention it; publishing it again is safe: %w",
-				msgs[it.I].ID, arn, exactly.ErrOutcomeUnknown)
+	awsmsg.RecordAnswer("sns", "SNS", arn, msgs, batch, ok, failed, errs, func(m *exactly.Message, f awsmsg.Refusal) error {
+		e := fmt.Errorf("sns: message %s to %s: refused: %s: %s", m.ID, arn, f.Code, f.Message)
+		if f.SenderFault && permanentCodes[f.Code] {
+			return exactly.Unpublishable(e)
 		}
-	}
+		return e
+	})
 	return nil
 }
 

@@ -209,26 +209,17 @@ func (p *Publisher) sendBatch(ctx context.Context, url string, msgs []*exactly.M
 		}
 		return err
 	}
-	done := make([]bool, len(batch))
-	for _, ok := range out.Successful {
-		if k, err := strconv.Atoi(aws.ToString(ok.Id)); err == nil && k >= 0 && k < len(batch) {
-			done[k] = true
-		}
+	ok := make([]string, len(out.Successful))
+	for i, e := range out.Successful {
+		ok[i] = aws.ToString(e.Id)
 	}
-	for _, f := range out.Failed {
-		k, err := strconv.Atoi(aws.ToString(f.Id))
-		if err != nil || k < 0 || k >= len(batch) {
-			continue
-		}
-		done[k] = true
-		errs[batch[k].I] = describeEntry(msgs[batch[k].I], url, f)
+	failed := make([]awsmsg.Refusal, len(out.Failed))
+	for i, f := range out.Failed {
+		failed[i] = awsmsg.Refusal{ID: aws.ToString(f.Id), Code: aws.ToString(f.Code), Message: aws.ToString(f.Message), SenderFault: f.SenderFault}
 	}
-	for k, it := range batch {
-		if !done[k] {
-			errs[it.I] = fmt.Errorf("sqs: message %s to %s: SQS's answer does not mention it; publishing it again is safe: %w",
-				msgs[it.I].ID, url, exactly.ErrOutcomeUnknown)
-		}
-	}
+	awsmsg.RecordAnswer("sqs", "SQS", url, msgs, batch, ok, failed, errs, func(m *exactly.Message, f awsmsg.Refusal) error {
+		return describeEntry(m, url, f)
+	})
 	return nil
 }
 
@@ -241,9 +232,9 @@ var permanentCodes = map[string]bool{
 	"MessageTooLong":         true,
 }
 
-func describeEntry(m *exactly.Message, url string, f types.BatchResultErrorEntry) error {
-	err := fmt.Errorf("sqs: message %s to %s: refused: %s: %s", m.ID, url, aws.ToString(f.Code), aws.ToString(f.Message))
-	if f.SenderFault && permanentCodes[aws.ToString(f.Code)] {
+func describeEntry(m *exactly.Message, url string, f awsmsg.Refusal) error {
+	err := fmt.Errorf("sqs: message %s to %s: refused: %s: %s", m.ID, url, f.Code, f.Message)
+	if f.SenderFault && permanentCodes[f.Code] {
 		return exactly.Unpublishable(err)
 	}
 	return err

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 
 	"github.com/exactlyonce/exactly"
 )
@@ -67,6 +68,47 @@ func SendInBatches(ctx context.Context, pkg string, msgs []*exactly.Message, ite
 					blocked[m.Key] = it.I
 				}
 			}
+		}
+	}
+}
+
+// Refusal is one entry a batch call's answer lists as failed.
+type Refusal struct {
+	ID          string // the entry id the batch gave it: its index in the batch
+	Code        string
+	Message     string
+	SenderFault bool
+}
+
+// RecordAnswer records in errs the outcome of each item of a batch whose
+// call was answered: entries listed as successful are done, those listed as
+// failed get the error refused makes of them, and those the answer does not
+// mention may or may not be stored (exactly.ErrOutcomeUnknown), so they are
+// sent again. Entry ids are the items' indexes in batch, as sent. pkg and
+// what ("SQS", "SNS") and dest (the queue URL or topic ARN) name them in
+// errors.
+func RecordAnswer(pkg, what, dest string, msgs []*exactly.Message, batch []Item, successful []string, failed []Refusal, errs []error,
+	refused func(m *exactly.Message, r Refusal) error) {
+	done := make([]bool, len(batch))
+	index := func(id string) (int, bool) {
+		k, err := strconv.Atoi(id)
+		return k, err == nil && k >= 0 && k < len(batch)
+	}
+	for _, id := range successful {
+		if k, ok := index(id); ok {
+			done[k] = true
+		}
+	}
+	for _, f := range failed {
+		if k, ok := index(f.ID); ok {
+			done[k] = true
+			errs[batch[k].I] = refused(msgs[batch[k].I], f)
+		}
+	}
+	for k, it := range batch {
+		if !done[k] {
+			errs[it.I] = fmt.Errorf("%s: message %s to %s: %s's answer does not mention it; publishing it again is safe: %w",
+				pkg, msgs[it.I].ID, dest, what, exactly.ErrOutcomeUnknown)
 		}
 	}
 }
