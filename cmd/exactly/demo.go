@@ -42,6 +42,7 @@ const (
 	demoKafka  = "kafka"
 	demoNATS   = "nats"
 	demoPubsub = "pubsub"
+	demoSQS    = "sqs"
 )
 
 const demoOffsetsTable = "kafka_offsets"
@@ -54,10 +55,11 @@ type demoOptions struct {
 	verbose bool
 
 	db      string // "" for the embedded SQLite
-	broker  string // kafka, nats or pubsub; "" picks it from the address given
+	broker  string // kafka, nats, pubsub or sqs; "" picks it from the address given
 	kafka   string // "" for the in-process kfake
 	nats    string
 	pubsub  string // the emulator's host:port; "" for PUBSUB_EMULATOR_HOST, or the in-process pstest
+	sqs     string // the SQS endpoint (an emulator's, or AWS's)
 	redis   string
 	relay   string // poll or cdc
 	inbox   string // sql or redis
@@ -79,7 +81,11 @@ were marked sent, consumer crashes after the effect and before the offset
 commit or the ack, and rebalances (members leaving and joining; on Pub/Sub,
 a subscriber leaving the subscription and another taking over its
 messages). On Pub/Sub some publish answers are also lost on the wire after
-the server stored the message, and the client library sends it again. At
+the server stored the message, and the client library sends it again. On
+SQS some SendMessageBatch answers are lost after SQS stored the batch (the
+relay sends it again and the FIFO queue's deduplication drops the copies),
+and some deletes after the effect committed are lost, so SQS delivers the
+message again once its visibility timeout has passed. At
 the end it reads the database and prints what was written, published,
 delivered and applied. It
 exits 1 if any order's promotion was lost or applied twice (with the Redis
@@ -97,6 +103,10 @@ real services and pick the strategy:
   --broker pubsub                     Google Cloud Pub/Sub instead of Kafka: an in-process pstest
                                       server, or the emulator PUBSUB_EMULATOR_HOST names
   --pubsub host:8085                  a Pub/Sub emulator (topics and subscriptions of the run's own,
+                                      deleted at the end)
+  --sqs http://host:4566              Amazon SQS FIFO queues instead of Kafka, at this endpoint: an
+                                      emulator (dummy credentials), or https://sqs.REGION.amazonaws.com
+                                      with the standard AWS credential chain (queues of the run's own,
                                       deleted at the end)
   --redis redis://host:6379           the Redis inbox instead of the SQL one
   --offsets db                        Kafka offsets stored in the effect's transaction, and each id
@@ -121,8 +131,9 @@ real services and pick the strategy:
 	f.StringVar(&o.db, "db", "", "database: postgres://... or mysql://...; default an embedded SQLite")
 	f.StringVar(&o.kafka, "kafka", "", "comma-separated Kafka seed brokers; default an in-process Kafka (kfake)")
 	f.StringVar(&o.nats, "nats", "", "NATS URL (nats://host:4222): use JetStream instead of Kafka")
-	f.StringVar(&o.broker, "broker", "", "broker: kafka, nats or pubsub (default nats when --nats is given, pubsub when --pubsub is, else kafka)")
+	f.StringVar(&o.broker, "broker", "", "broker: kafka, nats, pubsub or sqs (default nats when --nats is given, pubsub when --pubsub is, sqs when --sqs is, else kafka)")
 	f.StringVar(&o.pubsub, "pubsub", "", "Pub/Sub emulator address (host:port): use Pub/Sub instead of Kafka; with --broker pubsub the default is PUBSUB_EMULATOR_HOST, else an in-process Pub/Sub (pstest)")
+	f.StringVar(&o.sqs, "sqs", "", "SQS endpoint (http://host:4566 for an emulator, https://sqs.REGION.amazonaws.com for AWS): use SQS FIFO queues instead of Kafka")
 	f.StringVar(&o.redis, "redis", "", "Redis address (redis://host:6379/0 or host:port) for the Redis inbox")
 	f.StringVar(&o.relay, "relay", sourcePoll, "outbox source of the relay: poll or cdc")
 	f.StringVar(&o.inbox, "inbox", "", "inbox: sql or redis (default redis when --redis is given, else sql)")
@@ -142,7 +153,7 @@ func (o *demoOptions) validate() error {
 	}
 	var given []string // the brokers' addresses given
 	implied := demoKafka
-	for _, b := range []struct{ name, addr string }{{demoKafka, o.kafka}, {demoNATS, o.nats}, {demoPubsub, o.pubsub}} {
+	for _, b := range []struct{ name, addr string }{{demoKafka, o.kafka}, {demoNATS, o.nats}, {demoPubsub, o.pubsub}, {demoSQS, o.sqs}} {
 		if b.addr != "" {
 			given, implied = append(given, "--"+b.name), b.name
 		}
@@ -154,16 +165,22 @@ func (o *demoOptions) validate() error {
 		o.broker = implied
 	}
 	switch o.broker {
-	case demoKafka, demoNATS, demoPubsub:
+	case demoKafka, demoNATS, demoPubsub, demoSQS:
 		if len(given) == 1 && implied != o.broker {
 			return fmt.Errorf("--broker %s and %s both given: the demo uses one broker", o.broker, given[0])
 		}
 	default:
-		return fmt.Errorf("--broker: unknown broker %q (want kafka, nats or pubsub)", o.broker)
+		return fmt.Errorf("--broker: unknown broker %q (want kafka, nats, pubsub or sqs)", o.broker)
 	}
 	switch {
 	case o.broker == demoNATS && o.nats == "":
 		return errors.New("--broker nats needs --nats nats://host:4222")
+	case o.broker == demoSQS && o.sqs == "":
+		return errors.New("--broker sqs needs --sqs ENDPOINT (http://host:4566 for an emulator, https://sqs.REGION.amazonaws.com for AWS)")
+	case o.sqs != "":
+		if err := checkSQSEndpoint(o.sqs); err != nil {
+			return err
+		}
 	case o.kafka != "" && len(splitList(o.kafka)) == 0:
 		return fmt.Errorf("--kafka %q: want host:port[,host:port...]", o.kafka)
 	case o.broker == demoPubsub:
@@ -210,6 +227,8 @@ func (o *demoOptions) validate() error {
 			return errors.New("--offsets db is for Kafka; NATS tracks its consumers' positions itself")
 		case demoPubsub:
 			return errors.New("--offsets db is for Kafka; Pub/Sub tracks what each subscription acknowledged itself")
+		case demoSQS:
+			return errors.New("--offsets db is for Kafka; SQS keeps a message until its consumer deletes it")
 		}
 		if o.redis != "" || o.inbox != inboxSQL {
 			return errors.New("--offsets db claims each id in the effect's transaction with the SQL inbox, which --redis and --inbox would replace; leave them out")
@@ -673,6 +692,10 @@ func (r *demoRun) setup(ctx context.Context) error {
 		if r.broker, err = newPubsubBroker(ctx, addr, from, r.id, r.f, r.log); err != nil {
 			return err
 		}
+	case demoSQS:
+		if r.broker, err = newSQSBroker(ctx, o.sqs, r.id, r.f, r.log); err != nil {
+			return err
+		}
 	default:
 		if kb, err = newKafkaBroker(ctx, splitList(o.kafka), r.id, r.log); err != nil {
 			return err
@@ -977,6 +1000,8 @@ func (r *demoRun) verdict(ctx context.Context, finished bool, lastProgress time.
 		storedNote = "the stream dropped re-sends within its duplicate window"
 	case demoPubsub:
 		storedNote = "re-sends included, and the client library's own after a lost answer"
+	case demoSQS:
+		storedNote = "distinct SQS message ids: the FIFO queue dropped re-sends within its deduplication window"
 	}
 	row("records on the broker", onBroker, storedNote)
 	row("deliveries", total, fmt.Sprintf("%d duplicates: re-sends, redeliveries after crashes and rebalances", total-distinct))
@@ -1022,6 +1047,9 @@ func (r *demoRun) verdict(ctx context.Context, finished bool, lastProgress time.
 		rebalanceNote = "rebalance (a subscriber left, another took over)"
 	case o.broker == demoNATS:
 		crashNote = "consumer crash after the effect, before the ack"
+	case o.broker == demoSQS:
+		crashNote = "consumer crash after the effect, before the delete"
+		rebalanceNote = "rebalance (a consumer left the queue, another joined)"
 	case o.offsets == offsetsDB:
 		crashNote = "consumer crash after the effect, before the commit"
 	}
@@ -1030,8 +1058,15 @@ func (r *demoRun) verdict(ctx context.Context, finished bool, lastProgress time.
 	if pb, ok := r.broker.(*pubsubBroker); ok {
 		frow("  of which on the wire, sent again by the client library", pb.lostWire.Load())
 	}
+	sb, onSQS := r.broker.(*sqsBroker)
+	if onSQS {
+		frow("  of which SendMessageBatch answers lost after SQS stored", sb.lostWire.Load())
+	}
 	frow("relay crash after the broker confirmed, before mark-sent", f.relayCrashes.Load())
 	frow(crashNote, f.consumerCrashes.Load())
+	if onSQS {
+		frow("delete lost after the effect (redelivered once visible)", sb.lostDeletes.Load())
+	}
 	frow(rebalanceNote, f.rebalances.Load())
 	fmt.Fprintf(out, "\ntook %s\n", time.Since(r.start).Round(time.Millisecond))
 
@@ -1061,7 +1096,8 @@ func (r *demoRun) verdict(ctx context.Context, finished bool, lastProgress time.
 	if len(problems) > 0 {
 		return &exitError{1, "FAILED: " + strings.Join(problems, "; ")}
 	}
-	if f.lostAcks.Load() == 0 || f.relayCrashes.Load() == 0 || f.consumerCrashes.Load() == 0 || f.rebalances.Load() == 0 {
+	if f.lostAcks.Load() == 0 || f.relayCrashes.Load() == 0 || f.consumerCrashes.Load() == 0 || f.rebalances.Load() == 0 ||
+		(onSQS && (sb.lostWire.Load() == 0 || sb.lostDeletes.Load() == 0)) {
 		return &exitError{1, "a fault kind was never injected: the run proved less than it should"}
 	}
 	switch {

@@ -15,6 +15,8 @@ import (
 	gpubsub "cloud.google.com/go/pubsub/v2"
 	pb "cloud.google.com/go/pubsub/v2/apiv1/pubsubpb"
 	"cloud.google.com/go/pubsub/v2/pstest"
+	"github.com/aws/aws-sdk-go-v2/aws"
+	awssqs "github.com/aws/aws-sdk-go-v2/service/sqs"
 	"github.com/twmb/franz-go/pkg/kfake"
 	"google.golang.org/api/option"
 	"google.golang.org/grpc"
@@ -39,8 +41,8 @@ func checkDemoTable(t *testing.T, out string, orders int) {
 		regexp.MustCompile(`(?m)^  dead-lettered\s+0\s`),
 		regexp.MustCompile(`(?m)^    publish ack lost \(a timeout after the broker accepted\)\s+[1-9]\d*$`),
 		regexp.MustCompile(`(?m)^    relay crash after the broker confirmed, before mark-sent\s+[1-9]\d*$`),
-		regexp.MustCompile(`(?m)^    consumer crash after the effect, before the (offset commit|ack|commit)\s+[1-9]\d*$`),
-		regexp.MustCompile(`(?m)^    rebalance \((a member left the group, another joined|a subscriber left, another took over)\)\s+[1-9]\d*$`),
+		regexp.MustCompile(`(?m)^    consumer crash after the effect, before the (offset commit|ack|commit|delete)\s+[1-9]\d*$`),
+		regexp.MustCompile(`(?m)^    rebalance \((a member left the group, another joined|a subscriber left, another took over|a consumer left the queue, another joined)\)\s+[1-9]\d*$`),
 		regexp.MustCompile(`(?m)^OK: every order's promotion applied`),
 	} {
 		if !want.MatchString(out) {
@@ -418,7 +420,15 @@ func TestDemoBadInput(t *testing.T) {
 		{[]string{"--kafka", "k:9092", "--nats", "nats://x:4222"}, "--kafka and --nats both given"},
 		{[]string{"--nats", "nats://x:4222", "--pubsub", "localhost:8085"}, "--nats and --pubsub both given"},
 		{[]string{"--broker", "pubsub", "--kafka", "k:9092"}, "--broker pubsub and --kafka both given"},
-		{[]string{"--broker", "sqs"}, `--broker: unknown broker "sqs" (want kafka, nats or pubsub)`},
+		{[]string{"--broker", "amqp"}, `--broker: unknown broker "amqp" (want kafka, nats, pubsub or sqs)`},
+		{[]string{"--broker", "sqs"}, "--broker sqs needs --sqs ENDPOINT"},
+		{[]string{"--sqs", "localhost:4566"}, `--sqs "localhost:4566": want the endpoint of SQS`},
+		{[]string{"--sqs", "http://"}, `--sqs "http://": want the endpoint of SQS`},
+		{[]string{"--sqs", "http://127.0.0.1:4566", "--nats", "nats://x:4222"}, "--nats and --sqs both given"},
+		{[]string{"--broker", "pubsub", "--sqs", "http://127.0.0.1:4566"}, "--broker pubsub and --sqs both given"},
+		{[]string{"--broker", "sqs", "--kafka", "k:9092"}, "--broker sqs and --kafka both given"},
+		{[]string{"--offsets", "db", "--sqs", "http://127.0.0.1:4566"}, "--offsets db is for Kafka; SQS keeps"},
+		{[]string{"--sqs", "http://127.0.0.1:1"}, "--sqs: cannot reach SQS at http://127.0.0.1:1"},
 		{[]string{"--broker", "nats"}, "--broker nats needs --nats nats://host:4222"},
 		{[]string{"--pubsub", "localhost"}, `--pubsub "localhost": want host:port of a Pub/Sub emulator`},
 		{[]string{"--offsets", "db", "--broker", "pubsub"}, "--offsets db is for Kafka; Pub/Sub tracks"},
@@ -507,5 +517,63 @@ func TestDemoExplainsDoubleApplications(t *testing.T) {
 	}
 	if got[4].times != 3 {
 		t.Errorf("order-5 applied %d times, want 3", got[4].times)
+	}
+}
+
+// The demo on SQS FIFO queues of the emulator: the run creates a queue and
+// its dead-letter queue of its own, loses deletes and SendMessageBatch
+// answers besides the common faults, and deletes its queues at the end.
+func TestDemoSQS(t *testing.T) {
+	testenv.Need(t, testenv.SQS)
+	endpoint := testenv.SQSEndpoint()
+	ctx := context.Background()
+	cfg, err := sqsDemoConfig(ctx, endpoint)
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := awssqs.NewFromConfig(cfg)
+	demoQueues := func() map[string]bool {
+		t.Helper()
+		out, err := client.ListQueues(ctx, &awssqs.ListQueuesInput{QueueNamePrefix: aws.String("exactly-demo-")})
+		if err != nil {
+			t.Fatalf("listing queues: %v", err)
+		}
+		m := map[string]bool{}
+		for _, u := range out.QueueUrls {
+			m[u] = true
+		}
+		return m
+	}
+	before := demoQueues()
+	start := time.Now()
+	out := runDemoT(t, demoOptions{orders: 200, seed: 21, sqs: endpoint})
+	t.Logf("the demo took %s", time.Since(start).Round(time.Millisecond))
+	checkDemoTable(t, out, 200)
+	if !strings.Contains(out, "SQLite (embedded) outbox -> poll relay -> SQS FIFO (emulator) -> consumer group of 3 -> SQL inbox") {
+		t.Errorf("unexpected set-up line:\n%s", out)
+	}
+	for _, want := range []*regexp.Regexp{
+		regexp.MustCompile(`(?m)^      of which SendMessageBatch answers lost after SQS stored\s+[1-9]\d*$`),
+		regexp.MustCompile(`(?m)^    delete lost after the effect \(redelivered once visible\)\s+[1-9]\d*$`),
+		// The FIFO queue dropped every re-send: one copy per order.
+		regexp.MustCompile(`(?m)^  records on the broker\s+200\s`),
+	} {
+		if !want.MatchString(out) {
+			t.Errorf("demo output lacks %s:\n%s", want, out)
+		}
+	}
+	for u := range demoQueues() {
+		if !before[u] {
+			t.Errorf("the demo left its queue %s on the emulator", u)
+		}
+	}
+
+	// --sqs implies the broker; --broker sqs needs it.
+	o := demoOptions{orders: 100, writers: 1, timeout: time.Second, relay: sourcePoll, offsets: offsetsKafka, sqs: endpoint}
+	if err := o.validate(); err != nil || o.broker != demoSQS {
+		t.Errorf("--sqs %s: validate: %v, broker %q", endpoint, err, o.broker)
+	}
+	if !isAWSEndpoint("https://sqs.eu-west-1.amazonaws.com") || isAWSEndpoint(endpoint) {
+		t.Errorf("isAWSEndpoint: AWS's endpoint and the emulator's told apart wrongly")
 	}
 }
