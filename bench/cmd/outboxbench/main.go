@@ -23,6 +23,7 @@ import (
 	"strings"
 	"time"
 
+	awssqs "github.com/aws/aws-sdk-go-v2/service/sqs"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
@@ -30,19 +31,21 @@ import (
 
 // config is what the flags set.
 type config struct {
-	pgDSN      string
-	natsURL    string
-	n          int
-	payload    int
-	keys       int
-	batch      int
-	headers    bool
-	latRate    int
-	latFor     time.Duration
-	wmPoll     time.Duration
-	timeout    time.Duration
-	repeat     int
-	profileDir string
+	pgDSN   string
+	natsURL string
+	// sqsEndpoint is the SQS emulator of the SQS rows.
+	sqsEndpoint string
+	n           int
+	payload     int
+	keys        int
+	batch       int
+	headers     bool
+	latRate     int
+	latFor      time.Duration
+	wmPoll      time.Duration
+	timeout     time.Duration
+	repeat      int
+	profileDir  string
 	// relayAsyncCommit runs the relay's connections with
 	// synchronous_commit=off: a what-if for the mark stage.
 	relayAsyncCommit bool
@@ -89,6 +92,8 @@ type bench struct {
 	sqlTrace sqlTracer
 	// ps is the run's pstest server, started by the first Pub/Sub row.
 	ps *pubsubFake
+	// sqs is the client of the SQS emulator, made by the first SQS row.
+	sqs *awssqs.Client
 }
 
 var rows = []row{
@@ -104,6 +109,8 @@ var rows = []row{
 	{id: "pubsub", repeat: true, num: "7", name: "ceiling: raw Pub/Sub publish loop to pstest (client library, ordering keys)", run: runPubsubCeiling},
 	{id: "pub-pubsub", repeat: true, num: "7b", name: "diagnostic: pubsub publisher alone, sequential Publish of -batch msgs, no database", run: runPubsubPublisherAlone},
 	{id: "relay-pubsub", repeat: true, num: "8", name: "exactly relay → Pub/Sub, pstest (pubsub publisher)", run: runRelayPubsub},
+	{id: "sqs", repeat: true, num: "9", name: "ceiling: raw SendMessageBatch loop to an SQS FIFO queue, emulator", run: runSQSCeiling},
+	{id: "relay-sqs", repeat: true, num: "10", name: "exactly relay → SQS FIFO, emulator (sqs publisher)", run: runRelaySQS},
 }
 
 func main() {
@@ -111,6 +118,7 @@ func main() {
 	var only string
 	flag.StringVar(&cfg.pgDSN, "pg", "postgres://postgres@127.0.0.1:5432/test?sslmode=disable", "PostgreSQL DSN")
 	flag.StringVar(&cfg.natsURL, "nats", "nats://127.0.0.1:4222", "NATS URL (JetStream enabled)")
+	flag.StringVar(&cfg.sqsEndpoint, "sqs", os.Getenv("EXACTLY_TEST_SQS_ENDPOINT"), "SQS emulator endpoint of rows 9 and 10 (default EXACTLY_TEST_SQS_ENDPOINT), e.g. http://127.0.0.1:4566")
 	flag.IntVar(&cfg.n, "n", 100000, "messages per drain row")
 	flag.IntVar(&cfg.payload, "payload", 200, "payload size in bytes")
 	flag.IntVar(&cfg.keys, "keys", 1000, "number of distinct ordering keys")
@@ -120,7 +128,7 @@ func main() {
 	flag.DurationVar(&cfg.latFor, "lat-duration", 10*time.Second, "how long the latency rows produce")
 	flag.DurationVar(&cfg.wmPoll, "wm-poll", 10*time.Millisecond, "Watermill subscriber poll interval in the latency row")
 	flag.DurationVar(&cfg.timeout, "row-timeout", 3*time.Minute, "give up on a row after this long")
-	flag.IntVar(&cfg.repeat, "repeat", 3, "rounds of the short drain rows (1-4, 7-8), one run of each per round; the median is reported")
+	flag.IntVar(&cfg.repeat, "repeat", 3, "rounds of the short drain rows (1-4, 7-10), one run of each per round; the median is reported")
 	flag.BoolVar(&cfg.relayAsyncCommit, "relay-async-commit", false, "what-if: run the relay's own connections with synchronous_commit=off (its mark transactions stop waiting for the WAL flush)")
 	flag.StringVar(&cfg.profileDir, "cpuprofile", "", "write a CPU profile of each row's timed section to `DIR`/<row>.pprof")
 	flag.StringVar(&only, "rows", "all", "rows to run, comma-separated ids or numbers: "+rowIDs())
@@ -197,7 +205,7 @@ func selectRows(spec string) ([]row, error) {
 			}
 		}
 		if !found {
-			return nil, fmt.Errorf("unknown row %q in -rows; want all or some of %s (or numbers 1-8)", s, rowIDs())
+			return nil, fmt.Errorf("unknown row %q in -rows; want all or some of %s (or numbers 1-10)", s, rowIDs())
 		}
 	}
 	var out []row
@@ -333,7 +341,7 @@ func (b *bench) trackBackend(ctx context.Context, conn *pgx.Conn) error {
 func needsNATS(selected []row) bool {
 	return slices.ContainsFunc(selected, func(r row) bool {
 		switch r.id {
-		case "sql", "relay-null", "pubsub", "pub-pubsub", "relay-pubsub":
+		case "sql", "relay-null", "pubsub", "pub-pubsub", "relay-pubsub", "sqs", "relay-sqs":
 			return false
 		}
 		return true
@@ -370,6 +378,7 @@ var ceilingOf = map[string]string{
 	"relay-null": "sql",
 	"relay-nats": "nats", "wm-default": "nats", "wm-queue": "nats",
 	"pubsub": "pubsub", "pub-pubsub": "pubsub", "relay-pubsub": "pubsub",
+	"sqs": "sqs", "relay-sqs": "sqs",
 }
 
 // ratioText compares a row with its ceiling: the median of the ratios of
@@ -451,6 +460,12 @@ func targetText(b *bench, id string) string {
 			return "≥ 0.80× row 7 (not run)"
 		}
 		return fmt.Sprintf("≥ 0.80× row 7: %s", verdict(ratioOf(b, "relay-pubsub", "pubsub") >= 0.8))
+	case "relay-sqs":
+		ceil, ok := b.results["sqs"]
+		if !ok || ceil.err != nil {
+			return "≥ 0.80× row 9 (not run)"
+		}
+		return fmt.Sprintf("≥ 0.80× row 9: %s", verdict(ratioOf(b, "relay-sqs", "sqs") >= 0.8))
 	}
 	return ""
 }
