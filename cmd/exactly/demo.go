@@ -1004,7 +1004,11 @@ func (r *demoRun) verdict(ctx context.Context, finished bool, lastProgress time.
 		storedNote = "distinct SQS message ids: the FIFO queue dropped re-sends within its deduplication window"
 	}
 	row("records on the broker", onBroker, storedNote)
-	row("deliveries", total, fmt.Sprintf("%d duplicates: re-sends, redeliveries after crashes and rebalances", total-distinct))
+	dupNote := "re-sends, redeliveries after crashes and rebalances"
+	if o.broker == demoSQS && onBroker == v.orders {
+		dupNote = "redeliveries after lost deletes, crashes and rebalances (the FIFO queue dropped the re-sends)"
+	}
+	row("deliveries", total, fmt.Sprintf("%d duplicates: %s", total-distinct, dupNote))
 	row("duplicates absorbed", absorbed, absorbedBy)
 	row("effects applied", v.applied, "one promotion per order")
 	if finished {
