@@ -46,7 +46,7 @@ func newRoot() *cobra.Command {
 		Version:       versionLine(),
 	}
 	root.SetVersionTemplate("{{.Version}}\n")
-	root.AddCommand(demoCmd(), migrateCmd(), outboxCmd(), inboxCmd(), relayCmd(), versionCmd())
+	root.AddCommand(demoCmd(), migrateCmd(), outboxCmd(), inboxCmd(), relayCmd(), consoleCmd(), versionCmd())
 	return root
 }
 

@@ -60,6 +60,9 @@ type relayFlags struct {
 	debeziumTable    string
 	kafkaExactlyOnce bool
 
+	// console: the ops console's pages on the admin server (console.go)
+	console, consoleActions bool
+
 	// tune holds the relay.Config and pgcdc.Config settings (relaysettings.go).
 	tune relayTuning
 	// origin says where a setting not given as a flag came from, for errors.
@@ -121,7 +124,8 @@ Every relay.Config setting a deployment tunes has a flag (StrictOrder:
 InitialBackoff and MaxBackoff: --initial-backoff and --max-backoff, ...),
 and so do the cdc source's (--max-pending, --status-interval, ...).
 
-Admin HTTP on --admin-addr: /metrics (Prometheus), /healthz, /readyz. They
+Admin HTTP on --admin-addr: /metrics (Prometheus), /healthz, /readyz, and with
+--console the ops console's pages under /console/ (see exactly console). They
 have no authentication: keep them on a loopback or private address.`,
 		Example: `  exactly relay --db postgres://relay@127.0.0.1:5432/app --broker nats --nats-url nats://127.0.0.1:4222
   exactly relay --db 'mysql://root@tcp(127.0.0.1:3306)/test' --broker kafka --kafka-brokers 127.0.0.1:9092
@@ -191,6 +195,8 @@ Quote a MySQL DSN: the shell reads its parentheses.`,
 	fl.StringVar(&f.aws.snsPrefix, "sns-arn-prefix", "", "sns: ARN prefix of the topics not in --sns-topics, e.g. arn:aws:sns:eu-west-1:123456789012: (env EXACTLY_SNS_ARN_PREFIX)")
 	addTunables(fl, f.tune.tunables())
 	fl.StringVar(&f.adminAddr, "admin-addr", "127.0.0.1:9464", "address of the admin HTTP server (/metrics, /healthz, /readyz; no authentication) (env EXACTLY_ADMIN_ADDR)")
+	fl.BoolVar(&f.console, "console", false, "serve the ops console's pages under /console/ on the admin server, read-only (env EXACTLY_CONSOLE)")
+	fl.BoolVar(&f.consoleActions, "console-actions", false, "with --console: enable retrying and purging dead messages from the pages (env EXACTLY_CONSOLE_ACTIONS)")
 	fl.StringVar(&f.logFormat, "log-format", "text", "log format: text or json (env EXACTLY_LOG_FORMAT)")
 	fl.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error (env EXACTLY_LOG_LEVEL)")
 	fl.BoolVar(&f.tls.enabled, "tls", false, "connect to the broker over TLS, verified against the system roots (env EXACTLY_TLS)")
@@ -223,6 +229,9 @@ func (f *relayFlags) validate(fl *pflag.FlagSet) (*slog.Logger, error) {
 	}
 	if strings.TrimSpace(f.table) == "" {
 		return nil, errors.New("--table must not be empty")
+	}
+	if f.consoleActions && !f.console {
+		return nil, errors.New("--console-actions is for the console's pages: add --console")
 	}
 	if err := checkSource(f.source, dialectOf(f.dsn)); err != nil {
 		return nil, fmt.Errorf("--source: %w", err)
@@ -544,6 +553,13 @@ func runRelay(ctx context.Context, f *relayFlags, log *slog.Logger) error {
 		}
 		fmt.Fprintln(w, "ready")
 	})
+	if f.console {
+		closeConsole, err := mountConsole(ctx, mux, f, db.handle, ob, m.reg, log)
+		if err != nil {
+			return err
+		}
+		defer closeConsole()
+	}
 	srv := &http.Server{Handler: hide.Handler(mux), ReadHeaderTimeout: 5 * time.Second}
 	srvErr := make(chan error, 1)
 	go func() { srvErr <- srv.Serve(ln) }()
