@@ -2,6 +2,7 @@ package chaos_test
 
 import (
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"testing"
@@ -22,6 +23,12 @@ func options(t *testing.T) chaos.Options {
 			}
 			t.Skipf("the chaos suite needs %s: %v", b, err)
 		}
+	}
+	if _, err := exec.LookPath("node"); err != nil && os.Getenv("CHAOS_NODE") == "" {
+		if testenv.InCI() {
+			t.Fatalf("the chaos suite's SQS pipeline runs fauxqs under Node.js: %v", err)
+		}
+		t.Skipf("the chaos suite's SQS pipeline runs fauxqs under Node.js: %v", err)
 	}
 	var o chaos.Options
 	if s := os.Getenv("CHAOS_SEED"); s != "" {
@@ -44,7 +51,8 @@ func (w testWriter) Write(p []byte) (int, error) {
 }
 
 // TestChaos is the bounded run: every pipeline, at least three faults of
-// every kind, then the checker. Replay a run with CHAOS_SEED=<seed>.
+// every kind (and each of CoverFaults on the SQS and Pub/Sub pipelines),
+// then the checker. Replay a run with CHAOS_SEED=<seed>.
 func TestChaos(t *testing.T) {
 	o := options(t)
 	o.PerKind, o.Extra = 3, 3
@@ -63,6 +71,14 @@ func TestChaos(t *testing.T) {
 	for _, p := range rep.Pipelines {
 		if p.Written == 0 || p.Applied == 0 {
 			t.Errorf("%s: nothing written or applied", p.Name)
+		}
+		if !chaos.Pipelines[p.Name].Cover {
+			continue
+		}
+		for _, k := range chaos.CoverFaults {
+			if p.Faults[k] == 0 {
+				t.Errorf("%s: no fault of kind %s hit it", p.Name, k)
+			}
 		}
 	}
 	if !rep.OK() {

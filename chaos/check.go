@@ -46,6 +46,13 @@ type PipelineReport struct {
 	Dead int
 
 	Exact, BrokerOrderPromised, EffectOrderPromised bool
+
+	// Faults counts, by kind, the faults that hit this pipeline: kill and
+	// pause of its relay or consumer, kill bursts and churn of its
+	// consumer group, network faults on the proxy of its broker, of
+	// PostgreSQL or of its Redis inbox, restarts of its broker or of
+	// PostgreSQL.
+	Faults map[string]int
 }
 
 // Failed lists what breaks a promise in this pipeline.
@@ -110,6 +117,9 @@ func (r *Report) Print(w io.Writer) {
 			p.Delivered, p.DupDelivered, p.Applied, p.Lost, p.Twice, p.Explained, bo, eo, p.Dead)
 	}
 	tw.Flush()
+	for _, p := range r.Pipelines {
+		fmt.Fprintf(w, "faults hitting %s: %s\n", p.Name, FormatFaults(p.Faults))
+	}
 	for _, f := range r.Failures() {
 		fmt.Fprintln(w, "FAIL:", f)
 	}
@@ -189,9 +199,14 @@ func (h *harness) check(ctx context.Context) (*Report, error) {
 			continue
 		}
 		var l *brokerLog
-		if p.Broker == "nats" {
+		switch p.Broker {
+		case "nats":
 			l, err = h.readNATS(ctx, p.Subject)
-		} else {
+		case "sqs":
+			l, err = h.readSQS(ctx, pool, p.Name)
+		case "pubsub":
+			l, err = h.readPubsub(ctx)
+		default:
 			l, err = h.readKafka(ctx)
 		}
 		if err != nil {

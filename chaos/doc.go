@@ -9,9 +9,16 @@
 // PostgreSQL (internal/pginstance, wal_level=logical), nats-server with
 // JetStream, redis-server and kfake (franz-go's Kafka-protocol broker, run
 // by chaos/cmd/worker -role kfaked with a data directory and an fsync per
-// write, so that it can be killed and restarted). The workers are one binary,
-// chaos/cmd/worker, built once per run (without the race detector unless
-// Options.WorkerRace; the orchestrator itself runs under the test's flags):
+// write, so that it can be killed and restarted); with the SQS pipeline,
+// fauxqs (the SQS emulator of scripts/aws-emulator, under Node.js, installed
+// by that script into .cache/fauxqs when missing); with the Pub/Sub pipeline,
+// pstest (the Go client library's Pub/Sub fake) run by chaos/cmd/pstest.
+// fauxqs and pstest keep their state in memory only: a restart would lose
+// every queue, topic and message, so neither is ever restarted (they meet
+// kill and pause of their clients and the network faults, not restarts).
+// The workers are one binary, chaos/cmd/worker, built once per run with
+// chaos/cmd/pstest (without the race detector unless Options.WorkerRace;
+// the orchestrator itself runs under the test's flags):
 //
 //   - producer: per key (16 by default) orders with sequence 1, 2, 3, ...
 //     each in one transaction with a chaos_orders row, one outbox message
@@ -20,7 +27,12 @@
 //   - relay-nats, relay-kafka and relay-kafka-2: the polling relay
 //     (StrictOrder) on chaos_outbox_nats, and two of them sharing the
 //     partitions of chaos_outbox_kafka; relay-cdc: pgcdc reading
-//     chaos_outbox_cdc from a replication slot, publishing to NATS.
+//     chaos_outbox_cdc from a replication slot, publishing to NATS;
+//     relay-sqs: the polling relay (StrictOrder) on chaos_outbox_sqs,
+//     publishing through the sqs Publisher to the FIFO queue
+//     chaos-orders.fifo (MessageGroupId the key, MessageDeduplicationId the
+//     id); relay-pubsub: the same on chaos_outbox_pubsub through the pubsub
+//     Publisher (ordering key the key).
 //   - consumers, one process per pipeline:
 //     nats-sql (JetStream durable consumer, SQL inbox in the effect's
 //     transaction), nats-cdc (the same on the CDC relay's subject),
@@ -28,9 +40,11 @@
 //     compare-and-set, plus a claim of the message id in the same
 //     transaction), kafka-redis (consumer group committing offsets after the
 //     effect, Redis inbox, effect in PostgreSQL outside any shared
-//     transaction).
+//     transaction), sqs-sql (the sqs Consumer on the FIFO queue, visibility
+//     timeout 3s, SQL inbox in the effect's transaction), pubsub-sql (the
+//     pubsub Consumer on a subscription with message ordering, SQL inbox).
 //
-// Workers reach PostgreSQL, NATS, Redis and kfake through TCP fault proxies
+// Workers reach PostgreSQL, NATS, Redis, kfake, fauxqs and pstest through TCP fault proxies
 // (Shopify's toxiproxy, in process); Kafka clients dial the proxy through a
 // custom dialer, since kfake advertises its own address. The checker
 // connects directly.
@@ -43,17 +57,33 @@
 // killed 3-4 times inside its session timeout, restarted 0-300ms after
 // each kill; SIGSTOP for 4-8s, longer than the Kafka session (3s), the
 // NATS AckWait (3s), the Redis lease (5s) and the relay lease (2s), then
-// SIGCONT, so the process wakes as a zombie; an extra member joining a
-// Kafka group or pulling from a NATS durable for 4-9s and leaving) and infrastructure (latency 100-300ms,
+// SIGCONT, so the process wakes as a zombie (on Pub/Sub the ack deadline
+// is at least 10s, the library's least extension, so a pause there is a stall
+// more often than a zombie); an extra member joining a
+// Kafka group, pulling from a NATS durable, receiving from the SQS queue or
+// the Pub/Sub subscription for 4-9s and leaving) and infrastructure (latency 100-300ms,
 // all connections dropped with the port closed for up to 2s, a black hole
-// of 2-6s, on one of the four proxies; PostgreSQL restart, fast or
+// of 2-6s, on one of the proxies; PostgreSQL restart, fast or
 // immediate; nats-server restart; kfake restart by SIGTERM or SIGKILL).
+// The pipelines marked Cover (sqs-sql, pubsub-sql) meet every kind of
+// CoverFaults at least once per run: kill and pause of their relay or
+// consumer and each network fault on their broker's proxy; where the seeded
+// draw missed one, a fault is added at a random place of its lane. The
+// report counts, per pipeline, the faults that hit it.
 //
 // # What the checker counts, per pipeline
 //
 //   - written: chaos_written rows of its outbox (committed messages).
 //   - published: written messages found on the broker (the whole stream
-//     subject or topic is read); copies: the records carrying them.
+//     subject or topic is read); copies: the records carrying them. On
+//     Pub/Sub, an audit subscription made before the first publish holds
+//     every copy pstest stored, in the order of its message ids. An SQS
+//     queue cannot be read afterwards (its consumers deleted what they
+//     applied): there published is the written messages delivered at
+//     least once, one copy each, and the broker order is the order of the
+//     first deliveries per key, which a FIFO queue hands out one at a time
+//     per group; copies SQS dropped within its 5-minute deduplication window
+//     are not visible, and one stored after it would be a dup delivery.
 //   - delivered: deliveries handed to the consumer's handler (a retry of
 //     one delivery is not another); dup delivered: those of a message
 //     delivered before.
@@ -72,14 +102,19 @@
 //   - broker order: per key, in broker order (stream sequence; per
 //     partition for Kafka), the first copy of each message whose sequence
 //     is below one seen before. Promised by the polling relay with
-//     StrictOrder; fails the run there. Reported only for the CDC relay,
+//     StrictOrder (and kept by a FIFO queue's group and a Pub/Sub ordering
+//     key); fails the run there. Reported only for the CDC relay,
 //     which has no strict mode: a retried message goes out again after the
 //     ones of its key the broker took, and NATS drops those re-sends within
 //     its duplicate window.
 //   - effect order: per key, in effect-row order, the first application of
 //     each message whose sequence is below one applied before. Promised by
 //     the Kafka consumers (a partition is handled in order and resumes from
-//     the committed or stored offset); fails the run there. Reported only
+//     the committed or stored offset), by the SQS consumer on a FIFO queue
+//     (a group's next message is not handed out before the one in flight is
+//     deleted or its visibility ran out) and by the Pub/Sub consumer on an
+//     ordered subscription (a key's next message waits for the ack of the
+//     one before); fails the run there. Reported only
 //     for NATS, whose redeliveries after a crash come after later messages
 //     (see the nats package documentation).
 //   - dead: messages parked by a relay or dead-lettered by a consumer.

@@ -77,7 +77,12 @@ func (h *harness) schedule() (procLane, infraLane []fault) {
 	for _, p := range sortedKeys(h.extras) {
 		churn = append(churn, p)
 	}
-	services := []string{"pg", "nats", "redis", "kafka"}
+	var services []string // the proxies, in a stable order
+	for _, s := range []string{"pg", "nats", "redis", "kafka", "sqs", "pubsub"} {
+		if h.proxies.byName[s] != nil {
+			services = append(services, s)
+		}
+	}
 	ms := func(lo, hi int) time.Duration { return time.Duration(lo+rng.IntN(hi-lo+1)) * time.Millisecond }
 	for _, k := range kinds {
 		f := fault{kind: k, gap: max(ms(1000, 3000), h.opts.MinGap), mode: rng.IntN(2)}
@@ -119,7 +124,83 @@ func (h *harness) schedule() (procLane, infraLane []fault) {
 			infraLane = append(infraLane, f)
 		}
 	}
+	// Cover: a pipeline marked so gets every kind of CoverFaults at least
+	// once; where the draw missed it, a fault is added at a random place of
+	// its lane.
+	for _, p := range h.pipelines {
+		if !p.Cover {
+			continue
+		}
+		for _, k := range CoverFaults {
+			if !slices.Contains(h.opts.Kinds, k) || slices.ContainsFunc(append(slices.Clone(procLane), infraLane...), func(f fault) bool {
+				return f.kind == k && slices.Contains(h.pipelinesHit(f), p.Name)
+			}) {
+				continue
+			}
+			f := fault{kind: k, gap: max(ms(1000, 3000), h.opts.MinGap), mode: rng.IntN(2)}
+			lane := &infraLane
+			switch k {
+			case FaultKill, FaultPause:
+				var mine []string
+				for _, t := range targets {
+					if t == p.Name || t == p.Relay {
+						mine = append(mine, t)
+					}
+				}
+				if len(mine) == 0 {
+					continue // Options.Targets leaves it out
+				}
+				f.target, f.d = mine[rng.IntN(len(mine))], ms(300, 2000)
+				if k == FaultPause {
+					f.d = ms(4000, 8000)
+				}
+				lane = &procLane
+			case FaultLatency:
+				f.target, f.d = p.Broker, ms(3000, 6000)
+			case FaultDrop:
+				f.target, f.d = p.Broker, ms(300, 2000)
+			case FaultBlackhole:
+				f.target, f.d = p.Broker, ms(2000, 6000)
+			}
+			*lane = slices.Insert(*lane, rng.IntN(len(*lane)+1), f)
+		}
+	}
 	return procLane, infraLane
+}
+
+// CoverFaults are the kinds every pipeline marked Cover (sqs-sql,
+// pubsub-sql) meets at least once per run: kill and pause of its relay or
+// consumer, and each network fault on the proxy of its broker.
+var CoverFaults = []string{FaultKill, FaultPause, FaultLatency, FaultDrop, FaultBlackhole}
+
+// pipelinesHit names the pipelines of the run a fault hits: a process
+// fault on a pipeline's relay or consumer, a network fault on the proxy of
+// its broker (or of PostgreSQL, which every pipeline uses, or Redis, its
+// inbox), a restart of its broker or of PostgreSQL. A fault of the producer
+// hits none.
+func (h *harness) pipelinesHit(f fault) []string {
+	var out []string
+	for _, p := range h.pipelines {
+		var hit bool
+		switch f.kind {
+		case FaultKill, FaultPause:
+			hit = f.target == p.Name || f.target == p.Relay || p.Relay == "relay-kafka" && f.target == "relay-kafka-2"
+		case FaultKillBurst, FaultChurn:
+			hit = f.target == p.Name
+		case FaultLatency, FaultDrop, FaultBlackhole:
+			hit = f.target == "pg" || f.target == p.Broker || f.target == "redis" && p.Role == "consumer-redis-inbox"
+		case FaultPGRestart:
+			hit = true
+		case FaultNATSRestart:
+			hit = p.Broker == "nats"
+		case FaultKfakeRestart:
+			hit = p.Broker == "kafka"
+		}
+		if hit {
+			out = append(out, p.Name)
+		}
+	}
+	return out
 }
 
 func (h *harness) hasChurn() bool { return len(h.extras) > 0 }
@@ -187,6 +268,14 @@ func (h *harness) inject(ctx context.Context) {
 
 func (h *harness) apply(ctx context.Context, f fault) error {
 	h.countFault(f.kind)
+	h.mu.Lock()
+	for _, p := range h.pipelinesHit(f) {
+		if h.hits[p] == nil {
+			h.hits[p] = map[string]int{}
+		}
+		h.hits[p][f.kind]++
+	}
+	h.mu.Unlock()
 	switch f.kind {
 	case FaultKill:
 		p := h.workerByRole(f.target)

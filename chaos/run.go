@@ -35,13 +35,29 @@ const (
 	outboxCDC    = "chaos_outbox_cdc"
 	inboxTable   = "chaos_inbox"
 	offsetsTable = "chaos_kafka_offsets"
+
+	outboxSQS    = "chaos_outbox_sqs"
+	outboxPubsub = "chaos_outbox_pubsub"
+	// sqsQueue is the FIFO queue of the SQS pipeline (the messages' Topic),
+	// sqsDLQ its consumer's dead-letter queue.
+	sqsQueue = "chaos-orders.fifo"
+	sqsDLQ   = "chaos-orders-dlq.fifo"
+	// The Pub/Sub pipeline's project, topic (the messages' Topic), ordered
+	// subscription and dead-letter topic; the audit subscriptions are read by
+	// the checker only.
+	pubsubProject  = "chaos"
+	pubsubTopic    = "chaos-orders"
+	pubsubSub      = "chaos-orders-consumer"
+	pubsubDLQ      = "chaos-orders.dlq"
+	pubsubAudit    = "chaos-orders-audit"
+	pubsubDLQAudit = "chaos-orders-dlq-audit"
 )
 
 // A pipeline is one path from the outbox to an effect.
 type pipeline struct {
 	Name   string
 	Outbox string // outbox table the producer writes its messages to
-	Broker string // "nats" or "kafka"
+	Broker string // "nats", "kafka", "sqs" or "pubsub"
 	// Subject is the NATS subject (the Kafka topic is always "chaos").
 	Subject string
 	// Relay is the relay role: relay-nats and relay-kafka poll the outbox
@@ -63,6 +79,10 @@ type pipeline struct {
 	Args []string
 	// Churn: extra members may join and leave its consumer group.
 	Churn bool
+	// Cover: every fault kind of CoverFaults hits this pipeline at least
+	// once in every run (faults are added to the random schedule where it
+	// missed it).
+	Cover bool
 }
 
 // Pipelines lists every pipeline the suite knows, by name.
@@ -87,10 +107,22 @@ var Pipelines = map[string]pipeline{
 	// out of sequence (pgcdc has no strict-order mode). Reported, not gated.
 	"nats-cdc": {Name: "nats-cdc", Outbox: outboxCDC, Broker: "nats", Subject: cdcSubject, Relay: "relay-cdc",
 		Role: "consumer-sql-inbox", Group: "chaos-cdc", Exact: true, Churn: true},
+	// SQS: the polling relay publishes through the sqs Publisher to a FIFO
+	// queue on fauxqs (MessageGroupId the key, MessageDeduplicationId the
+	// id); the sqs Consumer applies with the SQL inbox. A FIFO queue keeps
+	// each group's order and hands out one group's messages one at a time,
+	// so both orders are promised.
+	"sqs-sql": {Name: "sqs-sql", Outbox: outboxSQS, Broker: "sqs", Relay: "relay-sqs",
+		Role: "consumer-sqs", Group: "chaos-sqs", Exact: true, BrokerOrder: true, EffectOrder: true, Churn: true, Cover: true},
+	// Pub/Sub: the polling relay publishes through the pubsub Publisher
+	// (ordering key the key) to pstest; the pubsub Consumer pulls from a
+	// subscription with message ordering and applies with the SQL inbox.
+	"pubsub-sql": {Name: "pubsub-sql", Outbox: outboxPubsub, Broker: "pubsub", Relay: "relay-pubsub",
+		Role: "consumer-pubsub", Group: "chaos-pubsub", Exact: true, BrokerOrder: true, EffectOrder: true, Churn: true, Cover: true},
 }
 
 // DefaultPipelines are the ones a run checks unless told otherwise.
-var DefaultPipelines = []string{"nats-sql", "nats-cdc", "kafka-db", "kafka-redis"}
+var DefaultPipelines = []string{"nats-sql", "nats-cdc", "kafka-db", "kafka-redis", "sqs-sql", "pubsub-sql"}
 
 // Options configure one run. Zero values take the defaults.
 type Options struct {
@@ -140,10 +172,15 @@ type harness struct {
 	natsP  *proc
 	redisP *proc
 	kfakeP *proc
+	sqsP   *proc // fauxqs, when a pipeline uses SQS
+	psP    *proc // pstest, when a pipeline uses Pub/Sub
 
 	proxies                            *proxies
 	pgVia, natsVia, redisVia, kafkaVia string
 	natsAddr, redisAddr, kafkaAddr     string
+	sqsAddr, sqsVia, sqsQueueURL       string
+	sqsDLQURL                          string
+	psAddr, psVia                      string
 
 	worker    string
 	pipelines []pipeline
@@ -157,8 +194,9 @@ type harness struct {
 	mu       sync.Mutex
 	problems []string
 	faults   map[string]int
-	killed   map[string]bool // incarnations ended by SIGKILL
-	paused   map[string]bool // incarnations paused at least once
+	hits     map[string]map[string]int // pipeline -> fault kind -> faults that hit it
+	killed   map[string]bool           // incarnations ended by SIGKILL
+	paused   map[string]bool           // incarnations paused at least once
 }
 
 func (h *harness) logf(format string, args ...any) {
@@ -190,11 +228,11 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 	if err := opts.defaults(); err != nil {
 		return nil, err
 	}
-	if err := checkBinaries(); err != nil {
+	if err := checkBinaries(opts.Pipelines); err != nil {
 		return nil, err
 	}
 	h := &harness{opts: opts, log: opts.Log, t0: time.Now(), relays: map[string]*proc{}, consumers: map[string]*proc{},
-		extras: map[string]*proc{}, faults: map[string]int{}, killed: map[string]bool{}, paused: map[string]bool{}}
+		extras: map[string]*proc{}, faults: map[string]int{}, hits: map[string]map[string]int{}, killed: map[string]bool{}, paused: map[string]bool{}}
 	keep := opts.Dir != ""
 	if keep {
 		h.dir = opts.Dir
@@ -314,6 +352,9 @@ func (h *harness) run(ctx context.Context) (*Report, error) {
 	h.mu.Lock()
 	rep.Problems = append(rep.Problems, h.problems...)
 	rep.Faults = h.faults
+	for i := range rep.Pipelines {
+		rep.Pipelines[i].Faults = h.hits[rep.Pipelines[i].Name]
+	}
 	h.mu.Unlock()
 	rep.Seed = h.opts.Seed
 	rep.Took = time.Since(h.t0)
@@ -359,16 +400,59 @@ func (h *harness) startServices(ctx context.Context) error {
 		return err
 	}
 
+	type upstream struct {
+		name, addr string
+		via        *string
+	}
+	ups := []upstream{{"pg", h.pg.Addr(), &h.pgVia}, {"nats", h.natsAddr, &h.natsVia}, {"redis", h.redisAddr, &h.redisVia}, {"kafka", h.kafkaAddr, &h.kafkaVia}}
+	if h.uses("sqs") {
+		if err := h.startFauxqs(ctx); err != nil {
+			return err
+		}
+		ups = append(ups, upstream{"sqs", h.sqsAddr, &h.sqsVia})
+	}
+	if h.uses("pubsub") {
+		port, err := freePort()
+		if err != nil {
+			return err
+		}
+		h.psAddr = "127.0.0.1:" + itoa(port)
+		h.psP = &proc{h: h, role: "pstest", path: filepath.Join(filepath.Dir(h.worker), "pstest"), args: []string{"-port", itoa(port)}}
+		if err := h.startService(ctx, h.psP, h.psAddr); err != nil {
+			return err
+		}
+		ups = append(ups, upstream{"pubsub", h.psAddr, &h.psVia})
+	}
+
 	h.proxies = newProxies()
-	for _, p := range []struct {
-		name, upstream string
-		via            *string
-	}{{"pg", h.pg.Addr(), &h.pgVia}, {"nats", h.natsAddr, &h.natsVia}, {"redis", h.redisAddr, &h.redisVia}, {"kafka", h.kafkaAddr, &h.kafkaVia}} {
-		if *p.via, err = h.proxies.add(p.name, p.upstream); err != nil {
+	for _, p := range ups {
+		if *p.via, err = h.proxies.add(p.name, p.addr); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// uses reports whether a pipeline of the run goes through broker.
+func (h *harness) uses(broker string) bool {
+	return slices.ContainsFunc(h.pipelines, func(p pipeline) bool { return p.Broker == broker })
+}
+
+// startFauxqs starts the SQS emulator (fauxqs, under Node.js) on a free
+// port, installing it first with scripts/aws-emulator when it is missing.
+// It keeps its queues in memory, so the suite never restarts it.
+func (h *harness) startFauxqs(ctx context.Context) error {
+	app, err := fauxqsApp(ctx)
+	if err != nil {
+		return err
+	}
+	port, err := freePort()
+	if err != nil {
+		return err
+	}
+	h.sqsAddr = "127.0.0.1:" + itoa(port)
+	h.sqsP = &proc{h: h, role: "fauxqs", path: nodeBin(), args: []string{filepath.Join(repoRoot(), "scripts", "fauxqs", "server.mjs"), app, itoa(port)}}
+	return h.startService(ctx, h.sqsP, h.sqsAddr)
 }
 
 // startService starts a server process and waits until addr accepts
@@ -387,7 +471,8 @@ CREATE TABLE chaos_written (outbox text NOT NULL, msg_id text PRIMARY KEY, key t
 CREATE TABLE chaos_effects (id bigserial PRIMARY KEY, pipeline text NOT NULL, msg_id text NOT NULL,
 	key text NOT NULL, seq bigint NOT NULL, worker text NOT NULL, applied_at timestamptz NOT NULL DEFAULT clock_timestamp());
 CREATE INDEX ON chaos_effects (pipeline, msg_id);
-CREATE TABLE chaos_deliveries (pipeline text NOT NULL, msg_id text NOT NULL, worker text NOT NULL);
+-- id: the order of the deliveries (per key, the order the consumer received them).
+CREATE TABLE chaos_deliveries (id bigserial PRIMARY KEY, pipeline text NOT NULL, msg_id text NOT NULL, worker text NOT NULL);
 `
 
 func (h *harness) setup(ctx context.Context) error {
@@ -399,7 +484,7 @@ func (h *harness) setup(ctx context.Context) error {
 	if _, err := pool.Exec(ctx, schema); err != nil {
 		return fmt.Errorf("chaos schema: %w", err)
 	}
-	for _, t := range []string{outboxNATS, outboxKafka, outboxCDC} {
+	for _, t := range []string{outboxNATS, outboxKafka, outboxCDC, outboxSQS, outboxPubsub} {
 		ob, err := outbox.New(outbox.Config{Dialect: outbox.Postgres, Table: t})
 		if err != nil {
 			return err
@@ -427,9 +512,21 @@ func (h *harness) setup(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	_, err = js.CreateStream(ctx, jetstream.StreamConfig{Name: natsStream, Subjects: []string{"chaos.>"},
-		Storage: jetstream.FileStorage, Duplicates: 2 * time.Minute})
-	return err
+	if _, err = js.CreateStream(ctx, jetstream.StreamConfig{Name: natsStream, Subjects: []string{"chaos.>"},
+		Storage: jetstream.FileStorage, Duplicates: 2 * time.Minute}); err != nil {
+		return err
+	}
+	if h.uses("sqs") {
+		if err := h.setupSQS(ctx); err != nil {
+			return fmt.Errorf("SQS queues: %w", err)
+		}
+	}
+	if h.uses("pubsub") {
+		if err := h.setupPubsub(ctx); err != nil {
+			return fmt.Errorf("Pub/Sub topics: %w", err)
+		}
+	}
+	return nil
 }
 
 // workerProc describes a worker role with the addresses of the proxies.
@@ -440,6 +537,10 @@ func (h *harness) workerProc(role string, args ...string) *proc {
 		"CHAOS_REDIS=" + h.redisVia,
 		"CHAOS_KAFKA=" + h.kafkaAddr,
 		"CHAOS_KAFKA_VIA=" + h.kafkaVia,
+		"CHAOS_SQS=http://" + h.sqsVia,
+		"CHAOS_SQS_QUEUE=" + h.sqsQueueURL,
+		"CHAOS_SQS_DLQ=" + h.sqsDLQURL,
+		"CHAOS_PUBSUB=" + h.psVia,
 	}}
 }
 
@@ -552,7 +653,7 @@ func (h *harness) teardown() {
 	if h.proxies != nil {
 		h.proxies.closeAll()
 	}
-	for _, p := range []*proc{h.natsP, h.redisP, h.kfakeP} {
+	for _, p := range []*proc{h.natsP, h.redisP, h.kfakeP, h.sqsP, h.psP} {
 		if p != nil {
 			p.stop()
 		}

@@ -54,15 +54,16 @@ func waitTCP(ctx context.Context, addr string, timeout time.Duration) error {
 	}
 }
 
-// buildWorker compiles chaos/cmd/worker into dir. race builds it with the
+// buildWorker compiles chaos/cmd/worker and chaos/cmd/pstest into dir and
+// returns the worker's path (pstest is beside it). race builds them with the
 // race detector (slower workers, more checking).
 func buildWorker(ctx context.Context, dir string, race bool) (string, error) {
 	out := filepath.Join(dir, "worker")
-	args := []string{"build", "-o", out}
+	args := []string{"build", "-o", dir + string(filepath.Separator)}
 	if race {
 		args = append(args, "-race")
 	}
-	args = append(args, "github.com/exactlyonce/exactly/chaos/cmd/worker")
+	args = append(args, "github.com/exactlyonce/exactly/chaos/cmd/worker", "github.com/exactlyonce/exactly/chaos/cmd/pstest")
 	cmd := exec.CommandContext(ctx, "go", args...)
 	if b, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("go %s: %w: %s", strings.Join(args, " "), err, b)
@@ -70,11 +71,20 @@ func buildWorker(ctx context.Context, dir string, race bool) (string, error) {
 	return out, nil
 }
 
-// checkBinaries reports the first service binary missing on this machine.
-func checkBinaries() error {
+// checkBinaries reports the first service binary missing on this machine
+// for the pipelines named.
+func checkBinaries(pipelines []string) error {
 	for _, b := range []string{natsServerBin, redisServerBin} {
 		if _, err := os.Stat(b); err != nil {
 			return fmt.Errorf("chaos: %s is needed: %w", b, err)
+		}
+	}
+	for _, name := range pipelines {
+		if Pipelines[name].Broker == "sqs" {
+			if _, err := exec.LookPath(nodeBin()); err != nil {
+				return fmt.Errorf("chaos: the SQS pipeline runs fauxqs under Node.js 20 or later (node, or CHAOS_NODE): %w", err)
+			}
+			break
 		}
 	}
 	if _, err := exec.LookPath("go"); err != nil {

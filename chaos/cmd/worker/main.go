@@ -40,7 +40,9 @@ import (
 	"github.com/exactlyonce/exactly/kafka"
 	"github.com/exactlyonce/exactly/nats"
 	"github.com/exactlyonce/exactly/outbox"
+	"github.com/exactlyonce/exactly/pubsub"
 	"github.com/exactlyonce/exactly/relay"
+	"github.com/exactlyonce/exactly/sqs"
 )
 
 // Names shared with the orchestrator (package chaos keeps the same values).
@@ -56,11 +58,16 @@ const (
 	outboxKafka  = "chaos_outbox_kafka"
 	inboxTable   = "chaos_inbox"
 	offsetsTable = "chaos_kafka_offsets"
+	outboxSQS    = "chaos_outbox_sqs"
+	outboxPubsub = "chaos_outbox_pubsub"
+	sqsQueue     = "chaos-orders.fifo"
+	pubsubTopic  = "chaos-orders"
+	pubsubSub    = "chaos-orders-consumer"
 )
 
 func main() {
-	role := flag.String("role", "", "producer | relay-poll | relay-cdc | consumer-sql-inbox | consumer-redis-inbox | consumer-kafka-dboffsets | consumer-kafka-broken | kfaked")
-	broker := flag.String("broker", "nats", "relay: nats or kafka")
+	role := flag.String("role", "", "producer | relay-poll | relay-cdc | consumer-sql-inbox | consumer-redis-inbox | consumer-kafka-dboffsets | consumer-kafka-broken | consumer-sqs | consumer-pubsub | kfaked")
+	broker := flag.String("broker", "nats", "relay: nats, kafka, sqs or pubsub")
 	table := flag.String("table", "", "relay: outbox table")
 	keys := flag.Int("keys", 16, "producer: keys written concurrently")
 	rate := flag.Float64("rate", 40, "producer: orders per second over all keys")
@@ -92,6 +99,10 @@ func main() {
 		err = w.kafkaDBOffsets(ctx, *pipeline, *group, *dedup)
 	case "consumer-kafka-broken":
 		err = w.kafkaBroken(ctx, *pipeline, *group)
+	case "consumer-sqs":
+		err = w.sqsSQLInbox(ctx, *pipeline)
+	case "consumer-pubsub":
+		err = w.pubsubSQLInbox(ctx, *pipeline)
 	case "kfaked":
 		err = kfaked(ctx, *port, *dataDir)
 	default:
@@ -205,6 +216,10 @@ func (w *worker) writeOrder(ctx context.Context, pool *pgxpool.Pool, obs []*outb
 			topic = natsSubject
 		case outboxCDC:
 			topic = cdcSubject
+		case outboxSQS:
+			topic = sqsQueue
+		case outboxPubsub:
+			topic = pubsubTopic
 		}
 		m := &exactly.Message{Topic: topic, Key: key, Payload: body}
 		if err := ob.Enqueue(ctx, tx, m); err != nil {
@@ -255,6 +270,22 @@ func (w *worker) relayPoll(ctx context.Context, broker, table string) error {
 		}
 	case "kafka":
 		p, err := kafka.NewClientPublisher(kafkaSeeds(), kafkaDialer())
+		if err != nil {
+			return err
+		}
+		defer p.Close()
+		pub = p
+	case "sqs":
+		if pub, err = sqs.NewPublisher(sqsClient(), sqs.PublisherConfig{QueueURLs: map[string]string{sqsQueue: os.Getenv("CHAOS_SQS_QUEUE")}}); err != nil {
+			return err
+		}
+	case "pubsub":
+		client, err := pubsubClient(ctx)
+		if err != nil {
+			return err
+		}
+		defer client.Close()
+		p, err := pubsub.NewPublisher(client, pubsub.PublisherConfig{})
 		if err != nil {
 			return err
 		}
