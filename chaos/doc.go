@@ -67,7 +67,8 @@
 // immediate; nats-server restart; kfake restart by SIGTERM or SIGKILL).
 // The pipelines marked Cover (sqs-sql, pubsub-sql) meet every kind of
 // CoverFaults at least once per run: kill and pause of their relay or
-// consumer and each network fault on their broker's proxy; where the seeded
+// consumer, churn of their consumer group and each network fault on their
+// broker's proxy; where the seeded
 // draw missed one, a fault is added at a random place of its lane. The
 // report counts, per pipeline, the faults that hit it.
 //

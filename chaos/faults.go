@@ -155,6 +155,11 @@ func (h *harness) schedule() (procLane, infraLane []fault) {
 					f.d = ms(4000, 8000)
 				}
 				lane = &procLane
+			case FaultChurn:
+				if h.extras[p.Name] == nil {
+					continue
+				}
+				f.target, f.d, lane = p.Name, ms(4000, 9000), &procLane
 			case FaultLatency:
 				f.target, f.d = p.Broker, ms(3000, 6000)
 			case FaultDrop:
@@ -170,8 +175,9 @@ func (h *harness) schedule() (procLane, infraLane []fault) {
 
 // CoverFaults are the kinds every pipeline marked Cover (sqs-sql,
 // pubsub-sql) meets at least once per run: kill and pause of its relay or
-// consumer, and each network fault on the proxy of its broker.
-var CoverFaults = []string{FaultKill, FaultPause, FaultLatency, FaultDrop, FaultBlackhole}
+// consumer, an extra member of its consumer group, and each network fault on
+// the proxy of its broker.
+var CoverFaults = []string{FaultKill, FaultPause, FaultChurn, FaultLatency, FaultDrop, FaultBlackhole}
 
 // pipelinesHit names the pipelines of the run a fault hits: a process
 // fault on a pipeline's relay or consumer, a network fault on the proxy of
