@@ -1,0 +1,310 @@
+package sqs_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	awssqs "github.com/aws/aws-sdk-go-v2/service/sqs"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/exactlytest"
+	"github.com/exactlyonce/exactly/internal/sqstest"
+	"github.com/exactlyonce/exactly/internal/testenv"
+	"github.com/exactlyonce/exactly/outbox"
+	"github.com/exactlyonce/exactly/relay"
+	"github.com/exactlyonce/exactly/sqs"
+)
+
+// A fault the proxy injects into one call.
+type fault int
+
+const (
+	pass        fault = iota
+	throttled         // HTTP 400 ThrottlingException, the call not forwarded
+	unavailable       // HTTP 503 ServiceUnavailable, the call not forwarded
+	answerLost        // forwarded, applied by the emulator, its answer dropped with the connection
+)
+
+func (f fault) String() string {
+	return [...]string{"passed", "throttled", "unavailable", "answer lost"}[f]
+}
+
+// schedule is the faults of each operation's calls, in turn: 4 of every 10
+// calls of each operation fail, each kind at least once in 10.
+var schedule = []fault{pass, throttled, pass, answerLost, pass, unavailable, pass, pass, throttled, answerLost}
+
+// faultProxy is an HTTP reverse proxy in front of the emulator that injects
+// schedule's faults into the calls of the SQS JSON protocol, counted per
+// operation (X-Amz-Target) and per fault.
+type faultProxy struct {
+	*httptest.Server
+	rp *httputil.ReverseProxy
+
+	mu     sync.Mutex
+	on     bool
+	calls  map[string]int           // operation -> calls seen while on
+	counts map[string]map[fault]int // operation -> fault -> calls
+}
+
+func newFaultProxy(t *testing.T, target string) *faultProxy {
+	t.Helper()
+	u, err := url.Parse(target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &faultProxy{
+		rp:     &httputil.ReverseProxy{Rewrite: func(r *httputil.ProxyRequest) { r.SetURL(u) }},
+		calls:  map[string]int{},
+		counts: map[string]map[fault]int{},
+	}
+	p.rp.ErrorLog = log.New(io.Discard, "", 0) // the cut connections of lost answers
+	p.Server = httptest.NewServer(http.HandlerFunc(p.serve))
+	t.Cleanup(p.Close)
+	return p
+}
+
+// set turns the faults on or off.
+func (p *faultProxy) set(on bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.on = on
+}
+
+func (p *faultProxy) next(op string) fault {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	f := pass
+	if p.on {
+		f = schedule[p.calls[op]%len(schedule)]
+		p.calls[op]++
+	}
+	if p.counts[op] == nil {
+		p.counts[op] = map[fault]int{}
+	}
+	p.counts[op][f]++
+	return f
+}
+
+func (p *faultProxy) count(op string, f fault) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.counts[op][f]
+}
+
+func (p *faultProxy) String() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var ops []string
+	for op := range p.counts {
+		ops = append(ops, op)
+	}
+	sort.Strings(ops)
+	var b strings.Builder
+	for _, op := range ops {
+		fmt.Fprintf(&b, "%s:", op)
+		for f := pass; f <= answerLost; f++ {
+			fmt.Fprintf(&b, " %d %s", p.counts[op][f], f)
+		}
+		b.WriteString("; ")
+	}
+	return b.String()
+}
+
+func (p *faultProxy) serve(w http.ResponseWriter, r *http.Request) {
+	op := strings.TrimPrefix(r.Header.Get("X-Amz-Target"), "AmazonSQS.")
+	switch p.next(op) {
+	case throttled:
+		_, _ = io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/x-amz-json-1.0")
+		w.Header().Set("x-amzn-query-error", "ThrottlingException;Sender")
+		w.WriteHeader(http.StatusBadRequest)
+		_, _ = io.WriteString(w, `{"__type":"com.amazonaws.sqs#ThrottlingException","message":"Rate exceeded (injected by the test)"}`)
+	case unavailable:
+		_, _ = io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/x-amz-json-1.0")
+		w.WriteHeader(http.StatusServiceUnavailable)
+		_, _ = io.WriteString(w, `{"__type":"com.amazonaws.sqs#ServiceUnavailable","message":"Service unavailable (injected by the test)"}`)
+	case answerLost:
+		// The emulator applies the call; its answer is read and dropped,
+		// and the client's connection cut, as a timeout on the way back
+		// would.
+		d := &discard{h: http.Header{}}
+		p.rp.ServeHTTP(d, r)
+		conn, _, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			panic(err)
+		}
+		_ = conn.Close()
+	default:
+		p.rp.ServeHTTP(w, r)
+	}
+}
+
+// discard is a ResponseWriter that keeps nothing.
+type discard struct{ h http.Header }
+
+func (d *discard) Header() http.Header         { return d.h }
+func (d *discard) Write(b []byte) (int, error) { return len(b), nil }
+func (d *discard) WriteHeader(int)             {}
+
+// Throttling, 503s and answers lost after the emulator applied the call,
+// on 4 of every 10 calls of every operation (SendMessageBatch and
+// GetQueueUrl of the relay's Publisher; ReceiveMessage, DeleteMessageBatch
+// and ChangeMessageVisibility of the consumers), through an HTTP proxy in
+// front of the emulator: outbox → relay → SQS FIFO queue → two consumers
+// with the SQL inbox. The relay's client has the SDK's retries off, so the
+// Publisher and the relay see every fault (a lost SendMessageBatch answer
+// is outcome unknown; the relay sends the batch again and the FIFO queue
+// drops it by its dedup id); one consumer's client keeps the SDK's standard
+// retryer, as users run it, the other's has its retries off too, so its
+// refused deletes bring handled messages back. Counted per id: nothing lost,
+// nothing applied twice, nothing parked or dead-lettered.
+func TestThrottlingAndLostAnswersThroughRelay(t *testing.T) {
+	t.Parallel()
+	e := sqstest.NewSQSQueues(t)
+	ef := newEffects(t)
+	name := sqstest.QueueName(true)
+	url := e.CreateQueue(t, name, nil)
+	proxy := newFaultProxy(t, testenv.SQSEndpoint())
+	proxy.set(true)
+	ctx := context.Background()
+
+	cfg := testenv.AWSConfig(t)
+	cfg.BaseEndpoint = aws.String(proxy.URL)
+	relayCfg := cfg.Copy()
+	relayCfg.RetryMaxAttempts = 1
+	pub, err := sqs.NewPublisher(awssqs.NewFromConfig(relayCfg), sqs.PublisherConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool, err := pgxpool.New(ctx, testenv.PostgresDSN())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	ob := exactlytest.MigratedOutbox(t, pool, outbox.Postgres, "sqs_proxy")
+	logger := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelError}))
+	r, err := relay.New(relay.Config{DB: pool, Outbox: ob, Publisher: pub, BatchSize: 10,
+		PollInterval: 50 * time.Millisecond, InitialBackoff: 50 * time.Millisecond, MaxBackoff: 300 * time.Millisecond,
+		MaxAttempts: 1000, Logger: logger})
+	if err != nil {
+		t.Fatal(err)
+	}
+	relayCtx, stopRelay := context.WithCancel(ctx)
+	relayDone := make(chan error, 1)
+	go func() { relayDone <- r.Run(relayCtx) }()
+	defer func() {
+		stopRelay()
+		if err := <-relayDone; err != nil {
+			t.Errorf("relay Run: %v", err)
+		}
+	}()
+
+	dlq := &exactlytest.Recorder{}
+	var stops []func()
+	for i := range 2 {
+		ccfg := cfg.Copy()
+		if i == 1 {
+			// The second consumer's client does not retry either: its
+			// refused deletes bring messages back, for the inbox.
+			ccfg.RetryMaxAttempts = 1
+		}
+		c, err := sqs.NewConsumer(awssqs.NewFromConfig(ccfg), sqs.ConsumerConfig{QueueURL: url, VisibilityTimeout: visibility, WaitTime: time.Second,
+			ConsumerConfig: exactly.ConsumerConfig{Handler: ef.handler(nil, nil), Workers: 4, DeadLetter: dlq, Logger: logger}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cctx, cancel := context.WithCancel(ctx)
+		done := make(chan error, 1)
+		go func() { done <- c.Run(cctx) }()
+		stops = append(stops, func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("consumer Run: %v", err)
+			}
+		})
+	}
+	defer func() {
+		for _, stop := range stops {
+			stop()
+		}
+	}()
+
+	const rounds, keys, perKey = 4, 5, 6
+	var msgs []*exactly.Message
+	for range rounds {
+		round := batch(name, keys, perKey)
+		tx, err := pool.Begin(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := ob.Enqueue(ctx, tx, round...); err != nil {
+			t.Fatal(err)
+		}
+		if err := tx.Commit(ctx); err != nil {
+			t.Fatal(err)
+		}
+		msgs = append(msgs, round...)
+		time.Sleep(300 * time.Millisecond)
+	}
+	ef.waitApplied(msgs, 2*time.Minute)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		st, err := ob.Status(ctx, pool)
+		if err == nil && st.Pending == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the outbox did not drain: %+v, %v", st, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	proxy.set(false)
+	ef.checkOnce(msgs)
+	t.Logf("faults: %s", proxy)
+	t.Logf("relay %+v; %s", r.Stats(), ef)
+
+	if st := r.Stats(); st.Dead != 0 {
+		t.Fatalf("the relay parked %d messages", st.Dead)
+	}
+	if d := dlq.Delivered(); len(d) != 0 {
+		t.Fatalf("%d messages dead-lettered", len(d))
+	}
+	for _, c := range []struct {
+		op string
+		f  fault
+	}{
+		{"SendMessageBatch", throttled}, {"SendMessageBatch", unavailable}, {"SendMessageBatch", answerLost},
+		{"ReceiveMessage", throttled}, {"ReceiveMessage", answerLost},
+		{"DeleteMessageBatch", throttled}, {"DeleteMessageBatch", answerLost},
+	} {
+		if proxy.count(c.op, c.f) == 0 {
+			t.Errorf("no %s call was %s: the test did not inject what it claims (%s)", c.op, c.f, proxy)
+		}
+	}
+	// Every lost SendMessageBatch answer left a batch the emulator stored
+	// and the relay sent again: the FIFO queue dropped those re-sends, and
+	// what reached the consumers twice anyway (lost receive answers, lost
+	// deletes) the inbox absorbed; the count above says none was applied
+	// twice.
+	if d := ef.in.Stats().Duplicates; d < 1 {
+		t.Errorf("the inbox absorbed %d duplicates, want the redeliveries of refused deletes", d)
+	}
+	if r.Stats().Failed == 0 {
+		t.Errorf("the relay saw no failed publish, though its client does not retry: %+v", r.Stats())
+	}
+}
