@@ -194,7 +194,9 @@ func (rel *relation) outboxRow(cols []colValue) (seq int64, msg exactly.Message,
 		msg.Payload = []byte{}
 	}
 	if h, ok := text(cols, rel.headers); ok {
-		msg.Headers = outboxstore.DecodeHeaders([]byte(h))
+		if msg.Headers, err = outboxstore.ParseHeaders([]byte(h)); err != nil {
+			return seq, msg, status, attempts, err // parked by its row
+		}
 	}
 	created, err := integer(cols, rel.created)
 	if err != nil {

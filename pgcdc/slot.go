@@ -11,6 +11,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/internal/outboxstore"
 	"github.com/exactlyonce/exactly/internal/sqldb"
 )
@@ -277,7 +278,7 @@ func (r *Relay) backfill(ctx context.Context, snapshot string, point LSN) error 
 	r.track.push(u)
 	noWait := func() error { return nil }
 	for i, row := range rows {
-		e := &entry{pos: position{lsn: point, idx: i}, unit: u, msg: row.Msg, seq: row.Seq, src: srcBackfill}
+		e := &entry{pos: position{lsn: point, idx: i}, unit: u, msg: row.Msg, seq: row.Seq, src: srcBackfill, bad: exactly.Unpublishable(row.Bad)}
 		if err := r.dispatch(ctx, e, noWait); err != nil {
 			return err
 		}

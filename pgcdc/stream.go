@@ -420,6 +420,9 @@ func (s *session) row(ctx context.Context, typ pglogrepl.MessageType, rel *relat
 					return s.add(ctx, msg, errGone, seq, srcTable)
 				}
 				msg = row.Msg
+				if row.Bad != nil {
+					return s.add(ctx, msg, row.Bad, seq, srcTable)
+				}
 			}
 			r.log.Info("re-driven row published again", "seq", seq, "id", msg.ID)
 		}

@@ -83,9 +83,10 @@ WHERE NOT EXISTS (SELECT 1 FROM upd)
 }
 
 // PendingRowPgx reads the row seq if it is pending. It reports false when
-// the row is gone or not pending.
+// the row is gone or not pending. A row that cannot be published as stored
+// is returned with Row.Bad set, for the caller to park.
 func (s *Store) PendingRowPgx(ctx context.Context, db PgxConn, seq int64) (Row, bool, error) {
-	rows, err := s.FetchPgx(ctx, db, FetchQuery{Limit: 1, After: seq - 1, NowMillis: 1 << 62})
+	rows, err := s.FetchPgx(ctx, db, FetchQuery{Limit: 1, After: seq - 1, NowMillis: 1 << 62, KeepBad: true})
 	if err != nil {
 		return Row{}, false, err
 	}
@@ -96,11 +97,13 @@ func (s *Store) PendingRowPgx(ctx context.Context, db PgxConn, seq int64) (Row, 
 }
 
 // PendingSnapshotPgx reads every pending row in seq order, through tx (the
-// CDC relay reads it in the snapshot its replication slot exported).
+// CDC relay reads it in the snapshot its replication slot exported). Rows
+// that cannot be published as stored come with Row.Bad set: tx may be
+// read-only, and the caller parks them.
 func (s *Store) PendingSnapshotPgx(ctx context.Context, tx PgxConn, fn func(Row) error) error {
 	after := int64(0)
 	for {
-		rows, err := s.FetchPgx(ctx, tx, FetchQuery{Limit: 5000, After: after, NowMillis: 1 << 62})
+		rows, err := s.FetchPgx(ctx, tx, FetchQuery{Limit: 5000, After: after, NowMillis: 1 << 62, KeepBad: true})
 		if err != nil {
 			return err
 		}

@@ -2,6 +2,7 @@ package outboxstore
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -100,24 +101,88 @@ func checkHeader(name, value string) error {
 	return nil
 }
 
-// DecodeHeaders turns the stored headers JSON into a map. Empty input gives
-// nil. What Enqueue stores (json.Marshal of a map[string]string: a flat object
-// of plain strings) is parsed by a fast path; anything else (escapes,
-// whitespace, other writers) goes through encoding/json, with the same
-// result. Undecodable input is corruption or a foreign writer: the message
-// keeps moving and says what happened in a header.
+// DecodeHeaders is ParseHeaders for display (the console, listings): headers
+// ParseHeaders refuses come back as one header, exactly-header-error, saying
+// why.
 func DecodeHeaders(raw []byte) map[string]string {
-	if len(raw) == 0 {
-		return nil
-	}
-	if m, ok := decodeFlat(raw); ok {
-		return m
-	}
-	var m map[string]string
-	if err := json.Unmarshal(raw, &m); err != nil {
+	m, err := ParseHeaders(raw)
+	if err != nil {
 		return map[string]string{"exactly-header-error": err.Error()}
 	}
 	return m
+}
+
+// ParseHeaders turns the stored headers into a map. NULL, ” and the JSON
+// literal null give nil. Anything else must be a JSON object whose values are
+// strings and whose names CheckStorable would take (a service writing the
+// outbox with plain SQL may store anything): otherwise the error says why, in
+// words that never repeat a header's value, and the relays park the row with
+// it (the row never reaches a broker, and never holds the relay up). What
+// Enqueue stores (json.Marshal of a map[string]string: a flat object of plain
+// strings) is parsed by a fast path; anything else (escapes, whitespace, other
+// writers) goes through encoding/json, with the same result.
+func ParseHeaders(raw []byte) (map[string]string, error) {
+	if len(raw) == 0 {
+		return nil, nil
+	}
+	if m, ok := decodeFlat(raw); ok {
+		return m, checkDecoded(m)
+	}
+	if !utf8.Valid(raw) {
+		return nil, errors.New("headers: not valid UTF-8")
+	}
+	var obj map[string]any
+	if err := json.Unmarshal(raw, &obj); err != nil {
+		var se *json.SyntaxError
+		if errors.As(err, &se) {
+			return nil, fmt.Errorf("headers: not JSON (%v)", err)
+		}
+		return nil, errors.New("headers: not a JSON object: the headers must be a JSON object of strings")
+	}
+	if obj == nil {
+		return nil, nil // the literal null
+	}
+	m := make(map[string]string, len(obj))
+	var bad []string
+	for k, v := range obj {
+		if s, ok := v.(string); ok {
+			m[k] = s
+		} else {
+			bad = append(bad, k)
+		}
+	}
+	if len(bad) > 0 {
+		slices.Sort(bad) // the same header named on every run
+		return nil, fmt.Errorf("headers: header %.60q is a JSON %s, not a string: the headers must be a JSON object of strings", bad[0], jsonKind(obj[bad[0]]))
+	}
+	return m, checkDecoded(m)
+}
+
+func jsonKind(v any) string {
+	switch v.(type) {
+	case nil:
+		return "null"
+	case bool:
+		return "boolean"
+	case float64:
+		return "number"
+	case []any:
+		return "array"
+	default:
+		return "object"
+	}
+}
+
+// checkDecoded applies CheckStorable's rules for header names to headers
+// read back from the outbox.
+func checkDecoded(m map[string]string) error {
+	if len(m) == 0 {
+		return nil
+	}
+	if err := CheckStorable(&exactly.Message{Headers: m}); err != nil {
+		return fmt.Errorf("headers: %s", strings.TrimPrefix(err.Error(), "exactly: message "))
+	}
+	return nil
 }
 
 // decodeFlat parses {"k":"v",...} with no whitespace and no escapes. It

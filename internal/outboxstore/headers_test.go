@@ -9,34 +9,72 @@ import (
 	"github.com/exactlyonce/exactly"
 )
 
-func TestDecodeHeadersMatchesEncodingJSON(t *testing.T) {
+func TestParseHeadersMatchesEncodingJSON(t *testing.T) {
 	for _, in := range []string{
 		`{}`, `{"a":"b"}`, `{"traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}`,
 		`{"a":"1","b":"","c":"ünï"}`, `{"a":"x\"y"}`, `{"a":"<&>"}`, `{"a":"\u003c"}`, `{ "a" : "b" }`,
-		`{"a":"b","a":"c"}`, `{"a":1}`, `{"a":null}`, `{"a":"b",}`, `{"a":"b"}x`, `{"a"}`, `{"a":"b""c":"d"}`,
-		`{"a":"b","c":"d"}`, "{\"a\":\"\xff\"}", "{\"a\":\"\x01\"}", `null`, `[]`, `{`, `{"":""}`,
+		`{"a":"b","a":"c"}`, `{"a":"b","c":"d"}`, `null`, "\n{\"a\":\"b\"}\t",
 	} {
-		got := DecodeHeaders([]byte(in))
+		got, err := ParseHeaders([]byte(in))
 		var want map[string]string
-		if err := json.Unmarshal([]byte(in), &want); err != nil {
-			if _, bad := got["exactly-header-error"]; !bad {
-				t.Errorf("%q: got %v, want an error header (%v)", in, got, err)
-			}
-			continue
+		if jerr := json.Unmarshal([]byte(in), &want); jerr != nil {
+			t.Fatalf("%q: %v", in, jerr)
 		}
-		if !maps.Equal(got, want) || (got == nil) != (want == nil) {
-			t.Errorf("%q: got %#v, want %#v", in, got, want)
+		if err != nil || !maps.Equal(got, want) || (got == nil) != (want == nil) {
+			t.Errorf("%q: got %#v, %v, want %#v", in, got, err, want)
 		}
 	}
-	if DecodeHeaders(nil) != nil {
+	if got, err := ParseHeaders(nil); got != nil || err != nil {
 		t.Error("empty input must give nil")
+	}
+}
+
+// A service writing the outbox with plain SQL may store anything in the
+// headers column: what is not a JSON object of strings with names the
+// brokers take is refused, with a reason that names the header but never
+// repeats a value.
+func TestParseHeadersRefuses(t *testing.T) {
+	for in, want := range map[string]string{
+		`{"a":1}`:                     `header "a" is a JSON number, not a string`,
+		`{"a":null}`:                  `header "a" is a JSON null`,
+		`{"a":true}`:                  `header "a" is a JSON boolean`,
+		`{"b":"x","a":["secret"]}`:    `header "a" is a JSON array`,
+		`{"a":{"b":"secret"}}`:        `header "a" is a JSON object`,
+		`{"a":"b",}`:                  `not JSON`,
+		`{"a":"b"}x`:                  `not JSON`,
+		`{"a"}`:                       `not JSON`,
+		`{"a":"b""c":"d"}`:            `not JSON`,
+		`{`:                           `not JSON`,
+		`secret`:                      `not JSON`,
+		`[]`:                          `not a JSON object`,
+		`"secret"`:                    `not a JSON object`,
+		`42`:                          `not a JSON object`,
+		"{\"a\":\"\xff\"}":            `not valid UTF-8`,
+		"{\"a\":\"\x01\"}":            `not JSON`,
+		`{"":"secret"}`:               `empty name`,
+		`{"exactly-id":"secret"}`:     `reserved`,
+		`{"Exactly-Dead-Reason":"x"}`: `reserved`,
+		`{"a b":"secret"}`:            `"a b" holds a space`,
+		`{"a\tb":"secret"}`:           `control`,
+	} {
+		got, err := ParseHeaders([]byte(in))
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%q: got %v, %v; want an error with %q", in, got, err, want)
+			continue
+		}
+		if strings.Contains(err.Error(), "secret") || !strings.HasPrefix(err.Error(), "headers: ") {
+			t.Errorf("%q: error %q repeats a value or does not start with headers:", in, err)
+		}
+		if d := DecodeHeaders([]byte(in)); len(d) != 1 || d["exactly-header-error"] != err.Error() {
+			t.Errorf("%q: DecodeHeaders gave %v", in, d)
+		}
 	}
 }
 
 func BenchmarkDecodeHeaders(b *testing.B) {
 	raw := []byte(`{"traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}`)
 	for b.Loop() {
-		DecodeHeaders(raw)
+		ParseHeaders(raw)
 	}
 }
 

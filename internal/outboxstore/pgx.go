@@ -19,8 +19,25 @@ type PgxConn interface {
 	SendBatch(ctx context.Context, b *pgx.Batch) pgx.BatchResults
 }
 
-// FetchPgx is Fetch through pgx (PostgreSQL only).
+// FetchPgx is Fetch through pgx (PostgreSQL only). Rows that cannot be
+// published as stored are parked, as Fetch parks them, unless q.KeepBad.
 func (s *Store) FetchPgx(ctx context.Context, db PgxConn, q FetchQuery) ([]Row, error) {
+	for {
+		out, err := s.fetchPgx(ctx, db, q)
+		if err != nil || q.KeepBad {
+			return out, err
+		}
+		out, bad := splitBad(out)
+		if len(bad) == 0 {
+			return out, nil
+		}
+		if err := s.RecordFailuresPgx(ctx, db, bad, time.Now().UnixMilli()); err != nil {
+			return nil, err
+		}
+	}
+}
+
+func (s *Store) fetchPgx(ctx context.Context, db PgxConn, q FetchQuery) ([]Row, error) {
 	query, args := s.fetchSQL(q)
 	rows, err := db.Query(ctx, query, args...)
 	if err != nil {
@@ -41,7 +58,7 @@ func (s *Store) FetchPgx(ctx context.Context, db PgxConn, q FetchQuery) ([]Row, 
 				return nil, err
 			}
 			r.Msg.CreatedAt = time.UnixMicro(created)
-			r.Msg.Headers = DecodeHeaders(headers)
+			r.Msg.Headers, r.Bad = ParseHeaders(headers)
 		}
 		out = append(out, r)
 	}
@@ -84,7 +101,7 @@ func decodeBinaryRow(r *Row, v [][]byte) {
 	r.Msg.Key = all[len(v[1])+len(v[2]):]
 	r.KeyHash = int32(binary.BigEndian.Uint32(v[4]))
 	r.Msg.Payload = append(make([]byte, 0, len(v[5])), v[5]...)
-	r.Msg.Headers = DecodeHeaders(v[6]) // nil for NULL and ''
+	r.Msg.Headers, r.Bad = ParseHeaders(v[6]) // nil for NULL and ''
 	r.Msg.CreatedAt = time.UnixMicro(int64(binary.BigEndian.Uint64(v[7])))
 	r.Attempts = int(int32(binary.BigEndian.Uint32(v[8])))
 	r.NextAttemptAt = int64(binary.BigEndian.Uint64(v[9]))

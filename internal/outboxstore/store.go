@@ -148,6 +148,11 @@ type Row struct {
 	KeyHash       int32
 	Attempts      int
 	NextAttemptAt int64 // Unix ms
+	// Bad says why the row cannot be published as it is stored (headers
+	// that are not a JSON object of strings, written by a service with
+	// plain SQL). Fetch parks such rows itself and never returns them,
+	// unless FetchQuery.KeepBad asks for them.
+	Bad error
 }
 
 // FetchQuery selects the next pending rows in sequence order.
@@ -160,25 +165,128 @@ type FetchQuery struct {
 	Exclude    []int64  // seqs in flight
 	Blocked    []string // keys waiting for an earlier message's retry
 	NowMillis  int64
+	// KeepBad returns the rows that cannot be published with Row.Bad set,
+	// instead of parking them (for a read-only transaction: the CDC
+	// relay's snapshot read parks them itself).
+	KeepBad bool
 }
 
 // Fetch returns pending rows in seq order. Unkeyed rows still in backoff are
 // left out; keyed rows are returned even in backoff so that the caller sees
 // the key is blocked (a later row of the same key must wait for it).
+//
+// A row that cannot be published as it is stored (see Row.Bad) is parked
+// with the reason as its last error, and the rows after it are fetched in
+// its place: such a row never reaches a broker and never holds the relay
+// up. On SQLite, which has no stored functions, Fetch first fills the
+// key_hash of rows written without one (see FillKeyHashes).
 func (s *Store) Fetch(ctx context.Context, db *sql.DB, q FetchQuery) ([]Row, error) {
-	query, args := s.fetchSQL(q)
-	rows, err := db.QueryContext(ctx, query, args...)
-	if err != nil {
-		return nil, err
+	if s.D == sqldb.SQLite {
+		if err := s.FillKeyHashes(ctx, db); err != nil {
+			return nil, err
+		}
 	}
-	return scanRows(rows)
+	for {
+		query, args := s.fetchSQL(q)
+		rows, err := db.QueryContext(ctx, query, args...)
+		if err != nil {
+			return nil, err
+		}
+		out, err := scanRows(rows)
+		if err != nil || q.KeepBad {
+			return out, err
+		}
+		out, bad := splitBad(out)
+		if len(bad) == 0 {
+			return out, nil
+		}
+		if err := s.RecordFailures(ctx, db, bad, time.Now().UnixMilli()); err != nil {
+			return nil, err
+		}
+	}
 }
+
+// splitBad takes the rows that cannot be published out of rows, and
+// returns the failures that park them.
+func splitBad(rows []Row) ([]Row, []Failure) {
+	var bad []Failure
+	good := rows[:0]
+	for _, r := range rows {
+		if r.Bad != nil {
+			bad = append(bad, Failure{Seq: r.Seq, Attempts: r.Attempts, Err: "not publishable as stored: " + r.Bad.Error(), Dead: true})
+			continue
+		}
+		good = append(good, r)
+	}
+	return good, bad
+}
+
+// FillKeyHashes stores the key_hash of rows written without one (SQLite
+// only: a plain INSERT there leaves it NULL, having no stored function to
+// compute it). The value is KeyHash's, the one a Go writer stores, so the
+// partition of a row never depends on who wrote it; every relay computes
+// the same value, so it does not matter which one fills it. Rows without
+// their key_hash are never fetched.
+func (s *Store) FillKeyHashes(ctx context.Context, db *sql.DB) error {
+	for {
+		a := sqldb.NewArgs(s.D)
+		rows, err := db.QueryContext(ctx, "SELECT seq, id, msg_key FROM "+s.t+" WHERE key_hash IS NULL ORDER BY seq LIMIT "+a.Add(fillBatch), a.Vals...)
+		if err != nil {
+			return err
+		}
+		type fill struct {
+			seq  int64
+			hash int32
+		}
+		var fills []fill
+		for rows.Next() {
+			var f fill
+			var m exactly.Message
+			if err := rows.Scan(&f.seq, &m.ID, &m.Key); err != nil {
+				rows.Close()
+				return err
+			}
+			f.hash = KeyHash(&m)
+			fills = append(fills, f)
+		}
+		rows.Close()
+		if err := rows.Err(); err != nil {
+			return err
+		}
+		if len(fills) == 0 {
+			return nil
+		}
+		tx, err := db.BeginTx(ctx, nil)
+		if err != nil {
+			return err
+		}
+		for _, f := range fills {
+			a := sqldb.NewArgs(s.D)
+			if _, err := tx.ExecContext(ctx, "UPDATE "+s.t+" SET key_hash = "+a.Add(f.hash)+" WHERE seq = "+a.Add(f.seq)+" AND key_hash IS NULL", a.Vals...); err != nil {
+				tx.Rollback()
+				return err
+			}
+		}
+		if err := tx.Commit(); err != nil {
+			return err
+		}
+		if len(fills) < fillBatch {
+			return nil
+		}
+	}
+}
+
+// fillBatch is how many rows one transaction of FillKeyHashes fills.
+const fillBatch = 1000
 
 // fetchSQL renders the statement of Fetch (and of FetchPgx).
 func (s *Store) fetchSQL(q FetchQuery) (string, []any) {
 	a := sqldb.NewArgs(s.D)
 	var b strings.Builder
 	b.WriteString("SELECT " + s.cols + " FROM " + s.t + " WHERE status = 0")
+	if s.D == sqldb.SQLite {
+		b.WriteString(" AND key_hash IS NOT NULL") // written by a plain INSERT a moment ago: filled first
+	}
 	if q.After > 0 {
 		b.WriteString(" AND seq > " + a.Add(q.After))
 	}
@@ -216,7 +324,7 @@ func scanRows(rows *sql.Rows) ([]Row, error) {
 		}
 		r.Msg.CreatedAt = time.UnixMicro(created)
 		if headers.Valid {
-			r.Msg.Headers = DecodeHeaders([]byte(headers.String))
+			r.Msg.Headers, r.Bad = ParseHeaders([]byte(headers.String))
 		}
 		out = append(out, r)
 	}
