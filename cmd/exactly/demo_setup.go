@@ -29,6 +29,18 @@ func (r *demoRun) setup(ctx context.Context) error {
 		}
 		return nil
 	})
+	for _, stage := range []func(context.Context) error{r.setupOutbox, r.setupBroker, r.setupConsumers} {
+		if err := stage(ctx); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// setupOutbox creates the run's outbox, and the cdc relay's slot clean-up.
+func (r *demoRun) setupOutbox(ctx context.Context) error {
+	o, db := r.o, r.db
+	var err error
 	if r.ob, err = outbox.New(outbox.Config{Dialect: db.dialect, Table: db.table("outbox")}); err != nil {
 		return err
 	}
@@ -50,7 +62,14 @@ func (r *demoRun) setup(ctx context.Context) error {
 			return nil
 		})
 	}
+	return nil
+}
 
+// setupBroker connects to the broker and creates the run's topics, stream
+// or queues.
+func (r *demoRun) setupBroker(ctx context.Context) error {
+	o := r.o
+	var err error
 	var kb *kafkaBroker
 	switch o.broker {
 	case demoNATS:
@@ -73,8 +92,15 @@ func (r *demoRun) setup(ctx context.Context) error {
 		r.broker = kb
 	}
 	r.onCleanup(func() error { r.broker.close(); return nil })
+	return nil
+}
 
-	// The consumer side: the effect, and what makes it apply once.
+// setupConsumers sets up the consumer side: the effect, and what makes it
+// apply once.
+func (r *demoRun) setupConsumers(ctx context.Context) error {
+	o, db := r.o, r.db
+	kb, _ := r.broker.(*kafkaBroker) // nil on the other brokers
+	var err error
 	switch {
 	case o.offsets == offsetsDB:
 		if err := kafka.MigrateOffsets(ctx, db.db, db.dialect, db.table(demoOffsetsTable)); err != nil {
