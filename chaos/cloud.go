@@ -30,12 +30,15 @@ import (
 	"github.com/exactlyonce/exactly"
 )
 
-// repoRoot is the module root of this source tree (chaos/..), where
-// scripts/aws-emulator and its install live.
-func repoRoot() string {
+// chaosDir is the directory of this package's source (chaos/).
+func chaosDir() string {
 	_, file, _, _ := runtime.Caller(0)
-	return filepath.Dir(filepath.Dir(file))
+	return filepath.Dir(file)
 }
+
+// repoRoot is the root of this source tree (chaos/..), where
+// scripts/aws-emulator and its install live.
+func repoRoot() string { return filepath.Dir(chaosDir()) }
 
 // nodeBin is the Node.js binary fauxqs runs under: CHAOS_NODE, else node
 // on the PATH.

@@ -65,6 +65,7 @@ func buildWorker(ctx context.Context, dir string, race bool) (string, error) {
 	}
 	args = append(args, "github.com/exactlyonce/exactly/chaos/cmd/worker", "github.com/exactlyonce/exactly/chaos/cmd/pstest")
 	cmd := exec.CommandContext(ctx, "go", args...)
+	cmd.Dir = chaosDir() // inside the module of the chaos suite, wherever the caller runs
 	if b, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("go %s: %w: %s", strings.Join(args, " "), err, b)
 	}
