@@ -18,6 +18,7 @@ import (
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/internal/consume"
+	"github.com/exactlyonce/exactly/internal/pause"
 )
 
 // ErrNoID is the reason a delivery without a message id is dead-lettered:
@@ -283,7 +284,7 @@ func (c *Consumer) Run(ctx context.Context) error {
 			c.reconnects.Add(1)
 		}
 		c.log.Warn("amqp: consumer connection lost; reconnecting", "queue", c.cfg.Queue, "broker", c.dial.where, "err", err, "in", wait)
-		if !sleep(ctx, wait) {
+		if !pause.For(ctx, wait) {
 			return nil
 		}
 	}

@@ -132,15 +132,3 @@ func (d *dialer) dial(ctx context.Context) (*amqp091.Connection, error) {
 	}
 	return conn, nil
 }
-
-// sleep waits d or until ctx ends, and reports whether it waited d.
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
-}

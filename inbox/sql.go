@@ -140,23 +140,15 @@ func (s *SQL) Claim(ctx context.Context, tx any, msg *exactly.Message) (fresh bo
 	if err := checkMessage(msg, exactly.MaxIDLen); err != nil {
 		return false, err
 	}
-	var q inboxstore.Tx
-	switch t := tx.(type) {
-	case *sql.Tx:
-		if t == nil {
-			return false, errors.New("inbox: Claim needs a transaction, got a nil *sql.Tx")
-		}
-		q = inboxstore.SQLTx(t)
-	case pgx.Tx:
-		if isNil(t) {
-			return false, errors.New("inbox: Claim needs a transaction, got a nil pgx.Tx")
-		}
-		if s.store.D != sqldb.Postgres {
-			return false, fmt.Errorf("inbox: a pgx.Tx is PostgreSQL, but this inbox is configured for %s", s.store.D)
-		}
-		q = inboxstore.PgxTx(t)
-	default:
+	q, err := sqldb.CallerTx(tx)
+	var nilTx *sqldb.NilTxError
+	switch {
+	case errors.As(err, &nilTx) && nilTx.Type != "":
+		return false, errors.New("inbox: Claim needs a transaction, got a " + nilTx.Error())
+	case err != nil:
 		return false, fmt.Errorf("inbox: Claim needs a *sql.Tx or a pgx.Tx, got %T", tx)
+	case q.Pgx() && s.store.D != sqldb.Postgres:
+		return false, fmt.Errorf("inbox: a pgx.Tx is PostgreSQL, but this inbox is configured for %s", s.store.D)
 	}
 	claimed, err := s.store.Claim(ctx, q, s.consumer, msg.ID)
 	if err != nil {
@@ -379,7 +371,7 @@ func (s *SQL) beginSQL(db *sql.DB) (func(context.Context) (txn[*sql.Tx], error),
 			return txn[*sql.Tx]{}, err
 		}
 		return txn[*sql.Tx]{
-			raw: tx, q: inboxstore.SQLTx(tx),
+			raw: tx, q: sqldb.SQLTx(tx),
 			commit:   func(context.Context) error { return tx.Commit() },
 			rollback: func(context.Context) error { return tx.Rollback() },
 		}, nil
@@ -403,7 +395,7 @@ func (s *SQL) beginPgx(db PgxBeginner) (func(context.Context) (txn[pgx.Tx], erro
 		if err != nil {
 			return txn[pgx.Tx]{}, err
 		}
-		return txn[pgx.Tx]{raw: tx, q: inboxstore.PgxTx(tx), commit: tx.Commit, rollback: tx.Rollback}, nil
+		return txn[pgx.Tx]{raw: tx, q: sqldb.PgxTx(tx), commit: tx.Commit, rollback: tx.Rollback}, nil
 	}, nil
 }
 

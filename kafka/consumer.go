@@ -17,6 +17,7 @@ import (
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/internal/consume"
 	"github.com/exactlyonce/exactly/internal/offsetstore"
+	"github.com/exactlyonce/exactly/internal/pause"
 	"github.com/exactlyonce/exactly/internal/sqldb"
 )
 
@@ -625,7 +626,7 @@ func (d *dbOffsets) process(ctx context.Context, c *Consumer, rec *kgo.Record) b
 		wait := c.policy.Retry.Backoff(try)
 		d.log.Warn("storing a record's effect and offset failed; handling it again", "topic", rec.Topic, "partition", rec.Partition,
 			"offset", rec.Offset, "err", err, "retry_in", wait)
-		if !sleepCtx(ctx, wait) {
+		if !pause.For(ctx, wait) {
 			return false
 		}
 	}
@@ -652,7 +653,7 @@ func (d *dbOffsets) apply(ctx context.Context, c *Consumer, msg *exactly.Message
 			}
 			wait := c.policy.Retry.Backoff(try)
 			d.log.Warn("advancing past a dead-lettered record failed; retrying", "topic", k.topic, "partition", k.part, "err", err, "retry_in", wait)
-			if !sleepCtx(ctx, wait) {
+			if !pause.For(ctx, wait) {
 				return err
 			}
 		}
@@ -717,7 +718,7 @@ func (d *dbOffsets) reload(ctx context.Context, c *Consumer, k tp) {
 		}
 		wait := backoff.Backoff(try)
 		d.log.Warn("reloading a fenced partition's offset failed; retrying", "topic", k.topic, "partition", k.part, "err", err, "retry_in", wait)
-		if !sleepCtx(ctx, wait) {
+		if !pause.For(ctx, wait) {
 			return // stopping: the next owner reads it
 		}
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/internal/consume"
 	"github.com/exactlyonce/exactly/internal/kafkarec"
+	"github.com/exactlyonce/exactly/internal/pause"
 )
 
 // errCrashed ends Run after a test closed the client abruptly.
@@ -89,7 +90,7 @@ func (p *Processor) Run(ctx context.Context) error {
 		failures++
 		p.restarts.Add(1)
 		p.log.Warn("transactional session failed; starting a new one with the same transactional ID", "err", err, "failures_in_a_row", failures)
-		if !sleepCtx(ctx, backoff.Backoff(failures)) {
+		if !pause.For(ctx, backoff.Backoff(failures)) {
 			return nil
 		}
 	}
@@ -193,7 +194,7 @@ func (p *Processor) fence(ctx context.Context, admin *kgo.Client) error {
 		case isFatal(err), try >= 20:
 			return fmt.Errorf("kafka: initializing transactional ID %q: %w", p.txnID, err)
 		}
-		if !sleepCtx(ctx, backoff.Backoff(try)) {
+		if !pause.For(ctx, backoff.Backoff(try)) {
 			return ctx.Err()
 		}
 	}
@@ -304,7 +305,7 @@ func (p *Processor) fill(ctx context.Context, sess *kgo.GroupTransactSession) (*
 			if ctx.Err() != nil || !deadline.IsZero() && !time.Now().Before(deadline) {
 				break
 			}
-			if fetchErrs > 0 && !sleepCtx(ctx, 100*time.Millisecond) {
+			if fetchErrs > 0 && !pause.For(ctx, 100*time.Millisecond) {
 				break
 			}
 			continue
@@ -464,7 +465,7 @@ func (p *Processor) processRecord(ctx context.Context, sess *kgo.GroupTransactSe
 			return p.deadLetter(sess, b, w, msg, pos, attempt, err)
 		}
 		p.log.Debug("process function failed; retrying", "id", msg.ID, "topic", rec.Topic, "partition", rec.Partition, "offset", rec.Offset, "attempt", attempt, "err", err)
-		if !sleepCtx(ctx, p.cfg.Retry.Backoff(attempt)) {
+		if !pause.For(ctx, p.cfg.Retry.Backoff(attempt)) {
 			return false
 		}
 	}
@@ -673,15 +674,4 @@ func (p *Processor) checkRewind(ctx context.Context, admin *kgo.Client, b *txnBa
 		}
 	}
 	return nil
-}
-
-func sleepCtx(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
 }

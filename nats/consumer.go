@@ -16,6 +16,7 @@ import (
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/internal/consume"
+	"github.com/exactlyonce/exactly/internal/pause"
 )
 
 // ErrNoMessageID is the reason a message that carries neither an exactly-id
@@ -162,7 +163,7 @@ func (c *Consumer) setupRetrying(ctx context.Context) (jetstream.Consumer, int, 
 		}
 		wait := backoff.Backoff(failures)
 		c.log.Warn("setting up the consumer failed; retrying", "err", err, "failures", failures, "retry_in", wait)
-		sleep(ctx, wait)
+		pause.For(ctx, wait)
 	}
 }
 

@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/internal/pause"
 )
 
 // delivery is a message the consumer holds: fetched, not yet acknowledged
@@ -76,7 +77,7 @@ func (r *runner) fetchLoop() error {
 		// buffer with its unsubscription, and the server could deliver to
 		// it in between, stranding messages until AckWait.
 		for wait := 1; !conn.IsConnected() && !conn.IsClosed() && r.ctx.Err() == nil; wait++ {
-			sleep(r.ctx, backoff.Backoff(wait))
+			pause.For(r.ctx, backoff.Backoff(wait))
 		}
 		got, err := r.fetch(n)
 		r.window.release(n - got)
@@ -94,7 +95,7 @@ func (r *runner) fetchLoop() error {
 		failures++
 		wait := backoff.Backoff(failures)
 		r.c.log.Warn("fetching messages failed; retrying", "err", err, "failures", failures, "retry_in", wait)
-		sleep(r.ctx, wait)
+		pause.For(r.ctx, wait)
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/internal/pause"
 )
 
 // Publisher publishes exactly.Messages to NATS JetStream. Each message goes
@@ -225,7 +226,7 @@ func (p *Publisher) pipeline(ctx context.Context, msgs []*exactly.Message, out [
 			if len(queue) > 0 {
 				settleOldest()
 			} else {
-				sleep(ctx, 10*time.Millisecond)
+				pause.For(ctx, 10*time.Millisecond)
 			}
 			ack, err = p.js.PublishMsgAsync(out[i], jetstream.WithRetryAttempts(0))
 		}
@@ -357,13 +358,4 @@ func checkSubject(s string) error {
 		}
 	}
 	return nil
-}
-
-func sleep(ctx context.Context, d time.Duration) {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-	case <-t.C:
-	}
 }

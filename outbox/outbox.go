@@ -2,13 +2,9 @@ package outbox
 
 import (
 	"context"
-	"database/sql"
 	"errors"
 	"fmt"
-	"reflect"
 	"time"
-
-	"github.com/jackc/pgx/v5"
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/internal/migrate"
@@ -96,18 +92,11 @@ func (o *Outbox) Enqueue(ctx context.Context, tx any, msgs ...*exactly.Message) 
 	if len(msgs) == 0 {
 		return nil
 	}
-	now := time.Now()
-	if err := outboxstore.CheckWrite(msgs); err != nil {
+	if err := outboxstore.Prepare(msgs, time.Now()); err != nil {
 		return fmt.Errorf("outbox: %w", err)
 	}
-	for _, m := range msgs {
-		if m.ID == "" {
-			m.ID = exactly.NewID()
-		}
-		if m.CreatedAt.IsZero() {
-			m.CreatedAt = now
-		}
-		if o.tracer != nil {
+	if o.tracer != nil {
+		for _, m := range msgs {
 			o.tracer.Inject(ctx, m)
 		}
 	}
@@ -115,43 +104,25 @@ func (o *Outbox) Enqueue(ctx context.Context, tx any, msgs ...*exactly.Message) 
 	if err != nil {
 		return err
 	}
-	switch t := tx.(type) {
-	case *sql.Tx:
-		if t == nil {
-			return errNilTx
-		}
-		for i, q := range qs {
-			if _, err := t.ExecContext(ctx, q, args[i]...); err != nil {
-				return fmt.Errorf("outbox: enqueue into %s: %w", o.store.Table, err)
-			}
-		}
-	case pgx.Tx:
-		if t == nil || isNilPointer(t) {
-			return errNilTx
-		}
-		if o.store.D != sqldb.Postgres {
-			return fmt.Errorf("outbox: a pgx.Tx was given but the outbox dialect is %s", o.store.D)
-		}
-		for i, q := range qs {
-			if _, err := t.Exec(ctx, q, args[i]...); err != nil {
-				return fmt.Errorf("outbox: enqueue into %s: %w", o.store.Table, err)
-			}
-		}
-	case nil:
+	t, err := sqldb.CallerTx(tx)
+	var nilTx *sqldb.NilTxError
+	switch {
+	case errors.As(err, &nilTx):
 		return errNilTx
-	default:
-		return fmt.Errorf("outbox: unsupported transaction type %T: want pgx.Tx or *sql.Tx", tx)
+	case err != nil:
+		return fmt.Errorf("outbox: %w", err)
+	case t.Pgx() && o.store.D != sqldb.Postgres:
+		return fmt.Errorf("outbox: a pgx.Tx was given but the outbox dialect is %s", o.store.D)
+	}
+	for i, q := range qs {
+		if _, err := t.Exec(ctx, q, args[i]...); err != nil {
+			return fmt.Errorf("outbox: enqueue into %s: %w", o.store.Table, err)
+		}
 	}
 	return nil
 }
 
 var errNilTx = errors.New("outbox: nil transaction: Enqueue must run inside the caller's transaction")
-
-// isNilPointer catches a typed nil (a nil *pgxpool.Tx in a pgx.Tx).
-func isNilPointer(v any) bool {
-	rv := reflect.ValueOf(v)
-	return rv.Kind() == reflect.Pointer && rv.IsNil()
-}
 
 // Migrate creates or upgrades the outbox tables. It is idempotent and safe to
 // run from several processes at once. db is a *sql.DB or a *pgxpool.Pool.

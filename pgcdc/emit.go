@@ -2,17 +2,14 @@ package pgcdc
 
 import (
 	"context"
-	"database/sql"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"reflect"
 	"time"
-
-	"github.com/jackc/pgx/v5"
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/internal/outboxstore"
+	"github.com/exactlyonce/exactly/internal/sqldb"
 )
 
 // Emit writes msgs as logical decoding messages (pg_logical_emit_message,
@@ -36,19 +33,12 @@ func EmitPrefix(ctx context.Context, tx any, prefix string, msgs ...*exactly.Mes
 	if prefix == "" || prefix == HeartbeatPrefix {
 		return fmt.Errorf("pgcdc: Emit: prefix %q is not allowed", prefix)
 	}
-	now := time.Now()
-	prefixes := make([]string, len(msgs))
-	bodies := make([][]byte, len(msgs))
-	if err := outboxstore.CheckWrite(msgs); err != nil {
+	if err := outboxstore.Prepare(msgs, time.Now()); err != nil {
 		return fmt.Errorf("pgcdc: Emit: %w", err)
 	}
+	prefixes := make([]string, len(msgs))
+	bodies := make([][]byte, len(msgs))
 	for i, m := range msgs {
-		if m.ID == "" {
-			m.ID = exactly.NewID()
-		}
-		if m.CreatedAt.IsZero() {
-			m.CreatedAt = now
-		}
 		payload := m.Payload
 		if payload == nil {
 			payload = []byte{}
@@ -66,34 +56,16 @@ func EmitPrefix(ctx context.Context, tx any, prefix string, msgs ...*exactly.Mes
 
 // execTx runs q in the caller's transaction, pgx or database/sql.
 func execTx(ctx context.Context, tx any, what, q string, args ...any) error {
-	switch t := tx.(type) {
-	case pgx.Tx:
-		if t == nil || isNilPointer(t) {
-			return errNilTx(what)
-		}
-		if _, err := t.Exec(ctx, q, args...); err != nil {
-			return fmt.Errorf("pgcdc: %s: %w", what, err)
-		}
-	case *sql.Tx:
-		if t == nil {
-			return errNilTx(what)
-		}
-		if _, err := t.ExecContext(ctx, q, args...); err != nil {
-			return fmt.Errorf("pgcdc: %s: %w", what, err)
-		}
-	case nil:
-		return errNilTx(what)
-	default:
-		return fmt.Errorf("pgcdc: %s: unsupported transaction type %T: want pgx.Tx or *sql.Tx", what, tx)
+	t, err := sqldb.CallerTx(tx)
+	var nilTx *sqldb.NilTxError
+	switch {
+	case errors.As(err, &nilTx):
+		return errors.New("pgcdc: " + what + ": nil transaction: it must run inside the caller's transaction")
+	case err != nil:
+		return fmt.Errorf("pgcdc: %s: %w", what, err)
+	}
+	if _, err := t.Exec(ctx, q, args...); err != nil {
+		return fmt.Errorf("pgcdc: %s: %w", what, err)
 	}
 	return nil
-}
-
-func errNilTx(what string) error {
-	return errors.New("pgcdc: " + what + ": nil transaction: it must run inside the caller's transaction")
-}
-
-func isNilPointer(v any) bool {
-	rv := reflect.ValueOf(v)
-	return rv.Kind() == reflect.Pointer && rv.IsNil()
 }

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/internal/pause"
 )
 
 // Policy is a validated handler policy.
@@ -184,7 +185,7 @@ func (p *Policy) process(ctx context.Context, h exactly.Handler, msg *exactly.Me
 			return DeadLettered, nil
 		}
 		p.Logger.Debug("handler failed; retrying", "id", msg.ID, "attempt", attempt, "err", err)
-		if !sleep(ctx, p.Retry.Backoff(attempt)) {
+		if !pause.For(ctx, p.Retry.Backoff(attempt)) {
 			return 0, fmt.Errorf("message %s not handled: %w", msg.ID, ctx.Err())
 		}
 		attempt++
@@ -231,7 +232,7 @@ func (p *Policy) deadLetter(ctx context.Context, msg *exactly.Message, attempts 
 		default:
 			p.Logger.Error("dead-letter publish failed; retrying", "id", msg.ID, "to", dl.Topic, "err", err)
 		}
-		if !sleep(ctx, wait) {
+		if !pause.For(ctx, wait) {
 			return fmt.Errorf("message %s failed %d times and could not be dead-lettered (%v): %w", msg.ID, attempts, err, ctx.Err())
 		}
 	}
@@ -240,17 +241,6 @@ func (p *Policy) deadLetter(ctx context.Context, msg *exactly.Message, attempts 
 // shortReason is how much of the failure reason a dead letter keeps when the
 // destination refused the copy with the whole reason.
 const shortReason = 200
-
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
-}
 
 // DeadLetterCopy is the copy of msg sent to the dead-letter destination
 // topic: the same id, key and payload, its headers plus the reason (cut to

@@ -16,8 +16,6 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/jackc/pgx/v5"
-
 	"github.com/exactlyonce/exactly/internal/migrate"
 	"github.com/exactlyonce/exactly/internal/sqldb"
 )
@@ -98,63 +96,7 @@ func (s *Store) Verify(ctx context.Context, db *sql.DB) error {
 
 // Tx is the part of a transaction the store needs, for *sql.Tx and pgx.Tx
 // alike.
-type Tx interface {
-	// Exec runs a statement and returns the number of rows it affected.
-	Exec(ctx context.Context, q string, args ...any) (int64, error)
-	// QueryStrings runs a query whose rows are one string column.
-	QueryStrings(ctx context.Context, q string, args ...any) ([]string, error)
-}
-
-// SQLTx adapts a *sql.Tx.
-func SQLTx(tx *sql.Tx) Tx { return sqlTx{tx} }
-
-type sqlTx struct{ tx *sql.Tx }
-
-func (t sqlTx) Exec(ctx context.Context, q string, args ...any) (int64, error) {
-	res, err := t.tx.ExecContext(ctx, q, args...)
-	if err != nil {
-		return 0, err
-	}
-	return res.RowsAffected()
-}
-
-func (t sqlTx) QueryStrings(ctx context.Context, q string, args ...any) ([]string, error) {
-	rows, err := t.tx.QueryContext(ctx, q, args...)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	var out []string
-	for rows.Next() {
-		var v string
-		if err := rows.Scan(&v); err != nil {
-			return nil, err
-		}
-		out = append(out, v)
-	}
-	return out, rows.Err()
-}
-
-// PgxTx adapts a pgx.Tx.
-func PgxTx(tx pgx.Tx) Tx { return pgxTx{tx} }
-
-type pgxTx struct{ tx pgx.Tx }
-
-func (t pgxTx) Exec(ctx context.Context, q string, args ...any) (int64, error) {
-	tag, err := t.tx.Exec(ctx, q, args...)
-	if err != nil {
-		return 0, err
-	}
-	return tag.RowsAffected(), nil
-}
-
-func (t pgxTx) QueryStrings(ctx context.Context, q string, args ...any) ([]string, error) {
-	rows, err := t.tx.Query(ctx, q, args...)
-	if err != nil {
-		return nil, err
-	}
-	return pgx.CollectRows(rows, pgx.RowTo[string])
-}
+type Tx = sqldb.Tx
 
 // Claim inserts the (consumer, id) row unless it exists, and reports whether
 // it inserted it. A concurrent transaction that inserted the same row first
