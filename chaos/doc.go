@@ -128,6 +128,10 @@
 // as static members, their role as InstanceID), or a written message is
 // still not applied Options.Drain after the faults.
 //
+// The suite is a module of its own (chaos/go.mod, the library replaced by
+// the source tree above it): run it with go -C chaos test ./... and
+// go -C chaos run ./cmd/soak.
+//
 // The kafka-broken pipeline (not a default one) is the Kafka consumer with
 // the inbox left out; TestChaosSeesBrokenConsumer kills it and requires the
 // checker to report double applications, proof that the checker sees them.

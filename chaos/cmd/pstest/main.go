@@ -7,7 +7,7 @@
 // pstest keeps every topic, subscription and message in memory: a restart
 // starts empty. The suite therefore never restarts it.
 //
-//	go run ./chaos/cmd/pstest -port 8085
+//	go -C chaos run ./cmd/pstest -port 8085
 package main
 
 import (

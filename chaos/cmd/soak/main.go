@@ -4,8 +4,8 @@
 // It exits 1 if any round lost a message, applied one twice (beyond the
 // documented limits of the Redis inbox) or broke a promised order.
 //
-//	go run ./chaos/cmd/soak -rounds 20
-//	go run ./chaos/cmd/soak -rounds 1 -seed 4242   # replay one round
+//	go -C chaos run ./cmd/soak -rounds 20
+//	go -C chaos run ./cmd/soak -rounds 1 -seed 4242   # replay one round
 package main
 
 import (
