@@ -24,12 +24,6 @@ func options(t *testing.T) chaos.Options {
 			t.Skipf("the chaos suite needs %s: %v", b, err)
 		}
 	}
-	if _, err := exec.LookPath("node"); err != nil && os.Getenv("CHAOS_NODE") == "" {
-		if testenv.InCI() {
-			t.Fatalf("the chaos suite's SQS pipeline runs fauxqs under Node.js: %v", err)
-		}
-		t.Skipf("the chaos suite's SQS pipeline runs fauxqs under Node.js: %v", err)
-	}
 	var o chaos.Options
 	if s := os.Getenv("CHAOS_SEED"); s != "" {
 		seed, err := strconv.ParseUint(s, 10, 64)
@@ -55,6 +49,12 @@ func (w testWriter) Write(p []byte) (int, error) {
 // then the checker. Replay a run with CHAOS_SEED=<seed>.
 func TestChaos(t *testing.T) {
 	o := options(t)
+	if _, err := exec.LookPath("node"); err != nil && os.Getenv("CHAOS_NODE") == "" {
+		if testenv.InCI() {
+			t.Fatalf("the chaos suite's SQS pipeline runs fauxqs under Node.js: %v", err)
+		}
+		t.Skipf("the chaos suite's SQS pipeline runs fauxqs under Node.js: %v", err)
+	}
 	o.PerKind, o.Extra = 3, 3
 	rep, err := chaos.Run(t.Context(), o)
 	if err != nil {
