@@ -170,10 +170,10 @@ func (r *failAck) React(req any) (bool, any, error) {
 // On a subscription with exactly-once delivery the consumer awaits each
 // ack's outcome: an ack the service refuses is counted as an ack failure
 // (Stats, the AckFailed hook), and the message comes again, handled a
-// second time, which is what the inbox is there to absorb. (pstest passes
-// the subscription's exactly-once setting to the client, so the library
-// takes its exactly-once ack path; it does not emulate the service's side
-// of exactly-once delivery.)
+// second time, and the SQL inbox absorbs it: each effect applied once.
+// (pstest passes the subscription's exactly-once setting to the client, so
+// the library takes its exactly-once ack path; it does not emulate the
+// service's side of exactly-once delivery.)
 func TestExactlyOnceAckFailure(t *testing.T) {
 	t.Parallel()
 	fail := &failAck{code: codes.FailedPrecondition}
@@ -194,15 +194,20 @@ func TestExactlyOnceAckFailure(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	ef := newEffects(t)
 	var (
 		mu        sync.Mutex
 		runs      = map[string]int{}
 		ackFailed []string
 	)
+	apply := ef.handler(nil, nil)
 	fail.armed.Store(true)
 	c, err := pubsub.NewConsumer(f.client, pubsub.ConsumerConfig{
 		ConsumerConfig: exactly.ConsumerConfig{
-			Handler: func(_ context.Context, m *exactly.Message) error {
+			Handler: func(ctx context.Context, m *exactly.Message) error {
+				if err := apply(ctx, m); err != nil {
+					return err
+				}
 				mu.Lock()
 				runs[m.ID]++
 				mu.Unlock()
@@ -251,6 +256,10 @@ func TestExactlyOnceAckFailure(t *testing.T) {
 		if runs[id] < 2 {
 			t.Fatalf("message %s: ack failed, handled %d times, want it delivered again", id, runs[id])
 		}
+	}
+	ef.checkOnce(msgs)
+	if d := ef.in.Stats().Duplicates; d < 1 {
+		t.Fatalf("the inbox absorbed %d duplicates, want the redelivery after the failed ack", d)
 	}
 }
 
