@@ -63,7 +63,8 @@
 // second copy, with the same exactly-id, and delivers both. Pub/Sub's
 // exactly-once delivery (a subscription setting) does not remove those
 // copies: it is about redelivery of one published message, and two
-// publishes are two messages. That is why consumers keep the inbox.//
+// publishes are two messages. That is why consumers keep the inbox.
+//
 // # What the tests cannot cover
 //
 // The package's tests run on pstest, Google's in-process fake, with its
