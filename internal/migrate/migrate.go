@@ -288,9 +288,12 @@ func (m *Migrator) applySteps(ctx context.Context, conn *sql.Conn, create string
 			var se *sqldb.SchemaError
 			if !errors.As(err, &se) {
 				// A statement failed: say what is wrong with a table that
-				// was already there, if that is the cause.
+				// was already there, if that is the cause. The first step
+				// of this run is the one that met that table (a later step
+				// fails on what it kept).
 				if cerr := m.check(ctx, conn); errors.As(cerr, &se) && !se.Missing {
 					err = fmt.Errorf("%w; the table was there before and cannot be used: rename or drop it, or choose another table name\n  (%w)", se, err)
+					s = pending[0]
 				}
 			} else {
 				err = existingTable(se)

@@ -78,6 +78,19 @@ func (s *Store) Migrator(db *sql.DB) (*migrate.Migrator, error) {
 		"Trigger":    unq("_notify"),
 		"NotifyFunc": s.Table.Derived("_notify").Quoted(d),
 		"Channel":    "'" + s.Channel() + "'",
+		// Migration 2 (plain INSERTs).
+		"KeyHashFunc": s.Table.Derived("_key_hash").Quoted(d),
+		"UUIDFunc":    s.Table.Derived("_uuidv7").Quoted(d),
+		"FillFunc":    s.Table.Derived("_fill").Quoted(d),
+		"FillTrigger": unq("_fill"),
+		"IdxNoHash":   unq("_nohash_idx"),
+		"Rebuilt":     unq("_rebuild"),
+		"Guard":       unq("_migration_guard"),
+		"TableLit":    literal(s.Table.Name),
+		"RebuiltLit":  literal(s.Table.Name + "_rebuild"),
+	}
+	if d == sqldb.MySQL {
+		data["FillTrigger"] = s.Table.Derived("_fill").Quoted(d) // a trigger lives in its table's schema
 	}
 	steps, err := migrate.Load(migrations, "migrations", d, data)
 	if err != nil {
@@ -86,6 +99,9 @@ func (s *Store) Migrator(db *sql.DB) (*migrate.Migrator, error) {
 	return &migrate.Migrator{DB: db, Dialect: d, Schema: s.Table.Schema, Scope: "outbox:" + s.Table.String(), Steps: steps,
 		Check: s.CheckSchema}, nil
 }
+
+// literal is s as an SQL string literal.
+func literal(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
 
 // Channel is the PostgreSQL NOTIFY channel that wakes relays of this table.
 func (s *Store) Channel() string { return "exactly_outbox:" + s.Table.String() }
