@@ -194,6 +194,22 @@ func PerMessage(err error, n int) []error {
 	return out
 }
 
+// Verdicts reads the result of Publish on a batch of n messages by the
+// Publisher contract: is err a verdict per message, or an outage? errs has
+// one entry per message, as PerMessage. outage is err when err says nothing
+// about single messages (neither a *BatchError nor the ErrUnpublishable
+// refusal of a lone message): the broker or the way to it failed, none of
+// the messages may be assumed confirmed, and none of them is to blame, so a
+// relay backs off as a whole instead of counting an attempt against each.
+func Verdicts(err error, n int) (errs []error, outage error) {
+	errs = PerMessage(err, n)
+	var be *BatchError
+	if err != nil && !errors.As(err, &be) && !(n == 1 && errors.Is(err, ErrUnpublishable)) {
+		return errs, err
+	}
+	return errs, nil
+}
+
 // ErrUnpublishable marks an error that no retry can fix: the broker refused
 // the message itself (too large, invalid destination). The relay parks such
 // a message as dead at once, with the reason, instead of retrying it.

@@ -25,12 +25,11 @@ func (s publisherSink) publish(ctx context.Context, es []*entry) ([]error, error
 	for i, e := range es {
 		msgs[i] = &e.msg
 	}
-	err := s.p.Publish(ctx, msgs)
-	var be *exactly.BatchError
-	if err != nil && !errors.As(err, &be) && !(len(msgs) == 1 && errors.Is(err, exactly.ErrUnpublishable)) {
-		return nil, err
+	errs, outage := exactly.Verdicts(s.p.Publish(ctx, msgs), len(msgs))
+	if outage != nil {
+		return nil, outage
 	}
-	return exactly.PerMessage(err, len(msgs)), nil
+	return errs, nil
 }
 
 // dispatcher owns the messages between the stream and their confirmation:

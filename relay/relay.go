@@ -33,29 +33,10 @@ type Relay struct {
 	log    *slog.Logger
 	wake   chan struct{}
 
-	mu       sync.Mutex
-	inflight map[int64]struct{}
-	keysBusy map[string]int // rows in flight per key (StrictOrder)
-	blocks   map[string]*block
-	drained  *sync.Cond // signalled whenever inflight shrinks
-	// cursor is the highest seq any read returned. Rows above it were never
-	// seen, so while working through a backlog (the last read was a full
-	// batch) with batches in flight, the next read asks for seq > cursor
-	// instead of excluding every seq in flight. Rows at or below it that are
-	// pending and not in flight (a late commit, a retry, a row held back)
-	// are found by a full read, which happens whenever the relay is caught
-	// up or nothing is in flight, after anything was held back, failed or
-	// handed back (rescan), and at least every fullReadEvery.
-	cursor int64
-	rescan bool
-	// cursorStale is set when partitions were taken over: their pending
-	// rows lie below the cursor, and a read from the cursor would hand out
-	// later messages of their keys first. Reads stay full (in seq order,
-	// leaving out what is in flight) until one can set the cursor back.
-	cursorStale bool
-	// fetchGen numbers the reads; a block remembers the read during which
-	// its row left the pipeline (see admit).
-	fetchGen uint64
+	mu sync.Mutex
+	// order is the per-key ordering state; r.mu guards it.
+	order   keyOrder
+	drained *sync.Cond // signalled whenever order.inflight shrinks
 	// fence is set when a batch was handed back because the lease ran out:
 	// every batch read up to then (gen <= fence) is handed back too, since
 	// it may hold later messages of the same keys, and the next read waits
@@ -84,18 +65,6 @@ type Relay struct {
 	beforeLeaseCheck func()
 }
 
-// block holds back a key whose message at seq failed: later messages of the
-// key wait until that one is confirmed or parked, so the key stays in order.
-type block struct {
-	seq      int64
-	until    time.Time
-	released bool // the retry is under way; rows after it may flow again
-	// freedGen is r.fetchGen when the row last left the pipeline: a read
-	// with that number or lower may have excluded it as in flight.
-	freedGen uint64
-	created  time.Time // the held row's CreatedAt (Stats.OldestBlocked)
-}
-
 // fullReadEvery bounds how long a pending row below the cursor (a late
 // commit, a retry that came due) can wait while the pipeline never empties.
 const fullReadEvery = 500 * time.Millisecond
@@ -116,16 +85,14 @@ func New(cfg Config) (*Relay, error) {
 		return nil, errors.New("relay: on PostgreSQL the database handle must come from pgx (pgxpool.Pool, or sql.Open(\"pgx\", dsn))")
 	}
 	r := &Relay{
-		cfg:      c,
-		db:       db,
-		closeDB:  done,
-		store:    store,
-		log:      c.Logger.With("component", "relay", "table", store.Table.String(), "instance", c.InstanceID),
-		wake:     make(chan struct{}, 1),
-		inflight: map[int64]struct{}{},
-		keysBusy: map[string]int{},
-		blocks:   map[string]*block{},
-		failLog:  ratelog.New(failureLogEvery),
+		cfg:     c,
+		db:      db,
+		closeDB: done,
+		store:   store,
+		log:     c.Logger.With("component", "relay", "table", store.Table.String(), "instance", c.InstanceID),
+		wake:    make(chan struct{}, 1),
+		order:   newKeyOrder(c.BatchSize, c.StrictOrder),
+		failLog: ratelog.New(failureLogEvery),
 	}
 	r.drained = sync.NewCond(&r.mu)
 	if store.D == sqldb.Postgres {
@@ -164,13 +131,8 @@ func (r *Relay) Stats() Stats {
 		Partitions: int(r.stats.partitions.Load()),
 	}
 	r.mu.Lock()
-	st.BlockedKeys = len(r.blocks)
 	var oldest time.Time
-	for _, b := range r.blocks {
-		if oldest.IsZero() || b.created.Before(oldest) {
-			oldest = b.created
-		}
-	}
+	st.BlockedKeys, oldest = r.order.blocked()
 	r.mu.Unlock()
 	if !oldest.IsZero() {
 		st.OldestBlocked = max(time.Since(oldest), 0)
@@ -318,7 +280,7 @@ func (r *Relay) fetchLoop(ctx context.Context, pubCh chan<- batch) {
 		// The wait, the fence check and the read's numbering happen under
 		// one hold of the lock, so a fence is either set before this read
 		// (which then waits) or covers it (gen <= fence: handed back).
-		for r.fencing && len(r.inflight) > 0 && ctx.Err() == nil {
+		for r.fencing && len(r.order.inflight) > 0 && ctx.Err() == nil {
 			// Batches read before a lease ran out are being handed back:
 			// wait for them, so that this read sees their rows again.
 			r.drained.Wait()
@@ -326,36 +288,17 @@ func (r *Relay) fetchLoop(ctx context.Context, pubCh chan<- batch) {
 		if r.fencing {
 			// The rows handed back lie below the cursor: read from the
 			// start, or the reads from the cursor would pass them by.
-			r.cursor = 0
+			r.order.cursor = 0
 			r.fencing = false
 		}
 		now := time.Now()
+		read := r.order.read(now, backlog, lastFull)
+		if read.full {
+			lastFull = now
+		}
 		q := outboxstore.FetchQuery{
 			Limit: r.cfg.BatchSize, Partitions: r.cfg.Partitions, Owned: r.owned, AllOwned: r.allOwned,
-			NowMillis: now.UnixMilli(),
-		}
-		// Cursor reads only while working through a backlog: once caught up,
-		// rows commit out of seq order (concurrent writers) and every read
-		// must see them at once.
-		full := !backlog || len(r.inflight) == 0 || r.rescan || r.cursor == 0 || r.cursorStale || now.Sub(lastFull) >= fullReadEvery
-		var maxExcluded int64
-		if full {
-			r.rescan = false
-			lastFull = now
-			q.Exclude = make([]int64, 0, len(r.inflight))
-			for seq := range r.inflight {
-				q.Exclude = append(q.Exclude, seq)
-				maxExcluded = max(maxExcluded, seq)
-			}
-		} else {
-			q.After = r.cursor
-		}
-		r.fetchGen++
-		gen := r.fetchGen
-		for k, b := range r.blocks {
-			if !b.released && now.Before(b.until) {
-				q.Blocked = append(q.Blocked, k)
-			}
+			NowMillis: now.UnixMilli(), Exclude: read.exclude, After: read.after, Blocked: read.blocked,
 		}
 		r.mu.Unlock()
 
@@ -372,10 +315,12 @@ func (r *Relay) fetchLoop(ctx context.Context, pubCh chan<- batch) {
 		dbBackoff = r.cfg.InitialBackoff
 		backlog = len(rows) == r.cfg.BatchSize
 
-		ready, wait, busy := r.admit(rows, now, gen, full, maxExcluded)
+		r.mu.Lock()
+		ready, wait, busy := r.order.admit(rows, now, read)
+		r.mu.Unlock()
 		if len(ready) > 0 {
 			select {
-			case pubCh <- batch{rows: ready, gen: gen}:
+			case pubCh <- batch{rows: ready, gen: read.gen}:
 			case <-ctx.Done():
 				r.handBack(ready)
 				return
@@ -399,116 +344,16 @@ func (r *Relay) fetchLoop(ctx context.Context, pubCh chan<- batch) {
 	}
 }
 
-// admit picks the rows that may go now, in seq order, and marks them in
-// flight. It returns how long until the earliest held-back key is due, and
-// whether rows were held back behind a message of their key in flight. gen
-// is the read's number, full whether it was a full read (not from the
-// cursor), maxExcluded the highest seq a full read left out as in flight.
-func (r *Relay) admit(rows []outboxstore.Row, now time.Time, gen uint64, full bool, maxExcluded int64) (ready []outboxstore.Row, _ time.Duration, busy bool) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	n := len(rows)
-	switch {
-	case full && r.cursorStale && n < r.cfg.BatchSize:
-		// The read returned every pending row not in flight: none is left
-		// below any cursor.
-		r.cursorStale = false
-	case full && r.cursorStale && rows[n-1].Seq > maxExcluded:
-		// Every pending row up to the last one returned was returned or is
-		// in flight, and nothing in flight lies above it: reads may go on
-		// from there without passing a row by nor reading one twice.
-		r.cursor, r.cursorStale = rows[n-1].Seq, false
-	}
-	if n > 0 && rows[n-1].Seq > r.cursor {
-		r.cursor = rows[n-1].Seq
-	}
-	defer func() {
-		if len(ready) < len(rows) {
-			r.rescan = true // the rows held back are below the cursor now
-		}
-	}()
-	ready = rows[:0:0]
-	var wait time.Duration
-	due := func(t time.Time) {
-		if d := t.Sub(now); d > 0 && (wait == 0 || d < wait) {
-			wait = d
-		}
-	}
-	for _, row := range rows {
-		notBefore := time.UnixMilli(row.NextAttemptAt)
-		key := row.Msg.Key
-		if key == "" {
-			if now.Before(notBefore) { // the query leaves these out; a clock step may not
-				due(notBefore)
-				continue
-			}
-		} else if b, ok := r.blocks[key]; ok {
-			switch {
-			case b.released:
-				// retry under way: later rows follow it in order
-			case now.Before(b.until):
-				due(b.until)
-				continue
-			case row.Seq == b.seq:
-				b.released = true
-			case row.Seq > b.seq:
-				if _, inflight := r.inflight[b.seq]; inflight || !full || b.freedGen >= gen {
-					// The held row was not in this read's view: it is in
-					// flight (its failure being recorded), or was when the
-					// read started, or the read started above it (cursor).
-					// Wait for a full read that sees it.
-					continue
-				}
-				// A full read that did not exclude the held row did not
-				// return it: it is no longer pending (parked, or purged by an
-				// operator). The key is free again.
-				delete(r.blocks, key)
-			default: // row.Seq < b.seq: an earlier row is due first
-				if now.Before(notBefore) {
-					b.seq, b.until, b.created = row.Seq, notBefore, row.Msg.CreatedAt
-					due(notBefore)
-					continue
-				}
-			}
-		} else if now.Before(notBefore) {
-			r.blocks[key] = &block{seq: row.Seq, until: notBefore, created: row.Msg.CreatedAt}
-			due(notBefore)
-			continue
-		}
-		if r.cfg.StrictOrder && key != "" {
-			if r.keysBusy[key] > 0 {
-				busy = true
-				continue // the next fetch after its predecessor is marked takes it
-			}
-			r.keysBusy[key]++
-		}
-		ready = append(ready, row)
-		r.inflight[row.Seq] = struct{}{}
-	}
-	return ready, wait, busy
-}
-
 // release forgets rows that left the pipeline. Called with r.mu held.
 func (r *Relay) release(rows []outboxstore.Row) {
-	for _, row := range rows {
-		delete(r.inflight, row.Seq)
-		if b, ok := r.blocks[row.Msg.Key]; ok && b.seq == row.Seq {
-			b.released = false
-			b.freedGen = r.fetchGen
-		}
-		if r.cfg.StrictOrder && row.Msg.Key != "" {
-			if r.keysBusy[row.Msg.Key]--; r.keysBusy[row.Msg.Key] <= 0 {
-				delete(r.keysBusy, row.Msg.Key)
-			}
-		}
-	}
+	r.order.release(rows)
 	r.drained.Broadcast()
 }
 
 // handBack returns rows that were admitted but will not be published now.
 func (r *Relay) handBack(rows []outboxstore.Row) {
 	r.mu.Lock()
-	r.rescan = true
+	r.order.rescan = true
 	r.release(rows)
 	r.mu.Unlock()
 }
@@ -624,8 +469,8 @@ func (r *Relay) publishLoop(ctx, stopCtx context.Context, pubCh <-chan batch, ma
 			// and the batches read after them too (see fence).
 			r.log.Warn("lease expired before the batch was published; handing it back", "messages", len(b.rows))
 			r.mu.Lock()
-			r.fence, r.fencing = r.fetchGen, true
-			r.rescan = true
+			r.fence, r.fencing = r.order.fetchGen, true
+			r.order.rescan = true
 			r.release(b.rows)
 			r.mu.Unlock()
 			continue
@@ -659,12 +504,9 @@ func (r *Relay) publish(ctx context.Context, rows []outboxstore.Row) result {
 	}
 	start := time.Now()
 	err := r.cfg.Publisher.Publish(ctx, msgs)
-	res := result{rows: rows, took: time.Since(start), errs: exactly.PerMessage(err, len(msgs))}
-	var be *exactly.BatchError
-	if err != nil && !errors.As(err, &be) && !(len(msgs) == 1 && errors.Is(err, exactly.ErrUnpublishable)) {
-		res.outage = true
-		res.err = err
-	}
+	res := result{rows: rows, took: time.Since(start)}
+	res.errs, res.err = exactly.Verdicts(err, len(msgs))
+	res.outage = res.err != nil
 	return res
 }
 
@@ -721,8 +563,7 @@ func (r *Relay) plan(res result, now time.Time) markPlan {
 		row := &res.rows[i]
 		key := row.Msg.Key
 		err := res.errs[i]
-		b := r.blocks[key]
-		if key != "" && (heldBack[key] || (b != nil && b.seq < row.Seq)) {
+		if key != "" && (heldBack[key] || r.order.heldBehind(key, row.Seq)) {
 			// An earlier message of this key is not confirmed: leave this one
 			// pending so it is published again after that one.
 			if err == nil {
@@ -734,16 +575,14 @@ func (r *Relay) plan(res result, now time.Time) markPlan {
 		if err == nil {
 			p.sent = append(p.sent, row.Seq)
 			p.sentMsgs = append(p.sentMsgs, &row.Msg)
-			if b != nil && b.seq == row.Seq {
-				delete(r.blocks, key)
-			}
+			r.order.done(key, row.Seq)
 			continue
 		}
 		p.retry = true
 		if res.outage {
 			if key != "" {
 				heldBack[key] = true
-				r.blocks[key] = &block{seq: row.Seq, until: now.Add(r.cfg.InitialBackoff), created: row.Msg.CreatedAt}
+				r.order.hold(row, now.Add(r.cfg.InitialBackoff))
 			}
 			continue
 		}
@@ -751,15 +590,13 @@ func (r *Relay) plan(res result, now time.Time) markPlan {
 		f := outboxstore.Failure{Seq: row.Seq, Attempts: attempt, Err: err.Error()}
 		if attempt >= r.cfg.MaxAttempts || errors.Is(err, exactly.ErrUnpublishable) {
 			f.Dead = true
-			if b != nil && b.seq == row.Seq {
-				delete(r.blocks, key)
-			}
+			r.order.done(key, row.Seq)
 		} else {
 			next := now.Add(r.backoff(attempt))
 			f.NextAttemptAt = next.UnixMilli()
 			if key != "" {
 				heldBack[key] = true
-				r.blocks[key] = &block{seq: row.Seq, until: next, created: row.Msg.CreatedAt}
+				r.order.hold(row, next)
 			}
 		}
 		p.fails = append(p.fails, f)
@@ -826,7 +663,7 @@ func (r *Relay) mark(ctx context.Context, group []result) {
 
 	r.mu.Lock()
 	if retry {
-		r.rescan = true // rows left pending lie below the cursor
+		r.order.rescan = true // rows left pending lie below the cursor
 	}
 	for _, res := range group {
 		r.release(res.rows)
@@ -931,7 +768,7 @@ func (r *Relay) backoff(attempt int) time.Duration {
 // waitDrained blocks until no batch is in flight.
 func (r *Relay) waitDrained() {
 	r.mu.Lock()
-	for len(r.inflight) > 0 {
+	for len(r.order.inflight) > 0 {
 		r.drained.Wait()
 	}
 	r.mu.Unlock()
@@ -992,10 +829,10 @@ func (r *Relay) setOwned(held []int64) {
 	}
 	if !slices.Equal(held, r.owned) {
 		r.mu.Lock()
-		r.rescan = true // rows of new partitions may lie below the cursor
+		r.order.rescan = true // rows of new partitions may lie below the cursor
 		for _, p := range held {
 			if !slices.Contains(r.owned, p) {
-				r.cursorStale = true
+				r.order.cursorStale = true
 				break
 			}
 		}
@@ -1007,10 +844,10 @@ func (r *Relay) setOwned(held []int64) {
 	// Forget held-back keys of partitions now elsewhere: their new owner
 	// reads the backoff from the table.
 	r.mu.Lock()
-	for k, b := range r.blocks {
-		if !b.released && !r.allOwned && !slices.Contains(held, int64(outboxstore.KeyHash(&exactly.Message{Key: k})%int32(r.cfg.Partitions))) {
-			delete(r.blocks, k)
-		}
+	if !r.allOwned {
+		r.order.forget(func(key string) bool {
+			return !slices.Contains(held, int64(outboxstore.KeyHash(&exactly.Message{Key: key})%int32(r.cfg.Partitions)))
+		})
 	}
 	r.mu.Unlock()
 }
