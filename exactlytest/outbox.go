@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/internal/outboxstore"
 	"github.com/exactlyonce/exactly/internal/sqldb"
 	"github.com/exactlyonce/exactly/outbox"
 	"github.com/exactlyonce/exactly/relay"
@@ -112,7 +113,7 @@ func dropOutbox(t testing.TB, db any, ob *outbox.Outbox) {
 		return
 	}
 	defer done()
-	st := ob.Store()
+	st := outboxstore.For(ob)
 	ctx := context.Background()
 	for _, suffix := range []string{"", "_leases", "_relays"} {
 		if _, err := sdb.ExecContext(ctx, "DROP TABLE IF EXISTS "+st.Table.Derived(suffix).Quoted(st.D)); err != nil {
@@ -295,7 +296,7 @@ func (s *outboxSuite) testMigrateIdempotent(t *testing.T) {
 		t.Fatalf("a migrated table still has pending migrations:\n%s", script)
 	}
 	all, err := f.ob.MigrationSQL(context.Background(), nil)
-	if err != nil || !strings.Contains(all, f.ob.Store().Table.Name) {
+	if err != nil || !strings.Contains(all, outboxstore.For(f.ob).Table.Name) {
 		t.Fatalf("dry run without a database: %v\n%s", err, all)
 	}
 }
@@ -995,7 +996,7 @@ func (s *outboxSuite) testRetention(t *testing.T) {
 	defer done()
 	count := func() int {
 		var n int
-		if err := sdb.QueryRow("SELECT count(*) FROM " + f.ob.Store().Table.Quoted(f.ob.Store().D)).Scan(&n); err != nil {
+		if err := sdb.QueryRow("SELECT count(*) FROM " + outboxstore.For(f.ob).QuotedTable()).Scan(&n); err != nil {
 			t.Fatal(err)
 		}
 		return n

@@ -11,12 +11,13 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/jackc/pgx/v5/stdlib"
+
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/internal/outboxstore"
 	"github.com/exactlyonce/exactly/internal/ratelog"
 	"github.com/exactlyonce/exactly/internal/sqldb"
-	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/jackc/pgx/v5/stdlib"
 )
 
 // Relay moves committed outbox rows to a Publisher. Create it with New and
@@ -79,7 +80,7 @@ func New(cfg Config) (*Relay, error) {
 	if err != nil {
 		return nil, fmt.Errorf("relay: %w", err)
 	}
-	store := c.Outbox.Store()
+	store := outboxstore.For(c.Outbox)
 	if store.D == sqldb.Postgres && !sqldb.IsPgx(db) {
 		done()
 		return nil, errors.New("relay: on PostgreSQL the database handle must come from pgx (pgxpool.Pool, or sql.Open(\"pgx\", dsn))")

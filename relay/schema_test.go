@@ -14,6 +14,7 @@ import (
 	_ "modernc.org/sqlite"
 
 	"github.com/exactlyonce/exactly/exactlytest"
+	"github.com/exactlyonce/exactly/internal/outboxstore"
 	"github.com/exactlyonce/exactly/internal/sqldb"
 	"github.com/exactlyonce/exactly/internal/testenv"
 	"github.com/exactlyonce/exactly/outbox"
@@ -78,7 +79,8 @@ func TestStartRefusesUnusableTable(t *testing.T) {
 			}
 			defer done()
 			ob := exactlytest.MigratedOutbox(t, db, dialect, "rt_shape")
-			table := ob.Store().Table.Quoted(ob.Store().D)
+			st := outboxstore.For(ob)
+			table := st.Table.Quoted(st.D)
 			if _, err := sdb.Exec("ALTER TABLE " + table + " DROP COLUMN attempts"); err != nil {
 				t.Fatal(err)
 			}
