@@ -13,6 +13,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"net/http"
+	"path"
 	"strings"
 	"sync"
 	"time"
@@ -209,6 +210,7 @@ type pageData struct {
 	Database string
 	Table    string
 	Now      time.Time
+	JSON     string // this page as JSON, relative
 	Data     any
 }
 
@@ -257,7 +259,7 @@ func (c *Console) render(w http.ResponseWriter, r *http.Request, code int, name 
 		return
 	}
 	pd := pageData{Page: name, Title: titles[name], Actions: c.cfg.Actions, Database: hide.String(c.cfg.DSN),
-		Table: c.cfg.Outbox.Table(), Now: time.Now(), Data: data}
+		Table: c.cfg.Outbox.Table(), Now: time.Now(), JSON: jsonLink(r), Data: data}
 	if c.cfg.Actions {
 		pd.CSRF = c.csrf
 	}
@@ -270,6 +272,17 @@ func (c *Console) render(w http.ResponseWriter, r *http.Request, code int, name 
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
 	w.WriteHeader(code)
 	_, _ = w.Write([]byte(b.String()))
+}
+
+// jsonLink is the relative link to the page r asked for, as JSON.
+func jsonLink(r *http.Request) string {
+	q := r.URL.Query()
+	q.Set("format", "json")
+	page := path.Base(r.URL.Path)
+	if page == "/" || page == "." || r.Method != http.MethodGet {
+		page = "./"
+	}
+	return page + "?" + q.Encode()
 }
 
 var titles = map[string]string{
@@ -343,8 +356,11 @@ func rate(p *float64) string {
 	if p == nil {
 		return "-"
 	}
-	if *p >= 100 {
+	switch {
+	case *p >= 100:
 		return fmt.Sprintf("%.0f/s", *p)
+	case *p > 0 && *p < 0.1:
+		return fmt.Sprintf("%.2f/s", *p)
 	}
 	return fmt.Sprintf("%.1f/s", *p)
 }
