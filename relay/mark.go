@@ -1,0 +1,229 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/internal/outboxstore"
+	"github.com/exactlyonce/exactly/internal/sqldb"
+)
+
+// markLoop records the outcome of each batch in the table, in batch order.
+// The results waiting when it gets to them are recorded together: one
+// statement marks all their confirmed rows, which keeps marking off the
+// critical path at low rates (one message per batch) as well as high ones.
+func (r *Relay) markLoop(ctx context.Context, markCh <-chan result) {
+	for res := range markCh {
+		group := []result{res}
+	more:
+		for len(group) < maxMarkGroup {
+			select {
+			case res, ok := <-markCh:
+				if !ok {
+					break more
+				}
+				group = append(group, res)
+			default:
+				break more
+			}
+		}
+		r.mark(ctx, group)
+	}
+}
+
+// maxMarkGroup bounds how many batches one mark records.
+const maxMarkGroup = 64
+
+type hookCall struct {
+	msg     *exactly.Message
+	attempt int
+	err     error
+	dead    bool
+	next    time.Time // the next attempt, when not dead
+}
+
+// markPlan is what the outcome of one batch does to the table.
+type markPlan struct {
+	sent     []int64
+	sentMsgs []*exactly.Message
+	fails    []outboxstore.Failure
+	calls    []hookCall
+	retry    bool // something is left pending: the fetcher must look again
+}
+
+// plan decides the fate of each row of one batch, in batch order, and
+// updates the held-back keys. Called with r.mu held, for the batches in the
+// order they were published.
+func (r *Relay) plan(res result, now time.Time) markPlan {
+	var p markPlan
+	heldBack := map[string]bool{} // keys with an earlier unconfirmed row in this batch
+	for i := range res.rows {
+		row := &res.rows[i]
+		key := row.Msg.Key
+		err := res.errs[i]
+		if key != "" && (heldBack[key] || r.order.heldBehind(key, row.Seq)) {
+			// An earlier message of this key is not confirmed: leave this one
+			// pending so it is published again after that one.
+			if err == nil {
+				r.stats.republished.Add(1)
+			}
+			p.retry = true
+			continue
+		}
+		if err == nil {
+			p.sent = append(p.sent, row.Seq)
+			p.sentMsgs = append(p.sentMsgs, &row.Msg)
+			r.order.done(key, row.Seq)
+			continue
+		}
+		p.retry = true
+		if res.outage {
+			if key != "" {
+				heldBack[key] = true
+				r.order.hold(row, now.Add(r.cfg.InitialBackoff))
+			}
+			continue
+		}
+		attempt := row.Attempts + 1
+		f := outboxstore.Failure{Seq: row.Seq, Attempts: attempt, Err: err.Error()}
+		if attempt >= r.cfg.MaxAttempts || errors.Is(err, exactly.ErrUnpublishable) {
+			f.Dead = true
+			r.order.done(key, row.Seq)
+		} else {
+			next := now.Add(r.backoff(attempt))
+			f.NextAttemptAt = next.UnixMilli()
+			if key != "" {
+				heldBack[key] = true
+				r.order.hold(row, next)
+			}
+		}
+		p.fails = append(p.fails, f)
+		p.calls = append(p.calls, hookCall{&row.Msg, attempt, err, f.Dead, time.UnixMilli(f.NextAttemptAt)})
+	}
+	return p
+}
+
+// mark records the outcome of the batches of group, published in that
+// order: one statement removes (or marks sent) every confirmed row, one
+// transaction records the failures.
+func (r *Relay) mark(ctx context.Context, group []result) {
+	now := time.Now()
+	plans := make([]markPlan, len(group))
+	var sent []int64
+	var fails []outboxstore.Failure
+	retry := false
+	r.mu.Lock()
+	for i, res := range group {
+		plans[i] = r.plan(res, now)
+		sent = append(sent, plans[i].sent...)
+		fails = append(fails, plans[i].fails...)
+		retry = retry || plans[i].retry || res.outage
+	}
+	r.mu.Unlock()
+
+	if err := r.markSent(ctx, sent, now.UnixMilli()); err != nil {
+		// Not marked: the rows stay pending and go out again with the same
+		// ids. At-least-once, never lost.
+		r.log.Error("marking rows sent failed; they will be published again", "err", err, "rows", len(sent))
+		retry = true
+	} else {
+		r.stats.published.Add(int64(len(sent)))
+		for i, p := range plans {
+			if len(p.sent) == 0 {
+				continue
+			}
+			r.stats.batches.Add(1)
+			if h := r.cfg.Hooks.Published; h != nil {
+				h(p.sentMsgs, group[i].took)
+			}
+		}
+	}
+	if err := r.recordFailures(ctx, fails, now.UnixMilli()); err != nil {
+		r.log.Error("recording failed publishes failed; they will be retried", "err", err, "rows", len(fails))
+	}
+	for _, p := range plans {
+		for _, c := range p.calls {
+			if c.dead {
+				r.stats.dead.Add(1)
+				r.log.Warn("message parked as dead", "id", c.msg.ID, "topic", c.msg.Topic, "key", c.msg.Key, "attempts", c.attempt, "err", c.err)
+				if h := r.cfg.Hooks.Dead; h != nil {
+					h(c.msg, c.err)
+				}
+			} else {
+				r.stats.failed.Add(1)
+				r.logFailure(c, now)
+				if h := r.cfg.Hooks.Failed; h != nil {
+					h(c.msg, c.attempt, c.err)
+				}
+			}
+		}
+	}
+
+	r.mu.Lock()
+	if retry {
+		r.order.rescan = true // rows left pending lie below the cursor
+	}
+	for _, res := range group {
+		r.release(res.rows)
+	}
+	r.mu.Unlock()
+	if retry || r.cfg.StrictOrder {
+		r.Wake() // re-read: rows held back can go now
+	}
+}
+
+// failureLogEvery is how often, at most, a failed publish is logged at warn
+// level per topic; the first failure of a topic is logged at once, and each
+// line counts the failures of the topic left out since the one before.
+const failureLogEvery = time.Minute
+
+// logFailure logs a failed publish that will be retried: at warn level,
+// rate-limited per topic (a topic with no stream or no permission fails
+// every message and every retry), and at debug level every time.
+func (r *Relay) logFailure(c hookCall, now time.Time) {
+	ok, suppressed := r.failLog.Allow(c.msg.Topic, now)
+	if !ok {
+		r.log.Debug("publish failed; will retry", "id", c.msg.ID, "topic", c.msg.Topic, "key", c.msg.Key, "attempt", c.attempt, "err", c.err)
+		return
+	}
+	attrs := []any{"topic", c.msg.Topic, "key", c.msg.Key, "id", c.msg.ID, "attempt", c.attempt, "max_attempts", r.cfg.MaxAttempts,
+		"next_attempt_in", c.next.Sub(now).Round(time.Millisecond), "err", c.err}
+	if suppressed > 0 {
+		attrs = append(attrs, "suppressed", suppressed)
+	}
+	msg := "publish failed; will retry"
+	if c.msg.Key != "" {
+		msg = "publish failed; the key's later messages wait for its retry"
+	}
+	r.log.Warn(msg, attrs...)
+}
+
+// markSent removes (or marks sent) the confirmed rows. On PostgreSQL the
+// transaction commits with synchronous_commit off: see "Marking" in the
+// package documentation.
+func (r *Relay) markSent(ctx context.Context, seqs []int64, nowMillis int64) error {
+	retain := r.cfg.Retention > 0
+	if r.store.D != sqldb.Postgres {
+		return r.store.MarkSent(ctx, r.db, seqs, retain, nowMillis)
+	}
+	if len(seqs) == 0 {
+		return nil
+	}
+	return r.withPg(ctx, func(c outboxstore.PgxConn) error {
+		return r.store.MarkSentPgx(ctx, c, seqs, retain, nowMillis, true)
+	})
+}
+
+func (r *Relay) recordFailures(ctx context.Context, fs []outboxstore.Failure, nowMillis int64) error {
+	if r.store.D != sqldb.Postgres {
+		return r.store.RecordFailures(ctx, r.db, fs, nowMillis)
+	}
+	if len(fs) == 0 {
+		return nil
+	}
+	return r.withPg(ctx, func(c outboxstore.PgxConn) error {
+		return r.store.RecordFailuresPgx(ctx, c, fs, nowMillis)
+	})
+}
