@@ -65,7 +65,9 @@ type PublisherConfig struct {
 	// exactly.ErrOutcomeUnknown and published again. HedgingSettings must
 	// be nil: the library refuses hedging with message ordering. Flow
 	// control that blocks (pubsub.FlowControlBlock) waits within the
-	// context passed to Publish.
+	// context passed to Publish. Publish flushes the bundles once it has
+	// handed over every message of the call, so DelayThreshold only bounds
+	// the wait of a bundle that fills up while the call is handing over.
 	Settings *gpubsub.PublishSettings
 }
 
