@@ -11,6 +11,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/internal/relaycore"
 )
 
 // Defaults of Config.
@@ -247,17 +248,8 @@ func (c *Config) withDefaults() (Config, error) {
 	if cfg.MaxPending < cfg.BatchSize {
 		return cfg, fmt.Errorf("pgcdc: Config.MaxPending (%d) is below BatchSize (%d)", cfg.MaxPending, cfg.BatchSize)
 	}
-	if cfg.MaxAttempts == 0 {
-		cfg.MaxAttempts = 25
-	}
-	if cfg.InitialBackoff == 0 {
-		cfg.InitialBackoff = time.Second
-	}
-	if cfg.MaxBackoff == 0 {
-		cfg.MaxBackoff = 5 * time.Minute
-	}
-	if cfg.MaxBackoff < cfg.InitialBackoff {
-		return cfg, fmt.Errorf("pgcdc: Config.MaxBackoff (%s) is below InitialBackoff (%s)", cfg.MaxBackoff, cfg.InitialBackoff)
+	if err := relaycore.RetryDefaults(&cfg.MaxAttempts, &cfg.InitialBackoff, &cfg.MaxBackoff); err != nil {
+		return cfg, fmt.Errorf("pgcdc: %w", err)
 	}
 	if cfg.HeartbeatInterval == 0 {
 		cfg.HeartbeatInterval = 10 * time.Second

@@ -14,6 +14,7 @@ import (
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/internal/outboxstore"
 	"github.com/exactlyonce/exactly/internal/ratelog"
+	"github.com/exactlyonce/exactly/internal/relaycore"
 	"github.com/exactlyonce/exactly/internal/sqldb"
 )
 
@@ -208,18 +209,8 @@ func (r *Relay) Run(ctx context.Context) error {
 	}()
 	// Work that must outlive runCtx a little (the batch being published,
 	// the writes that finish it) uses stopCtx.
-	stopCtx, stopCancel := context.WithCancel(context.WithoutCancel(ctx))
+	stopCtx, stopCancel := relaycore.Grace(runCtx, r.cfg.ShutdownTimeout)
 	defer stopCancel()
-	go func() {
-		<-runCtx.Done()
-		t := time.NewTimer(r.cfg.ShutdownTimeout)
-		defer t.Stop()
-		select {
-		case <-t.C:
-			stopCancel()
-		case <-stopCtx.Done():
-		}
-	}()
 
 	r.disp = &dispatcher{
 		r: r, sink: snk, ordered: r.cfg.KafkaExactlyOnce != nil,

@@ -9,6 +9,7 @@ import (
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/internal/outboxstore"
+	"github.com/exactlyonce/exactly/internal/relaycore"
 	"github.com/exactlyonce/exactly/outbox"
 )
 
@@ -159,17 +160,8 @@ func (c *Config) withDefaults() (Config, error) {
 			cfg.PollInterval = 500 * time.Millisecond
 		}
 	}
-	if cfg.MaxAttempts == 0 {
-		cfg.MaxAttempts = 25
-	}
-	if cfg.InitialBackoff == 0 {
-		cfg.InitialBackoff = time.Second
-	}
-	if cfg.MaxBackoff == 0 {
-		cfg.MaxBackoff = 5 * time.Minute
-	}
-	if cfg.MaxBackoff < cfg.InitialBackoff {
-		return cfg, fmt.Errorf("relay: Config.MaxBackoff (%s) is below InitialBackoff (%s)", cfg.MaxBackoff, cfg.InitialBackoff)
+	if err := relaycore.RetryDefaults(&cfg.MaxAttempts, &cfg.InitialBackoff, &cfg.MaxBackoff); err != nil {
+		return cfg, fmt.Errorf("relay: %w", err)
 	}
 	if cfg.Partitions == 0 {
 		cfg.Partitions = 16

@@ -16,6 +16,7 @@ import (
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/internal/outboxstore"
 	"github.com/exactlyonce/exactly/internal/ratelog"
+	"github.com/exactlyonce/exactly/internal/relaycore"
 	"github.com/exactlyonce/exactly/internal/sqldb"
 )
 
@@ -195,18 +196,8 @@ func (r *Relay) Run(ctx context.Context) error {
 	}
 	// Work that must outlive ctx a little (finishing the in-flight batch)
 	// uses stopCtx, cancelled ShutdownTimeout after ctx.
-	stopCtx, stopCancel := context.WithCancel(context.WithoutCancel(ctx))
+	stopCtx, stopCancel := relaycore.Grace(ctx, r.cfg.ShutdownTimeout)
 	defer stopCancel()
-	go func() {
-		<-ctx.Done()
-		t := time.NewTimer(r.cfg.ShutdownTimeout)
-		defer t.Stop()
-		select {
-		case <-t.C:
-			stopCancel()
-		case <-stopCtx.Done():
-		}
-	}()
 
 	var bg sync.WaitGroup
 	bgCtx, bgCancel := context.WithCancel(ctx)
