@@ -284,7 +284,17 @@ func (r *Relay) backoff(attempt int) time.Duration {
 // HeartbeatInterval; its position lets the slot advance while the outbox
 // is idle.
 func (r *Relay) heartbeat(ctx context.Context) {
-	t := time.NewTicker(r.cfg.HeartbeatInterval)
+	every(ctx, r.cfg.HeartbeatInterval, func() bool {
+		if _, err := r.pool.Exec(ctx, "SELECT pg_logical_emit_message(false, $1, ''::text)", HeartbeatPrefix); err != nil && ctx.Err() == nil {
+			r.log.Warn("heartbeat failed", "err", err)
+		}
+		return true
+	})
+}
+
+// every calls fn every d until ctx ends or fn returns false.
+func every(ctx context.Context, d time.Duration, fn func() bool) {
+	t := time.NewTicker(d)
 	defer t.Stop()
 	for {
 		select {
@@ -292,8 +302,8 @@ func (r *Relay) heartbeat(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		if _, err := r.pool.Exec(ctx, "SELECT pg_logical_emit_message(false, $1, ''::text)", HeartbeatPrefix); err != nil && ctx.Err() == nil {
-			r.log.Warn("heartbeat failed", "err", err)
+		if !fn() {
+			return
 		}
 	}
 }
@@ -301,29 +311,22 @@ func (r *Relay) heartbeat(ctx context.Context) {
 // watchSlot checks the slot every LagInterval: it reports the lag, and
 // fails the relay when the slot is gone or invalidated.
 func (r *Relay) watchSlot(ctx context.Context) {
-	t := time.NewTicker(r.cfg.LagInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	every(ctx, r.cfg.LagInterval, func() bool {
 		if !r.slotUp.Load() {
 			// Not set up yet in this Run (the first start creates the slot,
 			// a restart checks it): a slot still to be created is not lost.
-			continue
+			return true
 		}
 		st, err := r.slotState(ctx)
 		if err != nil {
 			if ctx.Err() == nil {
 				r.log.Warn("reading the slot's state failed", "err", err)
 			}
-			continue
+			return true
 		}
 		if err := st.usable(r.cfg.Slot); err != nil {
 			r.fail(err)
-			return
+			return false
 		}
 		var seconds float64
 		if old := r.track.oldest(); !old.IsZero() {
@@ -334,7 +337,8 @@ func (r *Relay) watchSlot(ctx context.Context) {
 		if h := r.cfg.Hooks.Lag; h != nil {
 			h(st.lagBytes, seconds)
 		}
-	}
+		return true
+	})
 }
 
 // prepareRetrying runs prepare until it succeeds, fails for a reason that

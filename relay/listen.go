@@ -2,10 +2,9 @@ package relay
 
 import (
 	"context"
-	"errors"
 	"time"
 
-	"github.com/jackc/pgx/v5/stdlib"
+	"github.com/jackc/pgx/v5"
 )
 
 // listen holds one connection in LISTEN on the outbox's channel and wakes the
@@ -30,17 +29,7 @@ func (r *Relay) listen(ctx context.Context) {
 }
 
 func (r *Relay) listenOnce(ctx context.Context, channel string) error {
-	conn, err := r.db.Conn(ctx)
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	return conn.Raw(func(dc any) error {
-		sc, ok := dc.(*stdlib.Conn)
-		if !ok {
-			return errors.New("not a pgx connection")
-		}
-		pc := sc.Conn()
+	return r.onPgxConn(ctx, func(pc *pgx.Conn) error {
 		if _, err := pc.Exec(ctx, `LISTEN "`+channel+`"`); err != nil {
 			return err
 		}

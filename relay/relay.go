@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jackc/pgx/v5/stdlib"
 
@@ -258,6 +259,12 @@ func (r *Relay) withPg(ctx context.Context, fn func(outboxstore.PgxConn) error) 
 	if r.pgPool != nil {
 		return fn(r.pgPool)
 	}
+	return r.onPgxConn(ctx, func(c *pgx.Conn) error { return fn(c) })
+}
+
+// onPgxConn runs fn on one connection of the *sql.DB (from the pgx driver,
+// checked in New) unwrapped to its pgx.Conn.
+func (r *Relay) onPgxConn(ctx context.Context, fn func(*pgx.Conn) error) error {
 	conn, err := r.db.Conn(ctx)
 	if err != nil {
 		return err

@@ -15,6 +15,7 @@ import (
 	"github.com/exactlyonce/exactly/internal/inboxstore"
 	"github.com/exactlyonce/exactly/internal/migrate"
 	"github.com/exactlyonce/exactly/internal/offsetstore"
+	"github.com/exactlyonce/exactly/internal/outboxstore"
 	hide "github.com/exactlyonce/exactly/internal/redact"
 	"github.com/exactlyonce/exactly/outbox"
 )
@@ -83,12 +84,12 @@ func (f *migrateFlags) migrators(db *sql.DB, dialect string) ([]*migrate.Migrato
 		var name string
 		switch part {
 		case partOutbox:
-			var ob *outbox.Outbox
-			if ob, err = outbox.New(outbox.Config{Dialect: dialect, Table: f.table}); err != nil {
+			var st *outboxstore.Store
+			if st, err = outboxstore.New(dialect, f.table); err != nil {
 				return nil, nil, fmt.Errorf("--table: %w", err)
 			}
-			name = "outbox table " + ob.Table()
-			m, err = ob.Store().Migrator(db)
+			name = "outbox table " + st.Table.String()
+			m, err = st.Migrator(db)
 		case partInbox:
 			var st *inboxstore.Store
 			if st, err = inboxstore.New(dialect, f.inboxTable); err != nil {
