@@ -8,6 +8,7 @@ import (
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/internal/outboxstore"
+	"github.com/exactlyonce/exactly/internal/relaycore"
 )
 
 // sink publishes a batch. errs has one entry per message (nil: confirmed);
@@ -274,21 +275,7 @@ const failureLogEvery = time.Minute
 // rate-limited per topic (a topic with no stream or no permission fails
 // every message and every retry), and at debug level every time.
 func (r *Relay) logFailure(e *entry, next, now time.Time, err error) {
-	ok, suppressed := r.failLog.Allow(e.msg.Topic, now)
-	if !ok {
-		r.log.Debug("publish failed; will retry", "id", e.msg.ID, "topic", e.msg.Topic, "key", e.msg.Key, "attempt", e.attempts, "err", err)
-		return
-	}
-	attrs := []any{"topic", e.msg.Topic, "key", e.msg.Key, "id", e.msg.ID, "attempt", e.attempts, "max_attempts", r.cfg.MaxAttempts,
-		"next_attempt_in", next.Sub(now).Round(time.Millisecond), "err", err}
-	if suppressed > 0 {
-		attrs = append(attrs, "suppressed", suppressed)
-	}
-	msg := "publish failed; will retry"
-	if e.msg.Key != "" {
-		msg = "publish failed; the key's later messages wait for its retry"
-	}
-	r.log.Warn(msg, attrs...)
+	relaycore.LogFailure(r.log, r.failLog, relaycore.Failure{Msg: &e.msg, Attempt: e.attempts, MaxAttempts: r.cfg.MaxAttempts, Next: next, Err: err}, now)
 }
 
 // handleOrdered is handle for the exactly-once mode, where a batch is one

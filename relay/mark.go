@@ -7,6 +7,7 @@ import (
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/internal/outboxstore"
+	"github.com/exactlyonce/exactly/internal/relaycore"
 	"github.com/exactlyonce/exactly/internal/sqldb"
 )
 
@@ -183,21 +184,7 @@ const failureLogEvery = time.Minute
 // rate-limited per topic (a topic with no stream or no permission fails
 // every message and every retry), and at debug level every time.
 func (r *Relay) logFailure(c hookCall, now time.Time) {
-	ok, suppressed := r.failLog.Allow(c.msg.Topic, now)
-	if !ok {
-		r.log.Debug("publish failed; will retry", "id", c.msg.ID, "topic", c.msg.Topic, "key", c.msg.Key, "attempt", c.attempt, "err", c.err)
-		return
-	}
-	attrs := []any{"topic", c.msg.Topic, "key", c.msg.Key, "id", c.msg.ID, "attempt", c.attempt, "max_attempts", r.cfg.MaxAttempts,
-		"next_attempt_in", c.next.Sub(now).Round(time.Millisecond), "err", c.err}
-	if suppressed > 0 {
-		attrs = append(attrs, "suppressed", suppressed)
-	}
-	msg := "publish failed; will retry"
-	if c.msg.Key != "" {
-		msg = "publish failed; the key's later messages wait for its retry"
-	}
-	r.log.Warn(msg, attrs...)
+	relaycore.LogFailure(r.log, r.failLog, relaycore.Failure{Msg: c.msg, Attempt: c.attempt, MaxAttempts: r.cfg.MaxAttempts, Next: c.next, Err: c.err}, now)
 }
 
 // markSent removes (or marks sent) the confirmed rows. On PostgreSQL the
