@@ -2,17 +2,7 @@ package sqs_test
 
 import (
 	"context"
-	"fmt"
-	"io"
-	"log"
 	"log/slog"
-	"net/http"
-	"net/http/httptest"
-	"net/http/httputil"
-	"net/url"
-	"sort"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -28,138 +18,6 @@ import (
 	"github.com/exactlyonce/exactly/relay"
 	"github.com/exactlyonce/exactly/sqs"
 )
-
-// A fault the proxy injects into one call.
-type fault int
-
-const (
-	pass        fault = iota
-	throttled         // HTTP 400 ThrottlingException, the call not forwarded
-	unavailable       // HTTP 503 ServiceUnavailable, the call not forwarded
-	answerLost        // forwarded, applied by the emulator, its answer dropped with the connection
-)
-
-func (f fault) String() string {
-	return [...]string{"passed", "throttled", "unavailable", "answer lost"}[f]
-}
-
-// schedule is the faults of each operation's calls, in turn: 4 of every 10
-// calls of each operation fail, each kind at least once in 10.
-var schedule = []fault{pass, throttled, pass, answerLost, pass, unavailable, pass, pass, throttled, answerLost}
-
-// faultProxy is an HTTP reverse proxy in front of the emulator that injects
-// schedule's faults into the calls of the SQS JSON protocol, counted per
-// operation (X-Amz-Target) and per fault.
-type faultProxy struct {
-	*httptest.Server
-	rp *httputil.ReverseProxy
-
-	mu     sync.Mutex
-	on     bool
-	calls  map[string]int           // operation -> calls seen while on
-	counts map[string]map[fault]int // operation -> fault -> calls
-}
-
-func newFaultProxy(t *testing.T, target string) *faultProxy {
-	t.Helper()
-	u, err := url.Parse(target)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &faultProxy{
-		rp:     &httputil.ReverseProxy{Rewrite: func(r *httputil.ProxyRequest) { r.SetURL(u) }},
-		calls:  map[string]int{},
-		counts: map[string]map[fault]int{},
-	}
-	p.rp.ErrorLog = log.New(io.Discard, "", 0) // the cut connections of lost answers
-	p.Server = httptest.NewServer(http.HandlerFunc(p.serve))
-	t.Cleanup(p.Close)
-	return p
-}
-
-// set turns the faults on or off.
-func (p *faultProxy) set(on bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.on = on
-}
-
-func (p *faultProxy) next(op string) fault {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	f := pass
-	if p.on {
-		f = schedule[p.calls[op]%len(schedule)]
-		p.calls[op]++
-	}
-	if p.counts[op] == nil {
-		p.counts[op] = map[fault]int{}
-	}
-	p.counts[op][f]++
-	return f
-}
-
-func (p *faultProxy) count(op string, f fault) int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.counts[op][f]
-}
-
-func (p *faultProxy) String() string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	var ops []string
-	for op := range p.counts {
-		ops = append(ops, op)
-	}
-	sort.Strings(ops)
-	var b strings.Builder
-	for _, op := range ops {
-		fmt.Fprintf(&b, "%s:", op)
-		for f := pass; f <= answerLost; f++ {
-			fmt.Fprintf(&b, " %d %s", p.counts[op][f], f)
-		}
-		b.WriteString("; ")
-	}
-	return b.String()
-}
-
-func (p *faultProxy) serve(w http.ResponseWriter, r *http.Request) {
-	op := strings.TrimPrefix(r.Header.Get("X-Amz-Target"), "AmazonSQS.")
-	switch p.next(op) {
-	case throttled:
-		_, _ = io.Copy(io.Discard, r.Body)
-		w.Header().Set("Content-Type", "application/x-amz-json-1.0")
-		w.Header().Set("x-amzn-query-error", "ThrottlingException;Sender")
-		w.WriteHeader(http.StatusBadRequest)
-		_, _ = io.WriteString(w, `{"__type":"com.amazonaws.sqs#ThrottlingException","message":"Rate exceeded (injected by the test)"}`)
-	case unavailable:
-		_, _ = io.Copy(io.Discard, r.Body)
-		w.Header().Set("Content-Type", "application/x-amz-json-1.0")
-		w.WriteHeader(http.StatusServiceUnavailable)
-		_, _ = io.WriteString(w, `{"__type":"com.amazonaws.sqs#ServiceUnavailable","message":"Service unavailable (injected by the test)"}`)
-	case answerLost:
-		// The emulator applies the call; its answer is read and dropped,
-		// and the client's connection cut, as a timeout on the way back
-		// would.
-		d := &discard{h: http.Header{}}
-		p.rp.ServeHTTP(d, r)
-		conn, _, err := http.NewResponseController(w).Hijack()
-		if err != nil {
-			panic(err)
-		}
-		_ = conn.Close()
-	default:
-		p.rp.ServeHTTP(w, r)
-	}
-}
-
-// discard is a ResponseWriter that keeps nothing.
-type discard struct{ h http.Header }
-
-func (d *discard) Header() http.Header         { return d.h }
-func (d *discard) Write(b []byte) (int, error) { return len(b), nil }
-func (d *discard) WriteHeader(int)             {}
 
 // Throttling, 503s and answers lost after the emulator applied the call,
 // on 4 of every 10 calls of every operation (SendMessageBatch and
@@ -179,8 +37,8 @@ func TestThrottlingAndLostAnswersThroughRelay(t *testing.T) {
 	ef := newEffects(t)
 	name := sqstest.QueueName(true)
 	url := e.CreateQueue(t, name, nil)
-	proxy := newFaultProxy(t, testenv.SQSEndpoint())
-	proxy.set(true)
+	proxy := sqstest.NewFaultProxy(t, testenv.SQSEndpoint())
+	proxy.Set(true)
 	ctx := context.Background()
 
 	cfg := testenv.AWSConfig(t)
@@ -273,7 +131,7 @@ func TestThrottlingAndLostAnswersThroughRelay(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	proxy.set(false)
+	proxy.Set(false)
 	ef.checkOnce(msgs)
 	t.Logf("faults: %s", proxy)
 	t.Logf("relay %+v; %s", r.Stats(), ef)
@@ -286,13 +144,13 @@ func TestThrottlingAndLostAnswersThroughRelay(t *testing.T) {
 	}
 	for _, c := range []struct {
 		op string
-		f  fault
+		f  sqstest.Fault
 	}{
-		{"SendMessageBatch", throttled}, {"SendMessageBatch", unavailable}, {"SendMessageBatch", answerLost},
-		{"ReceiveMessage", throttled}, {"ReceiveMessage", answerLost},
-		{"DeleteMessageBatch", throttled}, {"DeleteMessageBatch", answerLost},
+		{"SendMessageBatch", sqstest.Throttled}, {"SendMessageBatch", sqstest.Unavailable}, {"SendMessageBatch", sqstest.AnswerLost},
+		{"ReceiveMessage", sqstest.Throttled}, {"ReceiveMessage", sqstest.AnswerLost},
+		{"DeleteMessageBatch", sqstest.Throttled}, {"DeleteMessageBatch", sqstest.AnswerLost},
 	} {
-		if proxy.count(c.op, c.f) == 0 {
+		if proxy.Count(c.op, c.f) == 0 {
 			t.Errorf("no %s call was %s: the test did not inject what it claims (%s)", c.op, c.f, proxy)
 		}
 	}
