@@ -106,7 +106,7 @@ func shoot(t *testing.T, ctx context.Context, name string) {
 func history(t *testing.T, b *bundle) {
 	t.Helper()
 	ctx := context.Background()
-	st := b.ob.Store()
+	st := outboxstore.For(b.ob)
 	start := time.Now().Add(-58 * time.Minute)
 	n := 0
 	for i := 0; i < 30; i++ {

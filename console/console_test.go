@@ -287,7 +287,7 @@ func TestRetryAndPurgeAreConfirmedAndLogged(t *testing.T) {
 	if code != http.StatusOK || !strings.Contains(body, "retried 1 of 1") {
 		t.Fatalf("retry: %d\n%s", code, body)
 	}
-	rows, err := b.ob.Store().FindByID(context.Background(), b.db, "dead-1")
+	rows, err := outboxstore.For(b.ob).FindByID(context.Background(), b.db, "dead-1")
 	if err != nil || len(rows) != 1 || rows[0].Status != outboxstore.StatusPending || rows[0].Attempts != 0 {
 		t.Fatalf("dead-1 after the retry: %+v %v", rows, err)
 	}
@@ -346,7 +346,7 @@ func TestSamplesFeedTheChart(t *testing.T) {
 		t.Fatalf("first sample: %+v", first[0])
 	}
 	// A relay without retention publishes two rows: it deletes them.
-	st := b.ob.Store()
+	st := outboxstore.For(b.ob)
 	var seqs []int64
 	for _, id := range pendingIDs[:2] {
 		rows, err := st.FindByID(ctx, b.db, id)

@@ -106,7 +106,7 @@ func setup(t *testing.T, actions bool, tune ...func(*console.Config)) *bundle {
 	if err := tx.Commit(); err != nil {
 		t.Fatal(err)
 	}
-	st := ob.Store()
+	st := outboxstore.For(ob)
 	seq := func(id string) int64 {
 		rows, err := st.FindByID(ctx, db, id)
 		if err != nil || len(rows) != 1 {
@@ -165,7 +165,7 @@ func setup(t *testing.T, actions bool, tune ...func(*console.Config)) *bundle {
 // status is the status of the row with id (-1 when there is none).
 func (b *bundle) status(t *testing.T, id string) int {
 	t.Helper()
-	rows, err := b.ob.Store().FindByID(context.Background(), b.db, id)
+	rows, err := outboxstore.For(b.ob).FindByID(context.Background(), b.db, id)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -92,7 +92,7 @@ func (c *Console) overview(r *http.Request) (any, error) {
 	return o, nil
 }
 
-func (c *Console) store() *outboxstore.Store { return c.cfg.Outbox.Store() }
+func (c *Console) store() *outboxstore.Store { return outboxstore.For(c.cfg.Outbox) }
 
 // DeadRow is a dead message of the dead page.
 type DeadRow struct {

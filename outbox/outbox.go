@@ -61,13 +61,6 @@ func (o *Outbox) Dialect() string { return string(o.store.D) }
 // Table returns the table name as configured.
 func (o *Outbox) Table() string { return o.store.Table.String() }
 
-// Store returns the outbox's store.
-//
-// Deprecated: the store's type is internal to this module, so no code
-// outside it can use what Store returns; it will be removed. The module's
-// own packages use outboxstore.For.
-func (o *Outbox) Store() *outboxstore.Store { return o.store }
-
 // Enqueue writes msgs into the outbox within tx, the caller's own
 // transaction: they are published if and only if tx commits. tx is a pgx.Tx
 // (including *pgxpool.Tx) or a *sql.Tx.
