@@ -122,8 +122,12 @@ func runConsole(cmd *cobra.Command, f *consoleFlags, log *slog.Logger) error {
 	if f.actions {
 		mode = "actions enabled"
 	}
-	fmt.Fprintf(cmd.OutOrStdout(), "console on http://%s/ (%s)\n", ln.Addr(), mode)
-	log.Info("console started", "addr", ln.Addr().String(), "table", ob.Table(), "inbox_tables", f.inboxes, "actions", f.actions, "db", hide.String(dsn))
+	// The address as given, with the port the listener got (for :0).
+	host, _, _ := net.SplitHostPort(f.addr)
+	_, port, _ := net.SplitHostPort(ln.Addr().String())
+	addr := net.JoinHostPort(host, port)
+	fmt.Fprintf(cmd.OutOrStdout(), "console on http://%s/ (%s)\n", addr, mode)
+	log.Info("console started", "addr", addr, "table", ob.Table(), "inbox_tables", f.inboxes, "actions", f.actions, "db", hide.String(dsn))
 	select {
 	case err := <-srvErr:
 		if !errors.Is(err, http.ErrServerClosed) {
