@@ -126,62 +126,76 @@ func (o *keyOrder) admit(rows []outboxstore.Row, now time.Time, read readPlan) (
 	ready = rows[:0:0]
 	var wait time.Duration
 	due := func(t time.Time) {
-		if d := t.Sub(now); d > 0 && (wait == 0 || d < wait) {
+		if d := t.Sub(now); !t.IsZero() && d > 0 && (wait == 0 || d < wait) {
 			wait = d
 		}
 	}
-	for _, row := range rows {
-		notBefore := time.UnixMilli(row.NextAttemptAt)
-		key := row.Msg.Key
-		if key == "" {
-			if now.Before(notBefore) { // the query leaves these out; a clock step may not
-				due(notBefore)
-				continue
-			}
-		} else if b, ok := o.blocks[key]; ok {
-			switch {
-			case b.released:
-				// retry under way: later rows follow it in order
-			case now.Before(b.until):
-				due(b.until)
-				continue
-			case row.Seq == b.seq:
-				b.released = true
-			case row.Seq > b.seq:
-				if _, inflight := o.inflight[b.seq]; inflight || !read.full || b.freedGen >= read.gen {
-					// The held row was not in this read's view: it is in
-					// flight (its failure being recorded), or was when the
-					// read started, or the read started above it (cursor).
-					// Wait for a full read that sees it.
-					continue
-				}
-				// A full read that did not exclude the held row did not
-				// return it: it is no longer pending (parked, or purged by an
-				// operator). The key is free again.
-				delete(o.blocks, key)
-			default: // row.Seq < b.seq: an earlier row is due first
-				if now.Before(notBefore) {
-					b.seq, b.until, b.created = row.Seq, notBefore, row.Msg.CreatedAt
-					due(notBefore)
-					continue
-				}
-			}
-		} else if now.Before(notBefore) {
-			o.blocks[key] = &block{seq: row.Seq, until: notBefore, created: row.Msg.CreatedAt}
-			due(notBefore)
+	for i := range rows {
+		row := &rows[i]
+		if hold, until := o.mustWait(row, now, read); hold {
+			due(until)
 			continue
 		}
-		if o.strict && key != "" {
+		if key := row.Msg.Key; o.strict && key != "" {
 			if o.keysBusy[key] > 0 {
 				busy = true
 				continue // the next fetch after its predecessor is marked takes it
 			}
 			o.keysBusy[key]++
 		}
-		ready = append(ready, row)
+		ready = append(ready, *row)
 		o.inflight[row.Seq] = struct{}{}
 	}
 	return ready, wait, busy
+}
+
+// mustWait says whether row must wait now, for its own retry or behind a
+// failed message of its key, and until when: zero when it waits for a full
+// read that sees the message holding its key.
+func (o *keyOrder) mustWait(row *outboxstore.Row, now time.Time, read readPlan) (bool, time.Time) {
+	notBefore := time.UnixMilli(row.NextAttemptAt)
+	key := row.Msg.Key
+	b, held := o.blocks[key]
+	switch {
+	case key == "" || !held:
+		if !now.Before(notBefore) {
+			return false, time.Time{}
+		}
+		// Its retry is not due (the query leaves these out; a clock step
+		// may not): a keyed row holds its key back until then.
+		if key != "" {
+			o.blocks[key] = &block{seq: row.Seq, until: notBefore, created: row.Msg.CreatedAt}
+		}
+		return true, notBefore
+	case b.released:
+		// retry under way: later rows follow it in order
+		return false, time.Time{}
+	case now.Before(b.until):
+		return true, b.until
+	case row.Seq == b.seq:
+		b.released = true
+		return false, time.Time{}
+	case row.Seq > b.seq:
+		if _, inflight := o.inflight[b.seq]; inflight || !read.full || b.freedGen >= read.gen {
+			// The held row was not in this read's view: it is in flight (its
+			// failure being recorded), or was when the read started, or the
+			// read started above it (cursor). Wait for a full read that sees
+			// it.
+			return true, time.Time{}
+		}
+		// A full read that did not exclude the held row did not return it:
+		// it is no longer pending (parked, or purged by an operator). The
+		// key is free again.
+		delete(o.blocks, key)
+		return false, time.Time{}
+	}
+	// row.Seq < b.seq: an earlier row is due first, unless its own retry
+	// is not due yet, when it holds the key instead.
+	if now.Before(notBefore) {
+		b.seq, b.until, b.created = row.Seq, notBefore, row.Msg.CreatedAt
+		return true, notBefore
+	}
+	return false, time.Time{}
 }
 
 // release forgets rows that left the pipeline.
