@@ -493,18 +493,38 @@ func handleBatch[T any](ctx context.Context, s *SQL, msgs []*exactly.Message, be
 			}
 		}
 	}()
-	claimed, err := s.store.ClaimBatch(ctx, tx.q, s.consumer, ids)
+	var claimed map[string]bool // nil: every id of the batch
+	if tx.q.Pgx() {
+		// The common case first: a batch of fresh messages, claimed by one
+		// plain INSERT. When one of them is done already the statement
+		// fails and the transaction holds nothing else yet: roll it back
+		// and claim in a new one with ClaimBatch, which tells them apart.
+		var all bool
+		all, err = s.store.ClaimAllPgx(ctx, tx.q, s.consumer, inboxstore.SortedIDs(ids))
+		if err == nil && !all {
+			_ = tx.rollback(ctx)
+			if tx, err = begin(ctx); err != nil {
+				finished = true // nothing left to roll back
+				err = fmt.Errorf("inbox: begin a transaction for a batch of %d: %w", len(msgs), err)
+				s.failedAll(msgs, err)
+				return out, err
+			}
+			claimed, err = s.store.ClaimBatch(ctx, tx.q, s.consumer, ids)
+		}
+	} else {
+		claimed, err = s.store.ClaimBatch(ctx, tx.q, s.consumer, ids)
+	}
 	if err != nil {
 		err = fmt.Errorf("inbox: claim a batch of %d in %s: %w", len(msgs), s.store.Table, err)
 		s.failedAll(msgs, err)
 		return out, err
 	}
 	// The first copy of a claimed ID is fresh; later copies follow its fate.
-	seen := make(map[string]bool, len(claimed))
+	seen := make(map[string]bool, len(msgs))
 	var freshIdx, copies []int
 	for i, m := range msgs {
 		switch {
-		case !claimed[m.ID]:
+		case claimed != nil && !claimed[m.ID]:
 			out[i] = Duplicate
 		case seen[m.ID]:
 			copies = append(copies, i)

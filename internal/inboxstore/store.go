@@ -12,9 +12,12 @@ import (
 	"context"
 	"database/sql"
 	"embed"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
+
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/exactlyonce/exactly/internal/migrate"
 	"github.com/exactlyonce/exactly/internal/sqldb"
@@ -122,10 +125,20 @@ const maxRowsPerInsert = 1000
 // inserted in sorted order, so two batches that overlap lock their rows in
 // the same order and cannot deadlock on each other.
 func (s *Store) ClaimBatch(ctx context.Context, tx Tx, consumer string, ids []string) (map[string]bool, error) {
-	ids = slices.Clone(ids)
-	slices.Sort(ids)
-	ids = slices.Compact(ids)
+	ids = SortedIDs(ids)
 	fresh := make(map[string]bool, len(ids))
+	if tx.Pgx() {
+		// One statement whatever the size, its text the same for every batch
+		// (one prepared statement), the clock read once.
+		got, err := tx.QueryStrings(ctx, s.insertPgx()+" ON CONFLICT (consumer, id) DO NOTHING RETURNING id", consumer, ids)
+		if err != nil {
+			return nil, err
+		}
+		for _, id := range got {
+			fresh[id] = true
+		}
+		return fresh, nil
+	}
 	for start := 0; start < len(ids); start += maxRowsPerInsert {
 		chunk := ids[start:min(start+maxRowsPerInsert, len(ids))]
 		if s.D == sqldb.MySQL {
@@ -144,6 +157,45 @@ func (s *Store) ClaimBatch(ctx context.Context, tx Tx, consumer string, ids []st
 		}
 	}
 	return fresh, nil
+}
+
+// SortedIDs returns a sorted copy of ids without repeats: the order in
+// which ClaimBatch and ClaimAllPgx insert them.
+func SortedIDs(ids []string) []string {
+	ids = slices.Clone(ids)
+	slices.Sort(ids)
+	return slices.Compact(ids)
+}
+
+// ClaimAllPgx is the claim of a batch of fresh messages on a pgx
+// transaction that holds nothing else yet: one plain multi-row INSERT of
+// ids (sorted, without repeats: SortedIDs), with no ON CONFLICT and no
+// RETURNING, the least a claim costs. It returns true when it inserted
+// every id. When one of them is claimed already (a unique violation, after
+// waiting for a concurrent claim of it to commit), it returns false and a
+// nil error: the statement failed and the transaction is aborted, so the
+// caller rolls it back and claims with ClaimBatch in a new transaction,
+// which tells the fresh ids from the others. Any other error is returned as
+// is.
+func (s *Store) ClaimAllPgx(ctx context.Context, tx Tx, consumer string, ids []string) (bool, error) {
+	n, err := tx.Exec(ctx, s.insertPgx(), consumer, ids)
+	var pgErr *pgconn.PgError
+	switch {
+	case errors.As(err, &pgErr) && pgErr.Code == "23505" && pgErr.TableName == s.Table.Name: // unique_violation
+		return false, nil
+	case err != nil:
+		return false, err
+	case n != int64(len(ids)):
+		return false, fmt.Errorf("the claim inserted %d rows for %d ids", n, len(ids))
+	}
+	return true, nil
+}
+
+// insertPgx is the claim of the ids in $2 (a text array) for the consumer
+// $1 on PostgreSQL, stamped with one reading of the database clock.
+func (s *Store) insertPgx() string {
+	return "INSERT INTO " + s.t + " (consumer, id, processed_at) SELECT $1, u.id, (SELECT " + s.D.NowMillis() +
+		") FROM unnest($2::text[]) AS u(id)"
 }
 
 // claimChunkMySQL: MySQL has no INSERT ... RETURNING, so the affected-row

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"os"
@@ -386,6 +387,48 @@ func runSetNXPipe(ctx context.Context, b *bench, rc *rowCtx) (result, error) {
 	return b.redisResult(ctx, rc, el, fmt.Sprintf("%d workers, pipelines of %d; %s", b.cfg.workers, b.cfg.batch, cpu), err)
 }
 
+// runRedisFloor sends, per batch, the two writes per message the Redis
+// inbox sends (the lease, then the done marker, with the same arguments),
+// as two pipelines, and checks the replies as simply as possible: the least
+// a lease-then-mark design costs in Redis and in the client library.
+func runRedisFloor(ctx context.Context, b *bench, rc *rowCtx) (result, error) {
+	const lease, ttl = int64(30_000), int64(3_600_000) // the inbox's DefaultLease, row 5's TTL
+	el, cpu, err := b.timed(ctx, rc, func(ctx context.Context) error {
+		return b.eachBatch(ctx, b.msgs, func(ctx context.Context, ms []*exactly.Message) error {
+			token := "lease:" + rand.Text()
+			cmds := make([]*redis.Cmd, len(ms))
+			if _, err := b.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+				for i, m := range ms {
+					cmds[i] = p.Do(ctx, "set", rc.redisKey(m.ID), token, "nx", "px", lease, "get")
+				}
+				return nil
+			}); err != nil && err != redis.Nil {
+				return err
+			}
+			for i, c := range cmds {
+				if c.Err() != redis.Nil {
+					return fmt.Errorf("lease on fresh key %s: %v", rc.redisKey(ms[i].ID), c.Err())
+				}
+			}
+			if _, err := b.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+				for i, m := range ms {
+					cmds[i] = p.Do(ctx, "set", rc.redisKey(m.ID), "done", "px", ttl, "get")
+				}
+				return nil
+			}); err != nil {
+				return err
+			}
+			for i, c := range cmds {
+				if v, err := c.Text(); err != nil || v != token {
+					return fmt.Errorf("done marker on %s replaced %q (%v), want the lease", rc.redisKey(ms[i].ID), v, err)
+				}
+			}
+			return nil
+		})
+	})
+	return b.redisResult(ctx, rc, el, fmt.Sprintf("%d workers, two pipelines of %d per batch; %s", b.cfg.workers, b.cfg.batch, cpu), err)
+}
+
 // redisResult checks that every message left one key.
 func (b *bench) redisResult(ctx context.Context, rc *rowCtx, el time.Duration, note string, err error) (result, error) {
 	res := result{msgs: len(b.msgs), elapsed: el, note: note}
@@ -423,6 +466,47 @@ func runTxBatch(ctx context.Context, b *bench, rc *rowCtx) (result, error) {
 		err = b.checkEffects(ctx, rc, len(b.msgs))
 	}
 	return result{msgs: len(b.msgs), elapsed: el, note: fmt.Sprintf("%d workers; %s", b.cfg.workers, cpu)}, err
+}
+
+// runClaimFloor is the least a batched dedup can add to row 3b: the same
+// transaction plus one multi-row INSERT of the batch's ids into a table
+// whose only index is the unique key on them (no consumer column, no
+// timestamp, no second index, no ON CONFLICT, no RETURNING).
+func runClaimFloor(ctx context.Context, b *bench, rc *rowCtx) (result, error) {
+	floor := rc.schema + ".claim_floor"
+	if _, err := b.pool.Exec(ctx, "CREATE TABLE "+floor+" (id varchar(128) PRIMARY KEY)"); err != nil {
+		return result{}, err
+	}
+	el, cpu, err := b.timed(ctx, rc, func(ctx context.Context) error {
+		return b.eachBatch(ctx, b.msgs, func(ctx context.Context, ms []*exactly.Message) error {
+			tx, err := b.pool.Begin(ctx)
+			if err != nil {
+				return err
+			}
+			defer tx.Rollback(context.WithoutCancel(ctx)) //nolint:errcheck // a no-op after Commit
+			ids := make([]string, len(ms))
+			for i, m := range ms {
+				ids[i] = m.ID
+			}
+			if _, err := tx.Exec(ctx, "INSERT INTO "+floor+" (id) SELECT unnest($1::text[])", ids); err != nil {
+				return err
+			}
+			if err := insertMany(ctx, tx, rc, ms); err != nil {
+				return err
+			}
+			return tx.Commit(ctx)
+		})
+	})
+	if err == nil {
+		err = b.checkEffects(ctx, rc, len(b.msgs))
+	}
+	if err == nil {
+		var n int
+		if err = b.pool.QueryRow(ctx, "SELECT count(*) FROM "+floor).Scan(&n); err == nil && n != len(b.msgs) {
+			err = fmt.Errorf("%s holds %d ids, want %d", floor, n, len(b.msgs))
+		}
+	}
+	return result{msgs: len(b.msgs), elapsed: el, note: fmt.Sprintf("INSERT INTO claim_floor (id) SELECT unnest($1), then row 3b's INSERT; %d workers; %s", b.cfg.workers, cpu)}, err
 }
 
 func runSQLInbox(ctx context.Context, b *bench, rc *rowCtx) (result, error) {
