@@ -392,3 +392,28 @@ func TestJSONLinkKeepsTheQuery(t *testing.T) {
 		}
 	}
 }
+
+func TestRelaysPageReadsASlot(t *testing.T) {
+	t.Parallel()
+	slot := "console_test_slot_" + strings.ReplaceAll(time.Now().Format("150405.000000"), ".", "")
+	b := setup(t, false, func(c *console.Config) { c.Slots = []string{slot} })
+	// A physical slot: the shared server has wal_level replica, and the
+	// view reads any slot the same way.
+	if _, err := b.db.Exec("SELECT pg_create_physical_replication_slot($1, true)", slot); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if _, err := b.db.Exec("SELECT pg_drop_replication_slot($1)", slot); err != nil {
+			t.Errorf("drop slot: %v", err)
+		}
+	})
+	var rl console.RelaysPage
+	getJSON(t, b.console, "/relays?format=json", &rl)
+	if len(rl.Slots) != 1 || rl.Slots[0].Name != slot || !rl.Slots[0].Exists || rl.Slots[0].Active || rl.Slots[0].WALStatus == "" ||
+		rl.Slots[0].LagSeconds != nil {
+		t.Errorf("slots: %+v", rl.Slots)
+	}
+	if _, body, _ := get(t, b.console, "/relays", ""); !strings.Contains(body, "idle (no relay connected)") {
+		t.Errorf("the relays page does not show the slot idle")
+	}
+}
