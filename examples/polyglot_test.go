@@ -439,7 +439,7 @@ func consumeOnce(t *testing.T, ctx context.Context, db *sql.DB, dsn string, msgs
 		t.Fatalf("consumer: %v", err)
 	}
 	var shipped, distinct int
-	if err := db.QueryRow("SELECT count(*), count(DISTINCT order_id) FROM " + shipments).Scan(&shipped, &distinct); err != nil {
+	if err := db.QueryRow("SELECT count(*), count(DISTINCT order_id) FROM "+shipments).Scan(&shipped, &distinct); err != nil {
 		t.Fatal(err)
 	}
 	if shipped != len(want) || distinct != len(want) {
