@@ -23,6 +23,7 @@ import (
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/exactlytest"
 	"github.com/exactlyonce/exactly/inbox"
+	"github.com/exactlyonce/exactly/internal/effecttest"
 	"github.com/exactlyonce/exactly/internal/testenv"
 	"github.com/exactlyonce/exactly/pubsub"
 )
@@ -194,13 +195,13 @@ func TestExactlyOnceAckFailure(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	ef := newEffects(t)
+	ef := effecttest.New(t, "exactly_ps_", "pubsub-faults")
 	var (
 		mu        sync.Mutex
 		runs      = map[string]int{}
 		ackFailed []string
 	)
-	apply := ef.handler(nil, nil)
+	apply := ef.Handler(nil, nil)
 	fail.armed.Store(true)
 	c, err := pubsub.NewConsumer(f.client, pubsub.ConsumerConfig{
 		ConsumerConfig: exactly.ConsumerConfig{
@@ -257,8 +258,8 @@ func TestExactlyOnceAckFailure(t *testing.T) {
 			t.Fatalf("message %s: ack failed, handled %d times, want it delivered again", id, runs[id])
 		}
 	}
-	ef.checkOnce(msgs)
-	if d := ef.in.Stats().Duplicates; d < 1 {
+	ef.CheckOnce(msgs)
+	if d := ef.In.Stats().Duplicates; d < 1 {
 		t.Fatalf("the inbox absorbed %d duplicates, want the redelivery after the failed ack", d)
 	}
 }

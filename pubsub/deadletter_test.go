@@ -14,6 +14,7 @@ import (
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/exactlytest"
+	"github.com/exactlyonce/exactly/internal/effecttest"
 	"github.com/exactlyonce/exactly/pubsub"
 )
 
@@ -132,7 +133,7 @@ func waitRun(ran <-chan error) error {
 // deliveries) gets nothing.
 func TestDeliveryAttemptCarriesOverCrashes(t *testing.T) {
 	t.Parallel()
-	ef := newEffects(t)
+	ef := effecttest.New(t, "exactly_ps_", "pubsub-faults")
 	f := newFake(t)
 	topic := f.policyTopic(t, 10, true)
 	msgs := messages(topic, []string{"a", "b"}, 4)
@@ -143,10 +144,10 @@ func TestDeliveryAttemptCarriesOverCrashes(t *testing.T) {
 	others := slices.DeleteFunc(slices.Clone(msgs), func(m *exactly.Message) bool { return m == poison })
 	dlq := &exactlytest.Recorder{}
 	var runs atomic.Int32
-	done := watch(t, func() bool { return len(dlq.Delivered()) > 0 && ef.missing(others) == 0 })
+	done := watch(t, func() bool { return len(dlq.Delivered()) > 0 && ef.Missing(others) == 0 })
 	consumers := f.crashingRun(t, topic, func(crash func()) exactly.ConsumerConfig {
 		return exactly.ConsumerConfig{
-			Handler: ef.handler(func(ctx context.Context, m *exactly.Message) error {
+			Handler: ef.Handler(func(ctx context.Context, m *exactly.Message) error {
 				if m.ID != poison.ID {
 					return nil
 				}
@@ -162,8 +163,8 @@ func TestDeliveryAttemptCarriesOverCrashes(t *testing.T) {
 			Workers:    2,
 		}
 	}, done)
-	ef.checkOnce(others)
-	ef.checkKeyOrder(others)
+	ef.CheckOnce(others)
+	ef.CheckKeyOrder(others)
 	if n := runs.Load(); n != 3 {
 		t.Fatalf("the poison message ran %d times over %d consumers, want 3: attempts 1 and 2 crashed, attempt 3 failed and was the last", n, consumers)
 	}
@@ -195,7 +196,7 @@ func TestDeliveryAttemptCarriesOverCrashes(t *testing.T) {
 // left to the real service (see the package documentation).
 func TestSubscriptionDeadLetterPolicy(t *testing.T) {
 	t.Parallel()
-	ef := newEffects(t)
+	ef := effecttest.New(t, "exactly_ps_", "pubsub-faults")
 	f := newFake(t)
 	topic := f.policyTopic(t, 5, false)
 	msgs := messages(topic, []string{"a", "b"}, 4)
@@ -211,11 +212,11 @@ func TestSubscriptionDeadLetterPolicy(t *testing.T) {
 	var last atomic.Int64
 	last.Store(time.Now().UnixNano())
 	done := watch(t, func() bool {
-		return ef.missing(others) == 0 && runs.Load() > 0 && time.Since(time.Unix(0, last.Load())) > 12*time.Second
+		return ef.Missing(others) == 0 && runs.Load() > 0 && time.Since(time.Unix(0, last.Load())) > 12*time.Second
 	})
 	consumers := f.crashingRun(t, topic, func(crash func()) exactly.ConsumerConfig {
 		return exactly.ConsumerConfig{
-			Handler: ef.handler(func(ctx context.Context, m *exactly.Message) error {
+			Handler: ef.Handler(func(ctx context.Context, m *exactly.Message) error {
 				if m.ID != poison.ID {
 					return nil
 				}
@@ -230,7 +231,7 @@ func TestSubscriptionDeadLetterPolicy(t *testing.T) {
 			Workers:    2,
 		}
 	}, done)
-	ef.checkOnce(others)
+	ef.CheckOnce(others)
 	if n := runs.Load(); n < 2 || n > 5 {
 		t.Fatalf("the poison message ran %d times, want between 2 (it was redelivered) and 5 (MaxDeliveryAttempts)", n)
 	}

@@ -12,6 +12,7 @@ import (
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/exactlytest"
+	"github.com/exactlyonce/exactly/internal/effecttest"
 	"github.com/exactlyonce/exactly/internal/sqstest"
 	"github.com/exactlyonce/exactly/sqs"
 )
@@ -30,7 +31,7 @@ import (
 func TestFIFOGroupOrderThroughRetriesAndCrash(t *testing.T) {
 	t.Parallel()
 	e := sqstest.NewSQSQueues(t)
-	ef := newEffects(t)
+	ef := effecttest.New(t, "exactly_sqs_", "sqs-faults")
 	name := sqstest.QueueName(true)
 	url := e.CreateQueue(t, name, nil)
 	p, err := sqs.NewPublisher(e.Client, sqs.PublisherConfig{})
@@ -98,7 +99,7 @@ func TestFIFOGroupOrderThroughRetriesAndCrash(t *testing.T) {
 		current.Store(api)
 		c, err := sqs.NewConsumer(api, sqs.ConsumerConfig{QueueURL: url, VisibilityTimeout: visibility, WaitTime: time.Second,
 			ConsumerConfig: exactly.ConsumerConfig{
-				Handler:    ef.handler(before, after),
+				Handler:    ef.Handler(before, after),
 				Workers:    4,
 				Retry:      exactly.RetryPolicy{MaxAttempts: 10, InitialBackoff: 2 * time.Second, MaxBackoff: 2 * time.Second},
 				DeadLetter: dlq,
@@ -136,17 +137,17 @@ func TestFIFOGroupOrderThroughRetriesAndCrash(t *testing.T) {
 		t.Fatalf("the first consumer got %d redeliveries before the crash: a message held through its retries was handed out again (Stats %+v)", statsAtCut.Redeliveries, statsAtCut)
 	}
 	stop = start()
-	ef.waitApplied(msgs, 90*time.Second)
+	ef.WaitApplied(msgs, 90*time.Second)
 	if err := stop(); err != nil {
 		t.Fatalf("the second consumer's Run: %v", err)
 	}
-	ef.checkOnce(msgs)
-	ef.checkKeyOrder(msgs)
+	ef.CheckOnce(msgs)
+	ef.CheckKeyOrder(msgs)
 
-	if n := ef.runsOf(victim.ID); n < 2 {
+	if n := ef.RunsOf(victim.ID); n < 2 {
 		t.Fatalf("the crash's victim ran %d times: SQS never gave it back, so it was deleted before the crash or the crash did not happen", n)
 	}
-	if d := ef.in.Stats().Duplicates; d < 1 {
+	if d := ef.In.Stats().Duplicates; d < 1 {
 		t.Fatalf("the inbox absorbed %d duplicates after the crash, want at least the victim's", d)
 	}
 	if d := dlq.Delivered(); len(d) != 0 {

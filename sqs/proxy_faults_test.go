@@ -12,6 +12,7 @@ import (
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/exactlytest"
+	"github.com/exactlyonce/exactly/internal/effecttest"
 	"github.com/exactlyonce/exactly/internal/sqstest"
 	"github.com/exactlyonce/exactly/internal/testenv"
 	"github.com/exactlyonce/exactly/outbox"
@@ -34,7 +35,7 @@ import (
 func TestThrottlingAndLostAnswersThroughRelay(t *testing.T) {
 	t.Parallel()
 	e := sqstest.NewSQSQueues(t)
-	ef := newEffects(t)
+	ef := effecttest.New(t, "exactly_sqs_", "sqs-faults")
 	name := sqstest.QueueName(true)
 	url := e.CreateQueue(t, name, nil)
 	proxy := sqstest.NewFaultProxy(t, testenv.SQSEndpoint())
@@ -82,7 +83,7 @@ func TestThrottlingAndLostAnswersThroughRelay(t *testing.T) {
 			ccfg.RetryMaxAttempts = 1
 		}
 		c, err := sqs.NewConsumer(awssqs.NewFromConfig(ccfg), sqs.ConsumerConfig{QueueURL: url, VisibilityTimeout: visibility, WaitTime: time.Second,
-			ConsumerConfig: exactly.ConsumerConfig{Handler: ef.handler(nil, nil), Workers: 4, DeadLetter: dlq, Logger: logger}})
+			ConsumerConfig: exactly.ConsumerConfig{Handler: ef.Handler(nil, nil), Workers: 4, DeadLetter: dlq, Logger: logger}})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -119,7 +120,7 @@ func TestThrottlingAndLostAnswersThroughRelay(t *testing.T) {
 		msgs = append(msgs, round...)
 		time.Sleep(300 * time.Millisecond)
 	}
-	ef.waitApplied(msgs, 2*time.Minute)
+	ef.WaitApplied(msgs, 2*time.Minute)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		st, err := ob.Status(ctx, pool)
@@ -132,7 +133,7 @@ func TestThrottlingAndLostAnswersThroughRelay(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	proxy.Set(false)
-	ef.checkOnce(msgs)
+	ef.CheckOnce(msgs)
 	t.Logf("faults: %s", proxy)
 	t.Logf("relay %+v; %s", r.Stats(), ef)
 
@@ -159,7 +160,7 @@ func TestThrottlingAndLostAnswersThroughRelay(t *testing.T) {
 	// what reached the consumers twice anyway (lost receive answers, lost
 	// deletes) the inbox absorbed; the count above says none was applied
 	// twice.
-	if d := ef.in.Stats().Duplicates; d < 1 {
+	if d := ef.In.Stats().Duplicates; d < 1 {
 		t.Errorf("the inbox absorbed %d duplicates, want the redeliveries of refused deletes", d)
 	}
 	if r.Stats().Failed == 0 {

@@ -1,4 +1,7 @@
-package sqs_test
+// Package effecttest counts a test's effects per message id: a SQL inbox on
+// PostgreSQL and a table its handler writes one row to per applied message,
+// in the inbox's transaction, for the broker fault tests.
+package effecttest
 
 import (
 	"context"
@@ -14,20 +17,20 @@ import (
 	"github.com/exactlyonce/exactly/internal/testenv"
 )
 
-// effects is a test's SQL inbox and the table its handler writes one row
+// Effects is a test's SQL inbox and the table its handler writes one row
 // to per applied message, in the inbox's transaction, on PostgreSQL; and
 // how many times the handler ran per id, duplicates included.
-type effects struct {
+type Effects struct {
 	t     *testing.T
 	db    *sql.DB
-	in    *inbox.SQL
+	In    *inbox.SQL
 	table string
 
 	mu   sync.Mutex
 	runs map[string]int
 }
 
-func newEffects(t *testing.T) *effects {
+func New(t *testing.T, prefix, consumer string) *Effects {
 	t.Helper()
 	testenv.Need(t, testenv.Postgres)
 	db, err := sql.Open("pgx", testenv.PostgresDSN())
@@ -36,8 +39,8 @@ func newEffects(t *testing.T) *effects {
 	}
 	db.SetMaxOpenConns(10)
 	t.Cleanup(func() { db.Close() })
-	table := "exactly_sqs_" + strings.ReplaceAll(exactly.NewID(), "-", "")[:20]
-	in, err := inbox.NewSQL(inbox.Config{Dialect: inbox.Postgres, Table: table, Consumer: "sqs-faults"})
+	table := prefix + strings.ReplaceAll(exactly.NewID(), "-", "")[:20]
+	in, err := inbox.NewSQL(inbox.Config{Dialect: inbox.Postgres, Table: table, Consumer: consumer})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -52,14 +55,14 @@ func newEffects(t *testing.T) *effects {
 		_, _ = db.ExecContext(ctx, "DROP TABLE IF EXISTS "+table+", "+table+"_effects")
 		_, _ = db.ExecContext(ctx, "DELETE FROM exactly_migrations WHERE scope = $1", "inbox:"+table)
 	})
-	return &effects{t: t, db: db, in: in, table: table, runs: map[string]int{}}
+	return &Effects{t: t, db: db, In: in, table: table, runs: map[string]int{}}
 }
 
-// handler counts the run, then through the inbox runs before (an error
+// Handler counts the run, then through the inbox runs before (an error
 // rolls the transaction back), writes the effect and commits, then runs
 // after.
-func (e *effects) handler(before, after func(context.Context, *exactly.Message) error) exactly.Handler {
-	apply := e.in.Handler(e.db, func(ctx context.Context, tx *sql.Tx, m *exactly.Message) error {
+func (e *Effects) Handler(before, after func(context.Context, *exactly.Message) error) exactly.Handler {
+	apply := e.In.Handler(e.db, func(ctx context.Context, tx *sql.Tx, m *exactly.Message) error {
 		if before != nil {
 			if err := before(ctx, m); err != nil {
 				return err
@@ -82,14 +85,14 @@ func (e *effects) handler(before, after func(context.Context, *exactly.Message) 
 	}
 }
 
-func (e *effects) runsOf(id string) int {
+func (e *Effects) RunsOf(id string) int {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return e.runs[id]
 }
 
-// applied returns the ids of the effects in the order they were written.
-func (e *effects) applied() []string {
+// Applied returns the ids of the effects in the order they were written.
+func (e *Effects) Applied() []string {
 	e.t.Helper()
 	rows, err := e.db.QueryContext(context.Background(), "SELECT id FROM "+e.table+"_effects ORDER BY seq")
 	if err != nil {
@@ -110,10 +113,10 @@ func (e *effects) applied() []string {
 	return ids
 }
 
-// missing is how many of msgs have no effect yet.
-func (e *effects) missing(msgs []*exactly.Message) int {
+// Missing is how many of msgs have no effect yet.
+func (e *Effects) Missing(msgs []*exactly.Message) int {
 	have := map[string]bool{}
-	for _, id := range e.applied() {
+	for _, id := range e.Applied() {
 		have[id] = true
 	}
 	n := 0
@@ -125,12 +128,12 @@ func (e *effects) missing(msgs []*exactly.Message) int {
 	return n
 }
 
-// waitApplied waits until every message of msgs has an effect.
-func (e *effects) waitApplied(msgs []*exactly.Message, timeout time.Duration) {
+// WaitApplied waits until every message of msgs has an effect.
+func (e *Effects) WaitApplied(msgs []*exactly.Message, timeout time.Duration) {
 	e.t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
-		n := e.missing(msgs)
+		n := e.Missing(msgs)
 		if n == 0 {
 			return
 		}
@@ -141,13 +144,13 @@ func (e *effects) waitApplied(msgs []*exactly.Message, timeout time.Duration) {
 	}
 }
 
-// checkOnce fails unless every message of msgs was applied exactly once and
+// CheckOnce fails unless every message of msgs was applied exactly once and
 // nothing else was, after a moment for late duplicates.
-func (e *effects) checkOnce(msgs []*exactly.Message) {
+func (e *Effects) CheckOnce(msgs []*exactly.Message) {
 	e.t.Helper()
 	time.Sleep(500 * time.Millisecond)
 	counts := map[string]int{}
-	for _, id := range e.applied() {
+	for _, id := range e.Applied() {
 		counts[id]++
 	}
 	want := map[string]bool{}
@@ -167,9 +170,9 @@ func (e *effects) checkOnce(msgs []*exactly.Message) {
 	}
 }
 
-// checkKeyOrder fails unless the effects of each key were written in the
+// CheckKeyOrder fails unless the effects of each key were written in the
 // order of msgs.
-func (e *effects) checkKeyOrder(msgs []*exactly.Message) {
+func (e *Effects) CheckKeyOrder(msgs []*exactly.Message) {
 	e.t.Helper()
 	pos := map[string]int{}
 	key := map[string]string{}
@@ -179,7 +182,7 @@ func (e *effects) checkKeyOrder(msgs []*exactly.Message) {
 		next[m.Key]++
 	}
 	due := map[string]int{}
-	for _, id := range e.applied() {
+	for _, id := range e.Applied() {
 		k := key[id]
 		if pos[id] != due[k] {
 			e.t.Fatalf("group %s: message #%d (id %s) applied where #%d was due: the group's order broken", k, pos[id], id, due[k])
@@ -189,12 +192,12 @@ func (e *effects) checkKeyOrder(msgs []*exactly.Message) {
 }
 
 // String describes the handler runs, for a failure message.
-func (e *effects) String() string {
+func (e *Effects) String() string {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	total := 0
 	for _, n := range e.runs {
 		total += n
 	}
-	return fmt.Sprintf("%d handler runs over %d ids, %d duplicates absorbed by the inbox", total, len(e.runs), e.in.Stats().Duplicates)
+	return fmt.Sprintf("%d handler runs over %d ids, %d duplicates absorbed by the inbox", total, len(e.runs), e.In.Stats().Duplicates)
 }
