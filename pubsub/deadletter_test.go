@@ -201,10 +201,23 @@ func TestSubscriptionDeadLetterPolicy(t *testing.T) {
 	topic := f.policyTopic(t, 5, false)
 	msgs := messages(topic, []string{"a", "b"}, 4)
 	poison := msgs[2] // a:1
-	if err := f.publisher(t, pubsub.PublisherConfig{}).Publish(t.Context(), msgs); err != nil {
+	others := slices.DeleteFunc(slices.Clone(msgs), func(m *exactly.Message) bool { return m == poison })
+	// The others go first and the poison only once the server has their
+	// acknowledgements: a crash kills every delivery in flight, and an
+	// innocent message caught in five of them would be moved by the policy
+	// too, as Pub/Sub would.
+	pub := f.publisher(t, pubsub.PublisherConfig{})
+	if err := pub.Publish(t.Context(), others); err != nil {
 		t.Fatal(err)
 	}
-	others := slices.DeleteFunc(slices.Clone(msgs), func(m *exactly.Message) bool { return m == poison })
+	go func() {
+		for t.Context().Err() == nil && f.unacked(topic) > 0 {
+			time.Sleep(20 * time.Millisecond)
+		}
+		if err := pub.Publish(t.Context(), []*exactly.Message{poison}); err != nil && t.Context().Err() == nil {
+			t.Errorf("publishing the poison message: %v", err)
+		}
+	}()
 	dlq := &exactlytest.Recorder{}
 	var runs atomic.Int32
 	// Done once the others are applied and the poison has stopped coming:
@@ -248,6 +261,18 @@ func TestSubscriptionDeadLetterPolicy(t *testing.T) {
 		t.Fatalf("the Consumer dead-lettered %d messages, want none", len(d))
 	}
 	t.Logf("the poison message ran %d times over %d consumers before the policy moved it; %d copies read from the dead-letter topic", runs.Load(), consumers, len(got))
+}
+
+// unacked counts the messages stored for topic that the server holds no
+// acknowledgement of.
+func (f *fake) unacked(topic string) int {
+	n := 0
+	for _, m := range f.srv.Messages() {
+		if m.Topic == f.name(topic) && m.Acks == 0 {
+			n++
+		}
+	}
+	return n
 }
 
 // pull receives from the subscription named id for d and returns what came,
