@@ -54,6 +54,7 @@ type demoOptions struct {
 	relay   string // poll or cdc
 	inbox   string // sql or redis
 	offsets string // kafka or db
+	keep    bool   // leave the database's tables for a look with the console
 }
 
 func demoCmd() *cobra.Command {
@@ -103,7 +104,9 @@ real services and pick the strategy:
                                       claimed in it too (inbox.SQL.Claim), for the relay's re-sends
   --relay poll|cdc                    the outbox source
   --timeout 60s                       stop when nothing progressed for this long (a slow machine
-                                      only makes the run longer)`,
+                                      only makes the run longer)
+  --keep                              leave the run's tables (schema, database or SQLite file) in
+                                      place and print the exactly console command that shows them`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := o.validate(); err != nil {
@@ -127,6 +130,7 @@ real services and pick the strategy:
 	f.StringVar(&o.redis, "redis", "", "Redis address (redis://host:6379/0 or host:port) for the Redis inbox")
 	f.StringVar(&o.relay, "relay", sourcePoll, "outbox source of the relay: poll or cdc")
 	f.StringVar(&o.inbox, "inbox", "", "inbox: sql or redis (default redis when --redis is given, else sql)")
+	f.BoolVar(&o.keep, "keep", false, "keep the run's tables (its schema, database or SQLite file) when it ends, and print the `exactly console` command that shows them; topics, queues and a CDC slot are removed as always")
 	f.StringVar(&o.offsets, "offsets", offsetsKafka, "Kafka consumer positions: kafka (committed after the effect, with the inbox) or db (stored in the effect's transaction, where the SQL inbox's Claim also records each id, for the relay's re-sends)")
 	return cmd
 }
@@ -143,6 +147,7 @@ type demoRun struct {
 	ob     *outbox.Outbox
 	broker demoBroker
 	slot   string // the cdc relay's
+	keepDB bool   // the run ended with --keep: the database's tables stay
 	// cleanups undo the set-up, last first.
 	cleanups []func() error
 
@@ -212,7 +217,12 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 	if !finished && ctx.Err() != nil {
 		return &exitError{130, "interrupted"}
 	}
-	return r.verdict(context.WithoutCancel(ctx), finished, lastProgress)
+	err = r.verdict(context.WithoutCancel(ctx), finished, lastProgress)
+	if o.keep {
+		r.keepDB = true
+		r.printKept()
+	}
+	return err
 }
 
 // fail records a failure of the work and stops the run.

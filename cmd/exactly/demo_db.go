@@ -25,6 +25,7 @@ type demoDB struct {
 	dialect string
 	label   string       // what to call it in the output
 	ns      string       // schema (PostgreSQL) or database (MySQL) of the run; "" for SQLite
+	dsn     string       // what the console is given to open it (the SQLite file's for SQLite)
 	drop    func() error // removes everything the run created
 }
 
@@ -75,7 +76,7 @@ func openDemoDB(ctx context.Context, dsn, run string) (*demoDB, error) {
 		}
 		return nil, fmt.Errorf("--db: %w", err)
 	}
-	d.db, d.dialect = db, dialect
+	d.db, d.dialect, d.dsn = db, dialect, dsn
 	d.drop = func() error { return nil }
 	fail := func(err error) (*demoDB, error) {
 		db.Close()
@@ -281,4 +282,38 @@ func (d *demoDB) appliedTwice(ctx context.Context) ([]application, error) {
 		out = append(out, a)
 	}
 	return out, rows.Err()
+}
+
+// printKept says where the run's tables stay (--keep), how to look at them
+// with the console and how to remove them. The DSN is printed with its
+// password hidden.
+func (r *demoRun) printKept() {
+	d := r.db
+	if d == nil {
+		return
+	}
+	var where, remove string
+	switch d.dialect {
+	case outbox.Postgres:
+		where, remove = "schema "+d.ns, "DROP SCHEMA "+d.ns+" CASCADE"
+	case outbox.MySQL:
+		where, remove = "database "+d.ns, "DROP DATABASE "+d.ns
+	default:
+		file := strings.TrimPrefix(d.dsn, "sqlite:")
+		where, remove = "SQLite file "+file, "rm -r "+filepath.Dir(file)
+	}
+	cmd := "exactly console --db " + shellQuote(hide.String(d.dsn)) + " --table " + d.table("outbox")
+	if r.o.inbox == inboxSQL || r.o.offsets == offsetsDB {
+		cmd += " --inbox-table " + d.table("inbox")
+	}
+	fmt.Fprintf(r.out, "\nkept the run's tables in %s; look at them with\n  %s\nand open http://127.0.0.1:9465/; remove them with\n  %s\n", where, cmd, remove)
+}
+
+// shellQuote quotes s for a POSIX shell when it holds anything but plain
+// URL characters (a MySQL DSN's parentheses).
+func shellQuote(s string) string {
+	if strings.IndexFunc(s, func(c rune) bool { return strings.ContainsRune("()&;|<>$`\\\"' *?[]#~!{}", c) }) < 0 {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }

@@ -14,13 +14,18 @@ import (
 )
 
 // superviseRelay runs the relay until ctx ends, starting a new one
-// whenever the fault injector kills it.
+// whenever the fault injector kills it. With --keep the polling relay keeps
+// the sent rows, so the console finds each message by its id afterwards.
 func (r *demoRun) superviseRelay(ctx context.Context) {
+	var retention time.Duration
+	if r.o.keep {
+		retention = 7 * 24 * time.Hour
+	}
 	for i := 1; ctx.Err() == nil; i++ {
 		rl, err := newRelayRunner(r.o.relay, relay.Config{
 			Outbox: r.ob, DB: r.db.db, Publisher: r.pub, BatchSize: 200, PollInterval: 20 * time.Millisecond,
 			InitialBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond,
-			ShutdownTimeout: 50 * time.Millisecond, LeaseTTL: 2 * time.Second, Partitions: 8,
+			ShutdownTimeout: 50 * time.Millisecond, LeaseTTL: 2 * time.Second, Partitions: 8, Retention: retention,
 			InstanceID: fmt.Sprintf("demo-relay-%d", i), Logger: r.log,
 		}, cdcSettings{DSN: r.o.db, Slot: r.slot})
 		if err != nil {

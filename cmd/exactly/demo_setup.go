@@ -24,6 +24,9 @@ func (r *demoRun) setup(ctx context.Context) error {
 	}
 	r.db = db
 	r.onCleanup(func() error {
+		if r.keepDB {
+			return db.db.Close()
+		}
 		if err := db.close(); err != nil {
 			return fmt.Errorf("removing the demo's tables: %w", err)
 		}
