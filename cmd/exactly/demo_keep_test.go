@@ -83,7 +83,7 @@ type InboxJSON struct {
 func TestDemoKeptCommand(t *testing.T) {
 	for _, c := range []struct {
 		dialect, dsn string
-		want        []string
+		want         []string
 	}{
 		{outbox.Postgres, "postgres://u:s3cret@127.0.0.1/test", []string{
 			"kept the run's tables in schema exactly_demo_r1",
