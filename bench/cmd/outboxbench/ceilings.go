@@ -118,16 +118,7 @@ func runNATSCeiling(ctx context.Context, b *bench) (result, error) {
 	gen := b.messages(br.subject)
 	msgs := make([]*nats.Msg, b.cfg.n)
 	for i := range msgs {
-		m := gen.get(i)
-		h := nats.Header{}
-		h.Set(jetstream.MsgIDHeader, m.ID)
-		h.Set(exactly.HeaderID, m.ID)
-		h.Set(exactly.HeaderKey, m.Key)
-		h.Set(exactly.HeaderCreatedAt, m.CreatedAt.UTC().Format(time.RFC3339Nano))
-		for k, v := range m.Headers {
-			h.Set(k, v)
-		}
-		msgs[i] = &nats.Msg{Subject: m.Topic, Data: m.Payload, Header: h}
+		msgs[i] = natsMsg(gen.get(i))
 	}
 
 	tm := b.startTimer("nats")
@@ -161,6 +152,20 @@ func runNATSCeiling(ctx context.Context, b *bench) (result, error) {
 		return result{}, err
 	}
 	return result{msgs: b.cfg.n, elapsed: elapsed, note: fmt.Sprintf("PublishMsgAsync, ≤ %d in flight, file storage; %s", natsMaxPending, tm.cpu())}, nil
+}
+
+// natsMsg is m as the nats publisher sends it: the same subject, payload
+// and headers, Nats-Msg-Id included.
+func natsMsg(m *exactly.Message) *nats.Msg {
+	h := nats.Header{}
+	h.Set(jetstream.MsgIDHeader, m.ID)
+	h.Set(exactly.HeaderID, m.ID)
+	h.Set(exactly.HeaderKey, m.Key)
+	h.Set(exactly.HeaderCreatedAt, m.CreatedAt.UTC().Format(time.RFC3339Nano))
+	for k, v := range m.Headers {
+		h.Set(k, v)
+	}
+	return &nats.Msg{Subject: m.Topic, Data: m.Payload, Header: h}
 }
 
 // runPublisherAlone calls the nats publisher the way the relay does, in

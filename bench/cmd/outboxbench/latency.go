@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/exactlyonce/exactly"
 )
 
 // latencyProbe records, per message id, when its transaction committed and
@@ -38,10 +40,40 @@ func (p *latencyProbe) hand(at time.Time, ids ...string) {
 	p.mu.Unlock()
 }
 
+// commit records when the transaction of message id committed. A second
+// call for the same id keeps the first time: the floor row records the
+// commit itself, before it publishes, and produce's own record comes later.
 func (p *latencyProbe) commit(id string, at time.Time) {
 	p.mu.Lock()
-	p.committed[id] = at
+	if _, ok := p.committed[id]; !ok {
+		p.committed[id] = at
+	}
 	p.mu.Unlock()
+}
+
+// recording wraps the broker publisher of a relay: the messages of each
+// Publish call are handed when it starts and acknowledged, those it
+// confirmed, when it returns.
+func (p *latencyProbe) recording(inner exactly.Publisher) exactly.Publisher {
+	return exactly.PublisherFunc(func(ctx context.Context, msgs []*exactly.Message) error {
+		handed := time.Now()
+		all := make([]string, len(msgs))
+		for i, m := range msgs {
+			all[i] = m.ID
+		}
+		p.hand(handed, all...)
+		err := inner.Publish(ctx, msgs)
+		now := time.Now()
+		errs := exactly.PerMessage(err, len(msgs))
+		ids := make([]string, 0, len(msgs))
+		for i, m := range msgs {
+			if errs[i] == nil {
+				ids = append(ids, m.ID)
+			}
+		}
+		p.ack(now, ids...)
+		return err
+	})
 }
 
 func (p *latencyProbe) ack(at time.Time, ids ...string) {
@@ -99,12 +131,13 @@ func (p *latencyProbe) split() (read, broker [2]time.Duration) {
 }
 
 // spread returns p50, p99 and the max of to[id] - from[id] over the ids in
-// both.
+// both. A message confirmed before its COMMIT returned to the writer (the
+// CDC relay can read the commit from the WAL first) counts as 0.
 func spread(from, to map[string]time.Time) (p50, p99, worst time.Duration) {
 	lat := make([]time.Duration, 0, len(from))
 	for id, f := range from {
 		if t, ok := to[id]; ok {
-			lat = append(lat, t.Sub(f))
+			lat = append(lat, max(0, t.Sub(f)))
 		}
 	}
 	if len(lat) == 0 {

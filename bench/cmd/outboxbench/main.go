@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"github.com/exactlyonce/exactly/bench/internal/cpumeter"
 	"github.com/exactlyonce/exactly/bench/internal/report"
+	"github.com/exactlyonce/exactly/internal/pginstance"
 	"io"
 	"log/slog"
 	"os"
@@ -105,6 +106,8 @@ var rows = []row{
 	{id: "wm-default", num: "5a", name: "Watermill forwarder → JetStream, default Postgres schema", run: runWatermillDefault},
 	{id: "wm-queue", num: "5b", name: "Watermill forwarder → JetStream, queue schema", run: runWatermillQueue},
 	{id: "lat-relay", num: "6a", name: "latency: exactly relay (LISTEN/NOTIFY) → JetStream", run: runLatencyRelay, latency: true},
+	{id: "lat-floor", num: "6f", name: "latency floor: the writer commits, then publishes the message to JetStream itself", run: runLatencyFloor, latency: true},
+	{id: "lat-cdc", num: "6c", name: "latency: exactly CDC relay (pgcdc, logical replication) → JetStream", run: runLatencyCDC, latency: true},
 	{id: "lat-wm", num: "6b", name: "latency: Watermill forwarder (default schema, 10 ms poll) → JetStream", run: runLatencyWatermill, latency: true},
 	{id: "pubsub", repeat: true, num: "7", name: "ceiling: raw Pub/Sub publish loop to pstest (client library, ordering keys)", run: runPubsubCeiling},
 	{id: "pub-pubsub", repeat: true, num: "7b", name: "diagnostic: pubsub publisher alone, sequential Publish of -batch msgs, no database", run: runPubsubPublisherAlone},
@@ -116,7 +119,7 @@ var rows = []row{
 func main() {
 	var cfg config
 	var only string
-	flag.StringVar(&cfg.pgDSN, "pg", "postgres://postgres@127.0.0.1:5432/test?sslmode=disable", "PostgreSQL DSN")
+	flag.StringVar(&cfg.pgDSN, "pg", "postgres://postgres@127.0.0.1:5432/test?sslmode=disable", "PostgreSQL DSN, or \"private\": start a server of the run's own (wal_level=logical, which row 6c needs; otherwise as this machine's: fsync on, autovacuum off)")
 	flag.StringVar(&cfg.natsURL, "nats", "nats://127.0.0.1:4222", "NATS URL (JetStream enabled)")
 	flag.StringVar(&cfg.sqsEndpoint, "sqs", os.Getenv("EXACTLY_TEST_SQS_ENDPOINT"), "SQS emulator endpoint of rows 9 and 10 (default EXACTLY_TEST_SQS_ENDPOINT), e.g. http://127.0.0.1:4566")
 	flag.IntVar(&cfg.n, "n", 100000, "messages per drain row")
@@ -189,7 +192,7 @@ func rowIDs() string {
 }
 
 // selectRows accepts "all", row ids ("relay-nats") and row numbers ("4",
-// "5" for both Watermill rows, "6a").
+// "5" for both Watermill rows, "6" for every latency row, "6a").
 func selectRows(spec string) ([]row, error) {
 	if spec == "" || spec == "all" {
 		return rows, nil
@@ -199,7 +202,7 @@ func selectRows(spec string) ([]row, error) {
 		s = strings.TrimSpace(s)
 		found := false
 		for _, r := range rows {
-			if s == r.id || s == r.num || s == strings.TrimRight(r.num, "ab") {
+			if s == r.id || s == r.num || s == strings.TrimRight(r.num, "abcf") {
 				want[r.id] = true
 				found = true
 			}
@@ -217,7 +220,28 @@ func selectRows(spec string) ([]row, error) {
 	return out, nil
 }
 
+// privatePG is the server -pg private starts: wal_level=logical (the CDC
+// row needs it) and otherwise the settings of this machine's PostgreSQL
+// (fsync and full-page writes on, autovacuum off, 128 MB shared buffers),
+// so the latency rows wait for the same WAL flushes.
+var privatePG = map[string]string{
+	"fsync":            "on",
+	"full_page_writes": "on",
+	"autovacuum":       "off",
+	"shared_buffers":   "128MB",
+	"max_wal_size":     "1GB",
+}
+
 func run(ctx context.Context, cfg config, selected []row, out io.Writer) error {
+	if cfg.pgDSN == "private" {
+		in, err := pginstance.Start(ctx, pginstance.Options{Settings: privatePG})
+		if err != nil {
+			return fmt.Errorf("-pg private: %w", err)
+		}
+		defer in.Remove()
+		cfg.pgDSN = in.DSN("test")
+		slog.Info("private PostgreSQL started", "dsn", cfg.pgDSN, "dir", in.Dir)
+	}
 	pcfg, err := pgxpool.ParseConfig(cfg.pgDSN)
 	if err != nil {
 		return fmt.Errorf("-pg: %w", err)
@@ -385,6 +409,13 @@ var ceilingOf = map[string]string{
 // the runs made in the same round when both ran in rounds, else the ratio of
 // the two results.
 func ratioText(b *bench, id string) string {
+	if id == "lat-relay" || id == "lat-cdc" || id == "lat-wm" {
+		floor, ok := b.results["lat-floor"]
+		if !ok || floor.err != nil || floor.p99 == 0 {
+			return ""
+		}
+		return fmt.Sprintf("p99 %.2f× row 6f's", float64(b.results[id].p99)/float64(floor.p99))
+	}
 	c, ok := ceilingOf[id]
 	if !ok {
 		return ""
@@ -447,13 +478,24 @@ func targetText(b *bench, id string) string {
 			}
 		}
 		if best > 0 {
-			s += fmt.Sprintf("; ≥ 10× Watermill best (%.1f×): %s", res.rate()/best, verdict(res.rate() >= 10*best))
+			s += fmt.Sprintf("; ≥ 10× Watermill best (%.1f×): %s; issue 18: ≥ 15× Watermill best: %s", res.rate()/best, verdict(res.rate() >= 10*best), verdict(res.rate() >= 15*best))
 		} else {
-			s += "; ≥ 10× Watermill (not run)"
+			s += "; ≥ 10× Watermill (not run); issue 18: ≥ 15× Watermill (not run)"
+		}
+		if ceil, ok := b.results["nats"]; ok && ceil.err == nil {
+			s += fmt.Sprintf("; issue 18: ≥ 0.85× row 2: %s", verdict(ratioOf(b, "relay-nats", "nats") >= 0.85))
+		} else {
+			s += "; issue 18: ≥ 0.85× row 2 (not run)"
 		}
 		return s
 	case "lat-relay":
-		return "p99 ≤ 5 ms: " + verdict(res.p99 <= 5*time.Millisecond)
+		s := "p99 ≤ 5 ms: " + verdict(res.p99 <= 5*time.Millisecond)
+		if floor, ok := b.results["lat-floor"]; ok && floor.err == nil && floor.p99 > 0 {
+			s += "; issue 18: p99 ≤ 2× row 6f's: " + verdict(res.p99 <= 2*floor.p99)
+		} else {
+			s += "; issue 18: p99 ≤ 2× row 6f's (6f not run)"
+		}
+		return s
 	case "relay-pubsub":
 		ceil, ok := b.results["pubsub"]
 		if !ok || ceil.err != nil {

@@ -5,8 +5,10 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/exactlyonce/exactly"
+	"github.com/jackc/pgx/v5/pgxpool"
+
 	exnats "github.com/exactlyonce/exactly/nats"
+	"github.com/exactlyonce/exactly/outbox"
 	"github.com/exactlyonce/exactly/relay"
 )
 
@@ -51,25 +53,7 @@ func runLatencyRelay(ctx context.Context, b *bench) (result, error) {
 		return result{}, err
 	}
 	probe := newLatencyProbe()
-	recording := exactly.PublisherFunc(func(ctx context.Context, msgs []*exactly.Message) error {
-		handed := time.Now()
-		all := make([]string, len(msgs))
-		for i, m := range msgs {
-			all[i] = m.ID
-		}
-		probe.hand(handed, all...)
-		err := inner.Publish(ctx, msgs)
-		now := time.Now()
-		errs := exactly.PerMessage(err, len(msgs))
-		ids := make([]string, 0, len(msgs))
-		for i, m := range msgs {
-			if errs[i] == nil {
-				ids = append(ids, m.ID)
-			}
-		}
-		probe.ack(now, ids...)
-		return err
-	})
+	recording := probe.recording(inner)
 	pool, closePool, err := b.relayPool(ctx)
 	if err != nil {
 		return result{}, err
@@ -102,18 +86,7 @@ func runLatencyRelay(ctx context.Context, b *bench) (result, error) {
 	defer prod.Close()
 	gen := b.messages(br.subject)
 	tm := b.startTimer(id)
-	sent, took, err := b.produce(ctx, probe, func(ctx context.Context, i int) (string, error) {
-		tx, err := prod.Begin(ctx)
-		if err != nil {
-			return "", err
-		}
-		m := gen.get(i)
-		if err := ob.Enqueue(ctx, tx, m); err != nil {
-			tx.Rollback(ctx)
-			return "", err
-		}
-		return m.ID, tx.Commit(ctx)
-	})
+	sent, took, err := b.produce(ctx, probe, enqueueOne(prod, ob, gen))
 	if err != nil {
 		tm.stop()
 		return result{}, err
@@ -133,4 +106,21 @@ func runLatencyRelay(ctx context.Context, b *bench) (result, error) {
 	st := r.Stats()
 	return latencyResult(probe, sent, took, fmt.Sprintf("one tx per message via outbox.Enqueue; %d batches (avg %.1f msgs); %s",
 		st.Batches, float64(st.Published)/float64(max(st.Batches, 1)), tm.cpu())), nil
+}
+
+// enqueueOne is the application side of the latency rows of our relays:
+// message i in a transaction of its own, written with outbox.Enqueue.
+func enqueueOne(prod *pgxpool.Pool, ob *outbox.Outbox, gen *messages) func(ctx context.Context, i int) (string, error) {
+	return func(ctx context.Context, i int) (string, error) {
+		tx, err := prod.Begin(ctx)
+		if err != nil {
+			return "", err
+		}
+		m := gen.get(i)
+		if err := ob.Enqueue(ctx, tx, m); err != nil {
+			tx.Rollback(ctx)
+			return "", err
+		}
+		return m.ID, tx.Commit(ctx)
+	}
 }

@@ -1,0 +1,182 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	exnats "github.com/exactlyonce/exactly/nats"
+	"github.com/exactlyonce/exactly/pgcdc"
+)
+
+// runLatencyFloor is the least a commit → ack path costs here: each writer
+// commits its transaction (the same outbox.Enqueue as row 6a, on the same
+// server) and then publishes the same message to JetStream itself, with
+// the headers the nats publisher sends, and waits for its PubAck. No relay,
+// no table read: the broker round trip after the commit and nothing else.
+func runLatencyFloor(ctx context.Context, b *bench) (result, error) {
+	const id = "lat-floor"
+	schema, drop, err := b.freshSchema(ctx, id)
+	if err != nil {
+		return result{}, err
+	}
+	defer drop()
+	ob, err := b.newOutbox(ctx, schema)
+	if err != nil {
+		return result{}, err
+	}
+	br, closeBroker, err := b.freshStream(ctx, id)
+	if err != nil {
+		return result{}, err
+	}
+	defer closeBroker()
+	prod, err := b.producerPool(ctx)
+	if err != nil {
+		return result{}, err
+	}
+	defer prod.Close()
+	probe := newLatencyProbe()
+	gen := b.messages(br.subject)
+	tm := b.startTimer(id)
+	sent, took, err := b.produce(ctx, probe, func(ctx context.Context, i int) (string, error) {
+		tx, err := prod.Begin(ctx)
+		if err != nil {
+			return "", err
+		}
+		m := gen.get(i)
+		if err := ob.Enqueue(ctx, tx, m); err != nil {
+			tx.Rollback(ctx)
+			return "", err
+		}
+		if err := tx.Commit(ctx); err != nil {
+			return "", err
+		}
+		now := time.Now()
+		probe.commit(m.ID, now)
+		probe.hand(now, m.ID)
+		if _, err := br.js.PublishMsg(ctx, natsMsg(m)); err != nil {
+			return "", err
+		}
+		probe.ack(time.Now(), m.ID)
+		return m.ID, nil
+	})
+	if err != nil {
+		tm.stop()
+		return result{}, err
+	}
+	err = probe.waitAcked(ctx, 30*time.Second)
+	tm.stop()
+	if err != nil {
+		return result{}, err
+	}
+	if err := br.checkStream(ctx, sent); err != nil {
+		return result{}, err
+	}
+	return latencyResult(probe, sent, took, "one tx per message via outbox.Enqueue, then the writer's own PublishMsg of it and its PubAck; "+tm.cpu()), nil
+}
+
+// runLatencyCDC is row 6a with the CDC relay (pgcdc, logical replication
+// with pgoutput) in place of the polling relay: the same server, writers,
+// schedule, publisher and stream settings. It needs wal_level=logical on
+// the -pg server (-pg private starts one).
+func runLatencyCDC(ctx context.Context, b *bench) (result, error) {
+	const id = "lat-cdc"
+	var level string
+	if err := b.pool.QueryRow(ctx, "SHOW wal_level").Scan(&level); err != nil {
+		return result{}, err
+	}
+	if level != "logical" {
+		return result{}, fmt.Errorf("row 6c needs wal_level=logical on the -pg server, which has %s (-pg private starts a server that has it)", level)
+	}
+	schema, drop, err := b.freshSchema(ctx, id)
+	if err != nil {
+		return result{}, err
+	}
+	defer drop()
+	ob, err := b.newOutbox(ctx, schema)
+	if err != nil {
+		return result{}, err
+	}
+	br, closeBroker, err := b.freshStream(ctx, id)
+	if err != nil {
+		return result{}, err
+	}
+	defer closeBroker()
+	inner, err := exnats.NewPublisher(br.js)
+	if err != nil {
+		return result{}, err
+	}
+	probe := newLatencyProbe()
+	const slot = "exactly_bench_lat_cdc"
+	cleanup := func(ctx context.Context) {
+		pgcdc.DropSlot(ctx, b.cfg.pgDSN, slot)
+		b.pool.Exec(ctx, "DROP PUBLICATION IF EXISTS "+pgx.Identifier{slot}.Sanitize())
+	}
+	cleanup(ctx)
+	defer func() {
+		cctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
+		defer cancel()
+		cleanup(cctx)
+	}()
+	r, err := pgcdc.New(pgcdc.Config{DSN: b.cfg.pgDSN, Slot: slot, Table: ob.Table(), Publisher: probe.recording(inner),
+		BatchSize: b.cfg.batch, Logger: b.quiet})
+	if err != nil {
+		return result{}, err
+	}
+	rctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	runErr := make(chan error, 1)
+	go func() { runErr <- r.Run(rctx) }()
+	// Ready once the slot streams; its WAL sender is counted as the
+	// relay's backend in the CPU note. Then give it a moment.
+	for {
+		var pid *int32
+		err := b.pool.QueryRow(ctx, "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", slot).Scan(&pid)
+		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
+			return result{}, err
+		}
+		if pid != nil {
+			b.pgBackends.Add(int(*pid))
+			break
+		}
+		select {
+		case err := <-runErr:
+			return result{}, fmt.Errorf("CDC relay stopped at start: %v", err)
+		case <-ctx.Done():
+			return result{}, ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	time.Sleep(500 * time.Millisecond)
+
+	prod, err := b.producerPool(ctx)
+	if err != nil {
+		return result{}, err
+	}
+	defer prod.Close()
+	gen := b.messages(br.subject)
+	tm := b.startTimer(id)
+	sent, took, err := b.produce(ctx, probe, enqueueOne(prod, ob, gen))
+	if err != nil {
+		tm.stop()
+		return result{}, err
+	}
+	err = probe.waitAcked(ctx, 30*time.Second)
+	tm.stop()
+	if err != nil {
+		return result{}, err
+	}
+	cancel()
+	if err := <-runErr; err != nil && !errors.Is(err, context.Canceled) {
+		return result{}, err
+	}
+	if err := br.checkStream(ctx, sent); err != nil {
+		return result{}, err
+	}
+	st := r.Stats()
+	return latencyResult(probe, sent, took, fmt.Sprintf("one tx per message via outbox.Enqueue; pgcdc (pgoutput), rows deleted after the ack; %d batches (avg %.1f msgs); %s",
+		st.Batches, float64(st.Published)/float64(max(st.Batches, 1)), tm.cpu())), nil
+}
