@@ -175,6 +175,17 @@
 //     transaction open longer than TransactionTimeout (a ProcessFunc that
 //     hangs, long retries) is aborted by the broker and its batch replayed.
 //
+// # Exactly-once from the CDC relay: CDCExactlyOnce
+//
+// [CDCExactlyOnce] is the CDC relay's exactly-once mode (set it as
+// pgcdc.Config.ExactlyOnce instead of a Publisher): each batch of the
+// replication slot is one transaction holding its records and a checkpoint
+// record of the slot's position on a compacted topic (CheckpointTopic,
+// default exactly_cdc_checkpoints). At start it fences earlier producers of
+// its TransactionalID (default exactly-cdc-<slot>) and reads the last
+// committed checkpoint, and the relay skips what is at or below it. What it
+// guarantees is in the pgcdc documentation, "Exactly-once to Kafka".
+//
 // The Publisher above stays idempotent, not transactional: its idempotence
 // covers the client's retries within one producer session, not a restarted
 // producer; see the sections above.

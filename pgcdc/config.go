@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/internal/relaycore"
@@ -21,9 +20,6 @@ const (
 	// HeartbeatPrefix is the prefix of the relay's heartbeat messages; the
 	// decoder skips them.
 	HeartbeatPrefix = "exactly-heartbeat"
-	// DefaultCheckpointTopic holds the positions of the exactly-once Kafka
-	// mode.
-	DefaultCheckpointTopic = "exactly_cdc_checkpoints"
 )
 
 // Config configures a Relay. Zero values take the documented defaults.
@@ -59,13 +55,13 @@ type Config struct {
 	// "exactly".
 	MessagePrefix string
 
-	// Publisher receives the messages. Required, unless KafkaExactlyOnce is
-	// set (then it must be nil).
+	// Publisher receives the messages. Required, unless ExactlyOnce is set
+	// (then it must be nil).
 	Publisher exactly.Publisher
-	// KafkaExactlyOnce publishes to Kafka in transactions that also hold the
-	// relay's position, instead of through Publisher: see the package
-	// documentation.
-	KafkaExactlyOnce *KafkaExactlyOnce
+	// ExactlyOnce publishes each batch together with the relay's position,
+	// instead of through Publisher: kafka.CDCExactlyOnce does it in Kafka
+	// transactions. See the package documentation.
+	ExactlyOnce ExactlyOnceSink
 
 	// BatchSize is the most messages handed to one Publish call. Default
 	// 1000.
@@ -124,29 +120,6 @@ type Debezium struct {
 	TypeHeader string
 }
 
-// KafkaExactlyOnce configures the exactly-once Kafka mode.
-type KafkaExactlyOnce struct {
-	// Seeds are the bootstrap brokers. Required.
-	Seeds []string
-	// Opts are extra franz-go options (TLS, SASL, ...). The relay sets the
-	// transactional ID, acks=all and idempotence itself; do not override
-	// them.
-	Opts []kgo.Opt
-	// TransactionalID fences earlier instances of this relay. Default
-	// "exactly-cdc-<slot>". It must be unique per slot and stable across
-	// restarts.
-	TransactionalID string
-	// CheckpointTopic holds one checkpoint record per slot (created
-	// compacted, one partition, when missing). Default
-	// "exactly_cdc_checkpoints".
-	CheckpointTopic string
-	// TopicFunc names the Kafka topic of a message. Default Message.Topic.
-	TopicFunc func(*exactly.Message) string
-	// TransactionTimeout is the broker's bound on an open transaction.
-	// Default 60s.
-	TransactionTimeout time.Duration
-}
-
 // Hooks are called synchronously from the relay's goroutines; keep them fast.
 type Hooks struct {
 	// Published is called after a batch is confirmed by the broker, with the
@@ -175,10 +148,10 @@ func (c *Config) withDefaults() (Config, error) {
 		return cfg, fmt.Errorf("pgcdc: Config.DSN: %w", err)
 	}
 	switch {
-	case cfg.Publisher == nil && cfg.KafkaExactlyOnce == nil:
-		return cfg, errors.New("pgcdc: Config.Publisher is required (or Config.KafkaExactlyOnce)")
-	case cfg.Publisher != nil && cfg.KafkaExactlyOnce != nil:
-		return cfg, errors.New("pgcdc: set Config.Publisher or Config.KafkaExactlyOnce, not both")
+	case cfg.Publisher == nil && cfg.ExactlyOnce == nil:
+		return cfg, errors.New("pgcdc: Config.Publisher is required (or Config.ExactlyOnce)")
+	case cfg.Publisher != nil && cfg.ExactlyOnce != nil:
+		return cfg, errors.New("pgcdc: set Config.Publisher or Config.ExactlyOnce, not both")
 	}
 	if cfg.Slot == "" {
 		cfg.Slot = DefaultSlot
@@ -210,22 +183,6 @@ func (c *Config) withDefaults() (Config, error) {
 	}
 	if cfg.MessagePrefix == HeartbeatPrefix {
 		return cfg, fmt.Errorf("pgcdc: Config.MessagePrefix %q is the heartbeat's", HeartbeatPrefix)
-	}
-	if k := cfg.KafkaExactlyOnce; k != nil {
-		if len(k.Seeds) == 0 {
-			return cfg, errors.New("pgcdc: Config.KafkaExactlyOnce.Seeds is required")
-		}
-		kk := *k
-		if kk.TransactionalID == "" {
-			kk.TransactionalID = "exactly-cdc-" + cfg.Slot
-		}
-		if kk.CheckpointTopic == "" {
-			kk.CheckpointTopic = DefaultCheckpointTopic
-		}
-		if kk.TransactionTimeout == 0 {
-			kk.TransactionTimeout = 60 * time.Second
-		}
-		cfg.KafkaExactlyOnce = &kk
 	}
 	for _, f := range []struct {
 		name string

@@ -51,7 +51,7 @@ func crashChild() int {
 	}
 	seeds := []string{os.Getenv("EXACTLY_CRASH_SEEDS")}
 	if os.Getenv("EXACTLY_CRASH_EOS") != "" {
-		cfg.KafkaExactlyOnce = &pgcdc.KafkaExactlyOnce{Seeds: seeds, TransactionTimeout: 10 * time.Second}
+		cfg.ExactlyOnce = &kafka.CDCExactlyOnce{Seeds: seeds, TransactionTimeout: 10 * time.Second}
 	} else {
 		pub, err := kafka.NewClientPublisher(seeds)
 		if err != nil {

@@ -111,11 +111,13 @@
 //
 // # Exactly-once to Kafka
 //
-// With Config.KafkaExactlyOnce instead of a Publisher, each batch is one
-// Kafka transaction holding the batch's records and a checkpoint record
-// (key: the slot name, value: the position of the batch's last message) on
-// a compacted checkpoint topic, the way Kafka Connect's exactly-once source
-// connectors keep their offsets. On start the relay fences any previous
+// With Config.ExactlyOnce set to a kafka.CDCExactlyOnce instead of a
+// Publisher, each batch is one Kafka transaction holding the batch's
+// records and a checkpoint record (key: the slot name, value: the position
+// of the batch's last message) on a compacted checkpoint topic, the way
+// Kafka Connect's exactly-once source connectors keep their offsets. The
+// Kafka code lives in package kafka, behind the ExactlyOnceSink interface,
+// so this package does not depend on franz-go. On start the relay fences any previous
 // producer with the same transactional ID (aborting its open transaction),
 // reads the last committed checkpoint (read_committed), skips every message
 // at or below it, and only then confirms positions to PostgreSQL. A relay

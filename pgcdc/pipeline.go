@@ -298,7 +298,7 @@ func (d *dispatcher) handleOrdered(now time.Time, res outcome, confirmed *[]*ent
 	}
 	for i, e := range res.batch {
 		err := res.errs[i]
-		if err == nil || errors.Is(err, errAborted) {
+		if err == nil {
 			continue // aborted with the transaction: not its fault
 		}
 		e.attempts++
@@ -322,11 +322,6 @@ func (d *dispatcher) handleOrdered(now time.Time, res outcome, confirmed *[]*ent
 }
 
 func firstErr(errs []error) error {
-	for _, err := range errs {
-		if err != nil && !errors.Is(err, errAborted) {
-			return err
-		}
-	}
 	for _, err := range errs {
 		if err != nil {
 			return err

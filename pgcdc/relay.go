@@ -177,16 +177,16 @@ func (r *Relay) Run(ctx context.Context) error {
 	r.pool = pool
 
 	var snk sink = publisherSink{r.cfg.Publisher}
-	if k := r.cfg.KafkaExactlyOnce; k != nil {
-		eos, ckpt, err := openKafkaEOS(ctx, k, r.cfg.Slot, r.log)
+	if eos := r.cfg.ExactlyOnce; eos != nil {
+		ckpt, err := openExactlyOnce(ctx, eos, r.cfg.Slot, r.log)
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
 			}
-			return err
+			return fmt.Errorf("pgcdc: %w", err)
 		}
-		defer eos.close()
-		snk, r.ckpt = eos, ckpt
+		defer eos.Close()
+		snk, r.ckpt = exactlyOnceSink{eos, r.log}, ckpt
 		if ckpt != nil {
 			r.log.Info("exactly-once checkpoint read from Kafka", "checkpoint", ckpt.String())
 		}
@@ -213,7 +213,7 @@ func (r *Relay) Run(ctx context.Context) error {
 	defer stopCancel()
 
 	r.disp = &dispatcher{
-		r: r, sink: snk, ordered: r.cfg.KafkaExactlyOnce != nil,
+		r: r, sink: snk, ordered: r.cfg.ExactlyOnce != nil,
 		in: make(chan *entry, 4096), writes: make(chan writeJob, 64), keyUntil: map[string]time.Time{},
 	}
 	var pipeline sync.WaitGroup

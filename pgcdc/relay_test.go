@@ -14,6 +14,7 @@ import (
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/exactlytest"
 	"github.com/exactlyonce/exactly/internal/testenv"
+	"github.com/exactlyonce/exactly/kafka"
 	"github.com/exactlyonce/exactly/nats"
 	"github.com/exactlyonce/exactly/outbox"
 	"github.com/exactlyonce/exactly/pgcdc"
@@ -249,7 +250,7 @@ func TestConfigErrors(t *testing.T) {
 	}{
 		{pgcdc.Config{Publisher: pub}, "DSN is required"},
 		{pgcdc.Config{DSN: "postgres://x/y"}, "Publisher is required"},
-		{pgcdc.Config{DSN: "postgres://x/y", Publisher: pub, KafkaExactlyOnce: &pgcdc.KafkaExactlyOnce{Seeds: []string{"x:1"}}}, "not both"},
+		{pgcdc.Config{DSN: "postgres://x/y", Publisher: pub, ExactlyOnce: &kafka.CDCExactlyOnce{Seeds: []string{"x:1"}}}, "not both"},
 		{pgcdc.Config{DSN: "postgres://x/y", Publisher: pub, Slot: "Bad-Slot"}, "Config.Slot"},
 		{pgcdc.Config{DSN: "postgres://x/y", Publisher: pub, Table: "a;drop"}, "Config.Table"},
 		{pgcdc.Config{DSN: "postgres://x/y", Publisher: pub, Debezium: &pgcdc.Debezium{}}, "Debezium.Table"},

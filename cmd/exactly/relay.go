@@ -21,6 +21,7 @@ import (
 
 	"github.com/exactlyonce/exactly/exactlyprom"
 	hide "github.com/exactlyonce/exactly/internal/redact"
+	"github.com/exactlyonce/exactly/kafka"
 	"github.com/exactlyonce/exactly/outbox"
 	"github.com/exactlyonce/exactly/pgcdc"
 	"github.com/exactlyonce/exactly/relay"
@@ -456,9 +457,9 @@ func runRelay(ctx context.Context, f *relayFlags, log *slog.Logger) error {
 		return err
 	}
 	defer closePub()
-	var kafkaEOS *pgcdc.KafkaExactlyOnce
+	var kafkaEOS *kafka.CDCExactlyOnce
 	if f.kafkaExactlyOnce {
-		// The transactional client is pgcdc's own; the publisher above
+		// The transactional client is the sink's own; the publisher above
 		// only proved that the brokers answer.
 		tlsCfg, err := f.tls.config()
 		if err != nil {
@@ -468,7 +469,7 @@ func runRelay(ctx context.Context, f *relayFlags, log *slog.Logger) error {
 		if err != nil {
 			return err
 		}
-		kafkaEOS = &pgcdc.KafkaExactlyOnce{Seeds: splitList(f.kafkaBrokers), Opts: opts,
+		kafkaEOS = &kafka.CDCExactlyOnce{Seeds: splitList(f.kafkaBrokers), Opts: opts,
 			TransactionalID: f.tune.transactionalID, CheckpointTopic: f.tune.checkpointTopic, TransactionTimeout: f.tune.txnTime}
 	}
 

@@ -9,6 +9,7 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"github.com/exactlyonce/exactly/kafka"
 	"github.com/exactlyonce/exactly/pgcdc"
 )
 
@@ -83,7 +84,7 @@ func (t *relayTuning) tunables() []tunable {
 		{name: "kafka-transactional-id", source: sourceCDC, eos: true, ptr: &t.transactionalID,
 			help: "cdc + --kafka-exactly-once: transactional id, unique per slot and stable across restarts (TransactionalID), default exactly-cdc-<slot>"},
 		{name: "kafka-checkpoint-topic", source: sourceCDC, eos: true, ptr: &t.checkpointTopic,
-			help: "cdc + --kafka-exactly-once: topic of the slot positions (CheckpointTopic), default " + pgcdc.DefaultCheckpointTopic},
+			help: "cdc + --kafka-exactly-once: topic of the slot positions (CheckpointTopic), default " + kafka.DefaultCDCCheckpointTopic},
 		{name: "kafka-transaction-timeout", source: sourceCDC, eos: true, ptr: &t.txnTime, min: int64(time.Second), max: int64(15 * time.Minute),
 			why:  "Kafka brokers refuse more than transaction.max.timeout.ms (default 15m)",
 			help: "cdc + --kafka-exactly-once: the broker's bound on an open transaction (TransactionTimeout), 0 for the default 60s"},

@@ -7,6 +7,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/exactlyonce/exactly/kafka"
 	"github.com/exactlyonce/exactly/pgcdc"
 	"github.com/exactlyonce/exactly/relay"
 )
@@ -55,7 +56,7 @@ type cdcSettings struct {
 	KeepRows      bool   // retention > 0: leave the rows, the operator deletes them
 	// KafkaEOS, when set, replaces the publisher: messages and the slot
 	// position commit in one Kafka transaction.
-	KafkaEOS *pgcdc.KafkaExactlyOnce
+	KafkaEOS *kafka.CDCExactlyOnce
 	Hooks    pgcdc.Hooks
 
 	// The tunings of pgcdc.Config, zero for its defaults.
@@ -79,15 +80,16 @@ func newRelayRunner(source string, cfg relay.Config, cdc cdcSettings) (relayRunn
 		return pollRunner{r}, nil
 	case sourceCDC:
 		pc := pgcdc.Config{
-			DSN: cdc.DSN, Slot: cdc.Slot, Table: cfg.Outbox.Table(), KeepRows: cdc.KeepRows,
-			Messages: cdc.Messages, KafkaExactlyOnce: cdc.KafkaEOS,
+			DSN: cdc.DSN, Slot: cdc.Slot, Table: cfg.Outbox.Table(), KeepRows: cdc.KeepRows, Messages: cdc.Messages,
 			BatchSize: cfg.BatchSize, MaxAttempts: cfg.MaxAttempts,
 			InitialBackoff: cfg.InitialBackoff, MaxBackoff: cfg.MaxBackoff,
 			ShutdownTimeout: cfg.ShutdownTimeout, Logger: cfg.Logger, Hooks: cdc.Hooks,
 			Publication: cdc.Publication, MessagePrefix: cdc.MessagePrefix, MaxPending: cdc.MaxPending,
 			HeartbeatInterval: cdc.HeartbeatInterval, StatusInterval: cdc.StatusInterval, LagInterval: cdc.LagInterval,
 		}
-		if cdc.KafkaEOS == nil { // else the Kafka transactions replace the publisher
+		if cdc.KafkaEOS != nil { // the Kafka transactions replace the publisher
+			pc.ExactlyOnce = cdc.KafkaEOS
+		} else {
 			pc.Publisher = cfg.Publisher
 		}
 		if cdc.DebeziumTable != "" {
