@@ -161,10 +161,13 @@ func text(t *testing.T, ctx context.Context, url, sel string) string {
 	return read(t, ctx, "main")
 }
 
-// read returns the text of the element sel on the page shown.
+// read returns the text of the element sel on the page shown, as soon as
+// it has any. It asks the page's script rather than chromedp's DOM mirror,
+// whose node ids a just-finished navigation can leave stale.
 func read(t *testing.T, ctx context.Context, sel string) string {
 	t.Helper()
-	s, err := chromedp.Run(ctx, chromedp.Text(sel))
+	s, err := chromedp.Run(ctx, chromedp.Poll[string](fmt.Sprintf("document.querySelector(%q)?.innerText", sel),
+		chromedp.WithPollingTimeout(15*time.Second)))
 	if err != nil {
 		t.Fatalf("text of %s: %v", sel, err)
 	}
