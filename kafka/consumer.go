@@ -405,9 +405,22 @@ func decodeRecord(rec *kgo.Record) *exactly.Message {
 		}
 	}
 	if m.ID == "" {
-		m.ID = "kafka:" + rec.Topic + "/" + strconv.Itoa(int(rec.Partition)) + "/" + strconv.FormatInt(rec.Offset, 10)
+		m.ID = positionID(rec)
 	}
 	return m
+}
+
+// positionID is "kafka:topic/partition/offset", built in one allocation:
+// it is the id of every record produced outside exactly.
+func positionID(rec *kgo.Record) string {
+	var buf [len("kafka:") + 249 + 1 + 11 + 1 + 20]byte // Kafka's longest topic name, an int32, an int64
+	b := append(buf[:0], "kafka:"...)
+	b = append(b, rec.Topic...)
+	b = append(b, '/')
+	b = strconv.AppendInt(b, int64(rec.Partition), 10)
+	b = append(b, '/')
+	b = strconv.AppendInt(b, rec.Offset, 10)
+	return string(b)
 }
 
 // DBConfig configures a consumer that stores its offsets in the database:

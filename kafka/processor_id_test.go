@@ -1,11 +1,13 @@
 package kafka
 
 import (
+	"math"
 	"strconv"
 	"strings"
 	"testing"
 
 	"github.com/google/uuid"
+	"github.com/twmb/franz-go/pkg/kgo"
 )
 
 // TestOutputIDIsUUIDv5: the derived output ids are the name-based UUIDs
@@ -23,5 +25,23 @@ func TestOutputIDIsUUIDv5(t *testing.T) {
 	}
 	if n := testing.AllocsPerRun(100, func() { _ = outputID("019ad3f0-7c1e-7b2a-9d3e-0a1b2c3d4e5f", 3) }); n > 1 {
 		t.Errorf("outputID allocates %.0f times, want 1", n)
+	}
+}
+
+// TestPositionID: a record produced outside exactly gets the id
+// "kafka:topic/partition/offset", in one allocation.
+func TestPositionID(t *testing.T) {
+	for _, rec := range []*kgo.Record{
+		{Topic: "in", Partition: 3, Offset: 12345},
+		{Topic: "a.b_c-d", Partition: 0, Offset: 0},
+		{Topic: strings.Repeat("t", 249), Partition: math.MaxInt32, Offset: math.MaxInt64},
+	} {
+		want := "kafka:" + rec.Topic + "/" + strconv.Itoa(int(rec.Partition)) + "/" + strconv.FormatInt(rec.Offset, 10)
+		if got := DecodeRecord(rec).ID; got != want {
+			t.Errorf("id %q, want %q", got, want)
+		}
+		if n := testing.AllocsPerRun(100, func() { _ = positionID(rec) }); n > 1 {
+			t.Errorf("positionID allocates %.0f times, want 1", n)
+		}
 	}
 }

@@ -500,7 +500,7 @@ func (p *Processor) outputRecords(in *exactly.Message, outs []exactly.Message, r
 
 // outputRecord converts an output with a non-empty ID, in the publisher's
 // wire format.
-func outputRecord(m *exactly.Message) (*kgo.Record, error) { return kafkarec.Record(m, nil) }
+func outputRecord(m *exactly.Message) (*kgo.Record, error) { return kafkarec.RecordTo(m, m.Topic) }
 
 // produce hands r to the transaction. A failure dooms the transaction;
 // one that no retry can fix makes the input a suspect.

@@ -88,3 +88,29 @@ func TestRecordTopicDefaultsToMessageTopic(t *testing.T) {
 		t.Fatalf("record %+v, %v: want topic orders", r, err)
 	}
 }
+
+// TestRecordAllocations: a message with no headers of its own becomes one
+// allocation (the record and its two headers); its key, id and payload are
+// not copied.
+func TestRecordAllocations(t *testing.T) {
+	m := &exactly.Message{ID: "019ad3f0-7c1e-7b2a-9d3e-0a1b2c3d4e5f", Topic: "orders", Key: "k1", Payload: []byte("v")}
+	if n := testing.AllocsPerRun(100, func() { _, _ = kafkarec.RecordTo(m, m.Topic) }); n > 1 {
+		t.Errorf("RecordTo allocates %.0f times, want 1", n)
+	}
+	m.CreatedAt = time.Now()
+	if n := testing.AllocsPerRun(100, func() { _, _ = kafkarec.RecordTo(m, m.Topic) }); n > 2 {
+		t.Errorf("RecordTo with CreatedAt allocates %.0f times, want 2", n)
+	}
+}
+
+// TestRecordEmptyHeaderValue: an empty header value is an empty value on
+// the wire, never a null.
+func TestRecordEmptyHeaderValue(t *testing.T) {
+	r, err := kafkarec.Record(&exactly.Message{ID: "a", Topic: "t", Headers: map[string]string{"e": ""}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h := r.Headers[0]; h.Key != "e" || h.Value == nil || len(h.Value) != 0 {
+		t.Errorf("header %q=%q (nil %v), want an empty, non-nil value", h.Key, h.Value, h.Value == nil)
+	}
+}
