@@ -184,17 +184,12 @@ func (c *Config) withDefaults() (Config, error) {
 	if cfg.MessagePrefix == HeartbeatPrefix {
 		return cfg, fmt.Errorf("pgcdc: Config.MessagePrefix %q is the heartbeat's", HeartbeatPrefix)
 	}
-	for _, f := range []struct {
-		name string
-		v    int64
-	}{
+	if err := relaycore.NonNegative(relaycore.Fields{
 		{"BatchSize", int64(cfg.BatchSize)}, {"MaxPending", int64(cfg.MaxPending)}, {"MaxAttempts", int64(cfg.MaxAttempts)},
 		{"InitialBackoff", int64(cfg.InitialBackoff)}, {"MaxBackoff", int64(cfg.MaxBackoff)},
 		{"StatusInterval", int64(cfg.StatusInterval)}, {"LagInterval", int64(cfg.LagInterval)}, {"ShutdownTimeout", int64(cfg.ShutdownTimeout)},
-	} {
-		if f.v < 0 {
-			return cfg, fmt.Errorf("pgcdc: Config.%s must not be negative", f.name)
-		}
+	}); err != nil {
+		return cfg, fmt.Errorf("pgcdc: %w", err)
 	}
 	if cfg.BatchSize == 0 {
 		cfg.BatchSize = 1000

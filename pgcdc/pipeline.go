@@ -2,7 +2,6 @@ package pgcdc
 
 import (
 	"context"
-	"errors"
 	"slices"
 	"time"
 
@@ -225,7 +224,7 @@ func (d *dispatcher) handle(ctx context.Context, res outcome) {
 				continue
 			}
 			e.attempts++
-			if e.attempts >= r.cfg.MaxAttempts || errors.Is(err, exactly.ErrUnpublishable) {
+			if relaycore.Parks(e.attempts, r.cfg.MaxAttempts, err) {
 				parks = append(parks, park{e, err})
 				d.remove(e)
 				continue
@@ -238,7 +237,7 @@ func (d *dispatcher) handle(ctx context.Context, res outcome) {
 				e.until = next
 			}
 			r.stats.failed.Add(1)
-			r.logFailure(e, next, now, err)
+			r.failLog.Failed(&e.msg, e.attempts, next, err, now)
 			if h := r.cfg.Hooks.Failed; h != nil {
 				h(&e.msg, e.attempts, err)
 			}
@@ -258,24 +257,12 @@ func (d *dispatcher) handle(ctx context.Context, res outcome) {
 	}
 	for _, p := range parks {
 		r.stats.dead.Add(1)
-		r.log.Warn("message parked as dead", "id", p.e.msg.ID, "topic", p.e.msg.Topic, "key", p.e.msg.Key, "attempts", p.e.attempts, "err", p.err)
+		relaycore.LogDead(r.log, &p.e.msg, p.e.attempts, p.err)
 		if h := r.cfg.Hooks.Dead; h != nil {
 			h(&p.e.msg, p.err)
 		}
 	}
 	d.write(ctx, confirmed, parks)
-}
-
-// failureLogEvery is how often, at most, a failed publish is logged at warn
-// level per topic; the first failure of a topic is logged at once, and each
-// line counts the failures of the topic left out since the one before.
-const failureLogEvery = time.Minute
-
-// logFailure logs a failed publish that will be retried: at warn level,
-// rate-limited per topic (a topic with no stream or no permission fails
-// every message and every retry), and at debug level every time.
-func (r *Relay) logFailure(e *entry, next, now time.Time, err error) {
-	relaycore.LogFailure(r.log, r.failLog, relaycore.Failure{Msg: &e.msg, Attempt: e.attempts, MaxAttempts: r.cfg.MaxAttempts, Next: next, Err: err}, now)
 }
 
 // handleOrdered is handle for the exactly-once mode, where a batch is one
@@ -302,7 +289,7 @@ func (d *dispatcher) handleOrdered(now time.Time, res outcome, confirmed *[]*ent
 			continue // aborted with the transaction: not its fault
 		}
 		e.attempts++
-		if e.attempts >= r.cfg.MaxAttempts || errors.Is(err, exactly.ErrUnpublishable) {
+		if relaycore.Parks(e.attempts, r.cfg.MaxAttempts, err) {
 			*parks = append(*parks, park{e, err})
 			d.remove(e)
 			continue

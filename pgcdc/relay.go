@@ -13,7 +13,6 @@ import (
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/internal/outboxstore"
-	"github.com/exactlyonce/exactly/internal/ratelog"
 	"github.com/exactlyonce/exactly/internal/relaycore"
 	"github.com/exactlyonce/exactly/internal/sqldb"
 )
@@ -43,7 +42,7 @@ type Relay struct {
 	ckpt   *position // exactly-once: the checkpoint read from Kafka
 
 	stats   counters
-	failLog *ratelog.Limiter
+	failLog *relaycore.FailureLog
 	running atomic.Bool
 	// slotUp is set once the slot was checked or created in this Run;
 	// until then watchSlot does not judge it.
@@ -125,13 +124,13 @@ func New(cfg Config) (*Relay, error) {
 	if err != nil {
 		return nil, fmt.Errorf("pgcdc: Config.Table: %w", err)
 	}
+	log := c.Logger.With("component", "pgcdc", "slot", c.Slot)
 	r := &Relay{
-		cfg:   c,
-		store: store,
-		log:   c.Logger.With("component", "pgcdc", "slot", c.Slot),
-		fatal: make(chan struct{}),
-		// warn-level lines about failed publishes
-		failLog: ratelog.New(failureLogEvery),
+		cfg:     c,
+		store:   store,
+		log:     log,
+		fatal:   make(chan struct{}),
+		failLog: relaycore.NewFailureLog(log, c.MaxAttempts),
 	}
 	r.tables = append(r.tables, tableRef{kind: relOutbox, quoted: store.QuotedTable()})
 	if c.Debezium != nil {
@@ -191,7 +190,10 @@ func (r *Relay) Run(ctx context.Context) error {
 			r.log.Info("exactly-once checkpoint read from Kafka", "checkpoint", ckpt.String())
 		}
 	}
-	if err := r.prepareRetrying(ctx); err != nil {
+	// A server that is restarting or unreachable at start is waited for, as
+	// the stream waits for it later: a relay restarted while PostgreSQL is
+	// down comes up when PostgreSQL does.
+	if err := relaycore.StartRetrying(ctx, r.log, r.backoff, 10*time.Second, func() error { return r.prepare(ctx) }); err != nil {
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -339,25 +341,4 @@ func (r *Relay) watchSlot(ctx context.Context) {
 		}
 		return true
 	})
-}
-
-// prepareRetrying runs prepare until it succeeds, fails for a reason that
-// waiting will not fix (wal_level, a missing table, privileges), or ctx
-// ends. A server that is restarting or unreachable at start is waited for,
-// as the stream waits for it later: a relay restarted while PostgreSQL is
-// down comes up when PostgreSQL does.
-func (r *Relay) prepareRetrying(ctx context.Context) error {
-	for failures := 1; ; failures++ {
-		err := r.prepare(ctx)
-		if err == nil || ctx.Err() != nil || !sqldb.Transient(err) {
-			return err
-		}
-		wait := min(r.backoff(failures), 10*time.Second)
-		r.log.Warn("database not reachable at start; retrying", "err", err, "in", wait)
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-time.After(wait):
-		}
-	}
 }

@@ -136,17 +136,12 @@ func (c *Config) withDefaults() (Config, error) {
 	case cfg.Publisher == nil:
 		return cfg, errors.New("relay: Config.Publisher is required")
 	}
-	for _, f := range []struct {
-		name string
-		v    int64
-	}{
+	if err := relaycore.NonNegative(relaycore.Fields{
 		{"BatchSize", int64(cfg.BatchSize)}, {"MaxAttempts", int64(cfg.MaxAttempts)}, {"Partitions", int64(cfg.Partitions)},
 		{"PollInterval", int64(cfg.PollInterval)}, {"InitialBackoff", int64(cfg.InitialBackoff)}, {"MaxBackoff", int64(cfg.MaxBackoff)},
 		{"Retention", int64(cfg.Retention)}, {"LeaseTTL", int64(cfg.LeaseTTL)}, {"ShutdownTimeout", int64(cfg.ShutdownTimeout)},
-	} {
-		if f.v < 0 {
-			return cfg, fmt.Errorf("relay: Config.%s must not be negative", f.name)
-		}
+	}); err != nil {
+		return cfg, fmt.Errorf("relay: %w", err)
 	}
 	if cfg.BatchSize == 0 {
 		cfg.BatchSize = 2000

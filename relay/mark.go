@@ -2,7 +2,6 @@ package relay
 
 import (
 	"context"
-	"errors"
 	"time"
 
 	"github.com/exactlyonce/exactly"
@@ -89,7 +88,7 @@ func (r *Relay) plan(res result, now time.Time) markPlan {
 		}
 		attempt := row.Attempts + 1
 		f := outboxstore.Failure{Seq: row.Seq, Attempts: attempt, Err: err.Error()}
-		if attempt >= r.cfg.MaxAttempts || errors.Is(err, exactly.ErrUnpublishable) {
+		if relaycore.Parks(attempt, r.cfg.MaxAttempts, err) {
 			f.Dead = true
 			r.order.done(key, row.Seq)
 		} else {
@@ -148,13 +147,13 @@ func (r *Relay) mark(ctx context.Context, group []result) {
 		for _, c := range p.calls {
 			if c.dead {
 				r.stats.dead.Add(1)
-				r.log.Warn("message parked as dead", "id", c.msg.ID, "topic", c.msg.Topic, "key", c.msg.Key, "attempts", c.attempt, "err", c.err)
+				relaycore.LogDead(r.log, c.msg, c.attempt, c.err)
 				if h := r.cfg.Hooks.Dead; h != nil {
 					h(c.msg, c.err)
 				}
 			} else {
 				r.stats.failed.Add(1)
-				r.logFailure(c, now)
+				r.failLog.Failed(c.msg, c.attempt, c.next, c.err, now)
 				if h := r.cfg.Hooks.Failed; h != nil {
 					h(c.msg, c.attempt, c.err)
 				}
@@ -173,18 +172,6 @@ func (r *Relay) mark(ctx context.Context, group []result) {
 	if retry || r.cfg.StrictOrder {
 		r.Wake() // re-read: rows held back can go now
 	}
-}
-
-// failureLogEvery is how often, at most, a failed publish is logged at warn
-// level per topic; the first failure of a topic is logged at once, and each
-// line counts the failures of the topic left out since the one before.
-const failureLogEvery = time.Minute
-
-// logFailure logs a failed publish that will be retried: at warn level,
-// rate-limited per topic (a topic with no stream or no permission fails
-// every message and every retry), and at debug level every time.
-func (r *Relay) logFailure(c hookCall, now time.Time) {
-	relaycore.LogFailure(r.log, r.failLog, relaycore.Failure{Msg: c.msg, Attempt: c.attempt, MaxAttempts: r.cfg.MaxAttempts, Next: c.next, Err: c.err}, now)
 }
 
 // markSent removes (or marks sent) the confirmed rows. On PostgreSQL the

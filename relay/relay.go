@@ -16,7 +16,6 @@ import (
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/internal/outboxstore"
-	"github.com/exactlyonce/exactly/internal/ratelog"
 	"github.com/exactlyonce/exactly/internal/relaycore"
 	"github.com/exactlyonce/exactly/internal/sqldb"
 )
@@ -57,7 +56,7 @@ type Relay struct {
 
 	stats   counters
 	running atomic.Bool
-	failLog *ratelog.Limiter // warn-level lines about failed publishes
+	failLog *relaycore.FailureLog
 
 	// afterPublish, when set (tests only), runs after the broker confirmed a
 	// batch and before the rows are marked sent: the crash window.
@@ -82,15 +81,16 @@ func New(cfg Config) (*Relay, error) {
 		done()
 		return nil, errors.New("relay: on PostgreSQL the database handle must come from pgx (pgxpool.Pool, or sql.Open(\"pgx\", dsn))")
 	}
+	log := c.Logger.With("component", "relay", "table", store.Table.String(), "instance", c.InstanceID)
 	r := &Relay{
 		cfg:     c,
 		db:      db,
 		closeDB: done,
 		store:   store,
-		log:     c.Logger.With("component", "relay", "table", store.Table.String(), "instance", c.InstanceID),
+		log:     log,
 		wake:    make(chan struct{}, 1),
 		order:   newKeyOrder(c.BatchSize, c.StrictOrder),
-		failLog: ratelog.New(failureLogEvery),
+		failLog: relaycore.NewFailureLog(log, c.MaxAttempts),
 	}
 	r.drained = sync.NewCond(&r.mu)
 	if store.D == sqldb.Postgres {
@@ -177,23 +177,18 @@ func (r *Relay) Run(ctx context.Context) error {
 	defer r.closeDB()
 	// A database that is unreachable or restarting at start is waited for,
 	// as it is later; a missing table or a partition mismatch is not.
-	for failures := 1; ; failures++ {
+	err := relaycore.StartRetrying(ctx, r.log, r.backoff, 5*time.Second, func() error {
 		err := r.store.CheckTables(ctx, r.db)
 		if err == nil {
 			err = r.store.EnsurePartitions(ctx, r.db, r.cfg.Partitions, r.cfg.LeaseTTL)
 		}
-		if err == nil {
-			break
-		}
+		return err
+	})
+	if err != nil {
 		if ctx.Err() != nil {
 			return nil
 		}
-		if !sqldb.Transient(err) {
-			return fmt.Errorf("relay: %w", err)
-		}
-		wait := min(r.backoff(failures), 5*time.Second)
-		r.log.Warn("database not reachable at start; retrying", "err", err, "in", wait)
-		r.sleep(ctx, wait, false)
+		return fmt.Errorf("relay: %w", err)
 	}
 	// Work that must outlive ctx a little (finishing the in-flight batch)
 	// uses stopCtx, cancelled ShutdownTimeout after ctx.

@@ -1,6 +1,7 @@
 // Package relaycore holds what the polling relay (relay) and the CDC relay
-// (pgcdc) share: the retry settings' defaults, the shutdown grace and the
-// log line of a failed publish.
+// (pgcdc) share: the settings' checks and the retry defaults, the start-up
+// retries and the shutdown grace (this file), and what a failed publish
+// does: the park rule and the log lines (outcome.go).
 package relaycore
 
 import (
@@ -9,8 +10,8 @@ import (
 	"log/slog"
 	"time"
 
-	"github.com/exactlyonce/exactly"
-	"github.com/exactlyonce/exactly/internal/ratelog"
+	"github.com/exactlyonce/exactly/internal/pause"
+	"github.com/exactlyonce/exactly/internal/sqldb"
 )
 
 // The retry settings' defaults of both relays.
@@ -19,6 +20,22 @@ const (
 	DefaultInitialBackoff = time.Second
 	DefaultMaxBackoff     = 5 * time.Minute
 )
+
+// Fields are numeric settings of a Config, by field name.
+type Fields []struct {
+	Name  string
+	Value int64
+}
+
+// NonNegative fails for the first field below zero, naming it.
+func NonNegative(fields Fields) error {
+	for _, f := range fields {
+		if f.Value < 0 {
+			return fmt.Errorf("Config.%s must not be negative", f.Name)
+		}
+	}
+	return nil
+}
 
 // RetryDefaults fills in the retry settings left zero and checks that
 // maxBackoff is not below initialBackoff. The error names the fields of
@@ -61,33 +78,22 @@ func Grace(ctx context.Context, grace time.Duration) (_ context.Context, stop co
 	return stopCtx, stopCancel
 }
 
-// Failure is one failed publish of a message that will be retried.
-type Failure struct {
-	Msg         *exactly.Message
-	Attempt     int // 1 for the first failure
-	MaxAttempts int
-	Next        time.Time // when it is tried again
-	Err         error
-}
-
-// LogFailure logs f at warn level, at most as often as lim allows per
-// topic (a line then says how many were suppressed), and at debug level
-// otherwise.
-func LogFailure(log *slog.Logger, lim *ratelog.Limiter, f Failure, now time.Time) {
-	m := f.Msg
-	ok, suppressed := lim.Allow(m.Topic, now)
-	if !ok {
-		log.Debug("publish failed; will retry", "id", m.ID, "topic", m.Topic, "key", m.Key, "attempt", f.Attempt, "err", f.Err)
-		return
+// StartRetrying runs start until it succeeds, fails for a reason that
+// waiting will not fix (anything but sqldb.Transient: a missing table,
+// privileges, wal_level), or ctx ends. A database that is restarting or
+// unreachable when a relay starts is waited for, as it is later, with
+// backoff(failures) capped at maxWait between tries. It returns nil once
+// ctx ended while waiting; the caller checks ctx.
+func StartRetrying(ctx context.Context, log *slog.Logger, backoff func(attempt int) time.Duration, maxWait time.Duration, start func() error) error {
+	for failures := 1; ; failures++ {
+		err := start()
+		if err == nil || ctx.Err() != nil || !sqldb.Transient(err) {
+			return err
+		}
+		wait := min(backoff(failures), maxWait)
+		log.Warn("database not reachable at start; retrying", "err", err, "in", wait)
+		if !pause.For(ctx, wait) {
+			return nil
+		}
 	}
-	attrs := []any{"topic", m.Topic, "key", m.Key, "id", m.ID, "attempt", f.Attempt, "max_attempts", f.MaxAttempts,
-		"next_attempt_in", f.Next.Sub(now).Round(time.Millisecond), "err", f.Err}
-	if suppressed > 0 {
-		attrs = append(attrs, "suppressed", suppressed)
-	}
-	msg := "publish failed; will retry"
-	if m.Key != "" {
-		msg = "publish failed; the key's later messages wait for its retry"
-	}
-	log.Warn(msg, attrs...)
 }
