@@ -382,11 +382,10 @@ func (c *Consumer) commit(ctx context.Context) {
 // exactly-id header (produced outside exactly) gets a stable id from its
 // position, so its redeliveries are still recognised.
 func decodeRecord(rec *kgo.Record) *exactly.Message {
-	m := &exactly.Message{Topic: rec.Topic, Key: string(rec.Key), Payload: rec.Value, CreatedAt: rec.Timestamp}
+	m := &exactly.Message{ID: recordID(rec), Topic: rec.Topic, Key: string(rec.Key), Payload: rec.Value, CreatedAt: rec.Timestamp}
 	for _, h := range rec.Headers {
 		switch h.Key {
 		case exactly.HeaderID:
-			m.ID = string(h.Value)
 		case exactly.HeaderCreatedAt:
 			if t, err := time.Parse(time.RFC3339Nano, string(h.Value)); err == nil {
 				m.CreatedAt = t
@@ -404,10 +403,21 @@ func decodeRecord(rec *kgo.Record) *exactly.Message {
 			m.Headers[h.Key] = string(h.Value)
 		}
 	}
-	if m.ID == "" {
-		m.ID = positionID(rec)
-	}
 	return m
+}
+
+// recordID is the id of the message rec carries: its last exactly-id
+// header, or its position when that is missing or empty.
+func recordID(rec *kgo.Record) string {
+	for i := len(rec.Headers) - 1; i >= 0; i-- {
+		if h := rec.Headers[i]; h.Key == exactly.HeaderID {
+			if len(h.Value) > 0 {
+				return string(h.Value)
+			}
+			break
+		}
+	}
+	return positionID(rec)
 }
 
 // positionID is "kafka:topic/partition/offset", built in one allocation:

@@ -420,11 +420,11 @@ func (p *Processor) clearSuspect(pos inputPos) {
 // when the record was not dealt with (ctx ended, partitions revoked, a
 // fatal failure): the transaction must then abort.
 func (p *Processor) processRecord(ctx context.Context, sess *kgo.GroupTransactSession, rec *kgo.Record, b *txnBatch, w *worker) bool {
-	msg := decodeRecord(rec)
+	in := input{rec: rec, id: recordID(rec)}
 	pos := inputPos{rec.Topic, rec.Partition, rec.Offset}
 	sus, isSuspect := p.suspectOf(pos)
 	if isSuspect && sus.strikes >= 2 {
-		return p.deadLetter(sess, b, w, msg, pos, 0, fmt.Errorf("kafka: an output was refused as unpublishable: %s", sus.reason))
+		return p.deadLetter(sess, b, w, in.message(), pos, 0, fmt.Errorf("kafka: an output was refused as unpublishable: %s", sus.reason))
 	}
 	for attempt := 1; ; attempt++ {
 		if ctx.Err() != nil || p.revoked.Load() {
@@ -437,12 +437,12 @@ func (p *Processor) processRecord(ctx context.Context, sess *kgo.GroupTransactSe
 		outs, err := p.call(ctx, rec)
 		permanent := false
 		if err == nil {
-			w.recs, err = p.outputRecords(msg, outs, w.recs[:0])
+			w.recs, err = p.outputRecords(in.id, outs, w.recs[:0])
 			permanent = err != nil
 		}
 		if err == nil {
 			if p.cfg.Hooks.Handled != nil {
-				p.cfg.Hooks.Handled(msg, time.Since(start))
+				p.cfg.Hooks.Handled(in.message(), time.Since(start))
 			}
 			if isSuspect {
 				return p.produceAlone(ctx, sess, b, w, w.recs, pos)
@@ -459,16 +459,31 @@ func (p *Processor) processRecord(ctx context.Context, sess *kgo.GroupTransactSe
 		}
 		p.failed.Add(1)
 		if p.cfg.Hooks.Failed != nil {
-			p.cfg.Hooks.Failed(msg, attempt, err)
+			p.cfg.Hooks.Failed(in.message(), attempt, err)
 		}
 		if permanent || attempt >= p.cfg.Retry.MaxAttempts {
-			return p.deadLetter(sess, b, w, msg, pos, attempt, err)
+			return p.deadLetter(sess, b, w, in.message(), pos, attempt, err)
 		}
-		p.log.Debug("process function failed; retrying", "id", msg.ID, "topic", rec.Topic, "partition", rec.Partition, "offset", rec.Offset, "attempt", attempt, "err", err)
+		p.log.Debug("process function failed; retrying", "id", in.id, "topic", rec.Topic, "partition", rec.Partition, "offset", rec.Offset, "attempt", attempt, "err", err)
 		if !pause.For(ctx, p.cfg.Retry.Backoff(attempt)) {
 			return false
 		}
 	}
+}
+
+// input is the record being processed. Its id is all the outputs need;
+// the whole message is decoded only for the hooks and a dead letter.
+type input struct {
+	rec *kgo.Record
+	id  string
+	msg *exactly.Message
+}
+
+func (in *input) message() *exactly.Message {
+	if in.msg == nil {
+		in.msg = decodeRecord(in.rec)
+	}
+	return in.msg
 }
 
 // call runs the ProcessFunc, turning a panic into an error wrapping
@@ -483,15 +498,15 @@ func (p *Processor) call(ctx context.Context, rec *kgo.Record) (outs []exactly.M
 }
 
 // outputRecords checks the outputs and appends them to recs as records.
-func (p *Processor) outputRecords(in *exactly.Message, outs []exactly.Message, recs []*kgo.Record) ([]*kgo.Record, error) {
+func (p *Processor) outputRecords(inID string, outs []exactly.Message, recs []*kgo.Record) ([]*kgo.Record, error) {
 	for i := range outs {
 		m := outs[i]
 		if m.ID == "" {
-			m.ID = outputID(in.ID, i)
+			m.ID = outputID(inID, i)
 		}
 		r, err := outputRecord(&m)
 		if err != nil {
-			return nil, fmt.Errorf("kafka: output %d of input %s: %w", i, in.ID, err)
+			return nil, fmt.Errorf("kafka: output %d of input %s: %w", i, inID, err)
 		}
 		recs = append(recs, r)
 	}
