@@ -207,39 +207,35 @@ func (d *dispatcher) handle(ctx context.Context, res outcome) {
 		d.handleOrdered(now, res, &confirmed, &parks)
 	} else {
 		d.outages = 0
-		heldBack := map[string]bool{}
+		j := relaycore.NewJudge(r.cfg.MaxAttempts, r.backoff, now)
 		for i, e := range res.batch {
 			key, err := e.msg.Key, res.errs[i]
-			if key != "" && heldBack[key] {
-				// An earlier message of this key failed: publish this one
-				// again after it, so the key's last delivery is in order.
+			v := j.Of(key, e.attempts, err, false)
+			switch v.Kind {
+			case relaycore.Behind:
+				// Published again after the earlier message of its key.
 				if err == nil {
 					r.stats.republished.Add(1)
 				}
-				continue
-			}
-			if err == nil {
+			case relaycore.Confirmed:
 				confirmed = append(confirmed, e)
 				d.remove(e)
-				continue
-			}
-			e.attempts++
-			if relaycore.Parks(e.attempts, r.cfg.MaxAttempts, err) {
+			case relaycore.Park:
+				e.attempts = v.Attempt
 				parks = append(parks, park{e, err})
 				d.remove(e)
-				continue
-			}
-			next := now.Add(r.backoff(e.attempts))
-			if key != "" {
-				heldBack[key] = true
-				d.keyUntil[key] = next
-			} else {
-				e.until = next
-			}
-			r.stats.failed.Add(1)
-			r.failLog.Failed(&e.msg, e.attempts, next, err, now)
-			if h := r.cfg.Hooks.Failed; h != nil {
-				h(&e.msg, e.attempts, err)
+			case relaycore.Retry:
+				e.attempts = v.Attempt
+				if key != "" {
+					d.keyUntil[key] = v.Next
+				} else {
+					e.until = v.Next
+				}
+				r.stats.failed.Add(1)
+				r.failLog.Failed(&e.msg, e.attempts, v.Next, err, now)
+				if h := r.cfg.Hooks.Failed; h != nil {
+					h(&e.msg, e.attempts, err)
+				}
 			}
 		}
 		r.stats.blockedKeys.Store(int64(len(d.keyUntil)))

@@ -58,49 +58,51 @@ type markPlan struct {
 // order they were published.
 func (r *Relay) plan(res result, now time.Time) markPlan {
 	var p markPlan
-	heldBack := map[string]bool{} // keys with an earlier unconfirmed row in this batch
+	if res.outage {
+		// No verdict on any message: each key waits InitialBackoff behind
+		// its first row, and no attempt is counted.
+		p.retry = true
+		heldBack := map[string]bool{}
+		for i := range res.rows {
+			row := &res.rows[i]
+			if key := row.Msg.Key; key != "" && !heldBack[key] && !r.order.heldBehind(key, row.Seq) {
+				heldBack[key] = true
+				r.order.hold(row, now.Add(r.cfg.InitialBackoff))
+			}
+		}
+		return p
+	}
+	j := relaycore.NewJudge(r.cfg.MaxAttempts, r.backoff, now)
 	for i := range res.rows {
 		row := &res.rows[i]
 		key := row.Msg.Key
 		err := res.errs[i]
-		if key != "" && (heldBack[key] || r.order.heldBehind(key, row.Seq)) {
-			// An earlier message of this key is not confirmed: leave this one
-			// pending so it is published again after that one.
+		v := j.Of(key, row.Attempts, err, key != "" && r.order.heldBehind(key, row.Seq))
+		switch v.Kind {
+		case relaycore.Behind:
+			// Left pending, to be published again after the earlier one.
 			if err == nil {
 				r.stats.republished.Add(1)
 			}
 			p.retry = true
-			continue
-		}
-		if err == nil {
+		case relaycore.Confirmed:
 			p.sent = append(p.sent, row.Seq)
 			p.sentMsgs = append(p.sentMsgs, &row.Msg)
 			r.order.done(key, row.Seq)
-			continue
-		}
-		p.retry = true
-		if res.outage {
-			if key != "" {
-				heldBack[key] = true
-				r.order.hold(row, now.Add(r.cfg.InitialBackoff))
+		case relaycore.Retry, relaycore.Park:
+			p.retry = true
+			f := outboxstore.Failure{Seq: row.Seq, Attempts: v.Attempt, Err: err.Error(), Dead: v.Kind == relaycore.Park}
+			if f.Dead {
+				r.order.done(key, row.Seq)
+			} else {
+				f.NextAttemptAt = v.Next.UnixMilli()
+				if key != "" {
+					r.order.hold(row, v.Next)
+				}
 			}
-			continue
+			p.fails = append(p.fails, f)
+			p.calls = append(p.calls, hookCall{&row.Msg, v.Attempt, err, f.Dead, time.UnixMilli(f.NextAttemptAt)})
 		}
-		attempt := row.Attempts + 1
-		f := outboxstore.Failure{Seq: row.Seq, Attempts: attempt, Err: err.Error()}
-		if relaycore.Parks(attempt, r.cfg.MaxAttempts, err) {
-			f.Dead = true
-			r.order.done(key, row.Seq)
-		} else {
-			next := now.Add(r.backoff(attempt))
-			f.NextAttemptAt = next.UnixMilli()
-			if key != "" {
-				heldBack[key] = true
-				r.order.hold(row, next)
-			}
-		}
-		p.fails = append(p.fails, f)
-		p.calls = append(p.calls, hookCall{&row.Msg, attempt, err, f.Dead, time.UnixMilli(f.NextAttemptAt)})
 	}
 	return p
 }

@@ -61,3 +61,63 @@ func (l *FailureLog) Failed(m *exactly.Message, attempt int, next time.Time, err
 	}
 	l.log.Warn(msg, attrs...)
 }
+
+// Kind is what a relay does with one message of a published batch.
+type Kind uint8
+
+const (
+	// Confirmed: the broker has it; finish it.
+	Confirmed Kind = iota
+	// Behind: an earlier message of its key is not confirmed; it stays
+	// pending, to be published again after that one (whatever its own
+	// outcome), so the key's last delivery is in order.
+	Behind
+	// Retry: it failed and is tried again at Verdict.Next; its key waits.
+	Retry
+	// Park: it failed for the last time (MaxAttempts, or unpublishable).
+	Park
+)
+
+// Verdict is the fate of one message of a published batch.
+type Verdict struct {
+	Kind    Kind
+	Attempt int       // Retry, Park: the failed attempt, 1 for the first
+	Next    time.Time // Retry: when it is tried again
+}
+
+// Judge reads the per-message outcomes of one published batch (from
+// exactly.Verdicts, not an outage), message by message in batch order, by
+// the rules both relays keep: per-key order, the park rule, exponential
+// backoff. Make one per batch with NewJudge.
+type Judge struct {
+	maxAttempts int
+	backoff     func(attempt int) time.Duration
+	now         time.Time
+	heldBack    map[string]bool // keys with an earlier unconfirmed message in this batch
+}
+
+// NewJudge returns the judge of a batch whose outcome arrived at now.
+func NewJudge(maxAttempts int, backoff func(attempt int) time.Duration, now time.Time) *Judge {
+	return &Judge{maxAttempts: maxAttempts, backoff: backoff, now: now, heldBack: map[string]bool{}}
+}
+
+// Of returns the verdict on the next message of the batch: its key, the
+// failed attempts it had before this publish, its error (nil: confirmed),
+// and whether its key is held back behind an earlier message from an
+// earlier batch.
+func (j *Judge) Of(key string, attempts int, err error, behind bool) Verdict {
+	if key != "" && (behind || j.heldBack[key]) {
+		return Verdict{Kind: Behind}
+	}
+	if err == nil {
+		return Verdict{Kind: Confirmed}
+	}
+	attempt := attempts + 1
+	if Parks(attempt, j.maxAttempts, err) {
+		return Verdict{Kind: Park, Attempt: attempt}
+	}
+	if key != "" {
+		j.heldBack[key] = true
+	}
+	return Verdict{Kind: Retry, Attempt: attempt, Next: j.now.Add(j.backoff(attempt))}
+}

@@ -1,7 +1,8 @@
 // Package relaycore holds what the polling relay (relay) and the CDC relay
 // (pgcdc) share: the settings' checks and the retry defaults, the start-up
-// retries and the shutdown grace (this file), and what a failed publish
-// does: the park rule and the log lines (outcome.go).
+// retries and the shutdown grace (this file), and what the outcome of a
+// published batch does: the verdict on each message (Judge: per-key order,
+// the park rule, backoff) and the log lines (outcome.go).
 package relaycore
 
 import (

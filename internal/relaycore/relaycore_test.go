@@ -112,3 +112,38 @@ func TestFailureLog(t *testing.T) {
 		}
 	}
 }
+
+// Judge keeps each key in order within a batch: after a message of a key
+// fails, the key's later messages stay pending, confirmed or not; a parked
+// message does not hold its key; unkeyed messages never wait for others.
+func TestJudge(t *testing.T) {
+	t.Parallel()
+	now := time.Now()
+	backoff := func(attempt int) time.Duration { return time.Duration(attempt) * time.Second }
+	down := errors.New("timeout")
+	tooBig := exactly.Unpublishable(errors.New("too large"))
+	j := NewJudge(3, backoff, now)
+	for i, c := range []struct {
+		key      string
+		attempts int
+		err      error
+		behind   bool
+		want     Verdict
+	}{
+		{"a", 0, nil, false, Verdict{Kind: Confirmed}},
+		{"a", 1, down, false, Verdict{Kind: Retry, Attempt: 2, Next: now.Add(2 * time.Second)}},
+		{"a", 0, nil, false, Verdict{Kind: Behind}},
+		{"a", 0, down, false, Verdict{Kind: Behind}},
+		{"b", 0, tooBig, false, Verdict{Kind: Park, Attempt: 1}},
+		{"b", 0, nil, false, Verdict{Kind: Confirmed}},
+		{"c", 2, down, false, Verdict{Kind: Park, Attempt: 3}},
+		{"d", 0, nil, true, Verdict{Kind: Behind}},
+		{"", 0, down, false, Verdict{Kind: Retry, Attempt: 1, Next: now.Add(time.Second)}},
+		{"", 0, nil, false, Verdict{Kind: Confirmed}},
+		{"", 0, nil, true, Verdict{Kind: Confirmed}},
+	} {
+		if got := j.Of(c.key, c.attempts, c.err, c.behind); got != c.want {
+			t.Errorf("message %d (key %q, %d attempts, err %v, behind %v): %+v, want %+v", i, c.key, c.attempts, c.err, c.behind, got, c.want)
+		}
+	}
+}
