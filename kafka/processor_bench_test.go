@@ -25,7 +25,8 @@ import (
 // another on kfake, in the shapes of bench/cmd/eosbench's rows 1 and 3:
 // "copy" is the at-least-once loop (poll, process the partitions
 // concurrently, produce, flush and commit the offsets every 100 ms) and
-// "processor" is kafka.Processor with transactions every 100 ms. Run one
+// "processor" is kafka.Processor with transactions every 100 ms;
+// "fanout" is the Processor writing four outputs per input. Run one
 // mode at a time with -cpuprofile to see what the Processor adds per
 // record, e.g.
 //
@@ -34,7 +35,7 @@ import (
 // It reports records/s and the process's CPU µs per record (the client
 // and kfake together, as eosbench does).
 func BenchmarkProcessorCopy(b *testing.B) {
-	for _, mode := range []string{"copy", "processor"} {
+	for _, mode := range []string{"copy", "processor", "fanout"} {
 		b.Run(mode, func(b *testing.B) {
 			const partitions = 6
 			cluster, err := kfake.NewCluster(kfake.NumBrokers(3), kfake.SeedTopics(partitions, "in", "out"))
@@ -47,10 +48,13 @@ func BenchmarkProcessorCopy(b *testing.B) {
 			b.ResetTimer()
 			cpu0 := benchCPU()
 			start := time.Now()
-			if mode == "copy" {
+			switch mode {
+			case "copy":
 				benchCopy(b, seeds, b.N)
-			} else {
-				benchProcessor(b, seeds, b.N)
+			case "processor":
+				benchProcessor(b, seeds, b.N, benchTransform)
+			case "fanout":
+				benchProcessor(b, seeds, b.N, benchFanOut)
 			}
 			elapsed := time.Since(start)
 			cpu := benchCPU() - cpu0
@@ -85,13 +89,19 @@ func benchTransform(_ context.Context, rec *kgo.Record) ([]exactly.Message, erro
 	return []exactly.Message{{Topic: "out", Key: string(rec.Key), Payload: rec.Value}}, nil
 }
 
-func benchProcessor(b *testing.B, seeds []string, n int) {
+// benchFanOut writes four copies of each input.
+func benchFanOut(_ context.Context, rec *kgo.Record) ([]exactly.Message, error) {
+	m := exactly.Message{Topic: "out", Key: string(rec.Key), Payload: rec.Value}
+	return []exactly.Message{m, m, m, m}, nil
+}
+
+func benchProcessor(b *testing.B, seeds []string, n int, fn kafka.ProcessFunc) {
 	p, err := kafka.NewProcessor(kafka.ProcessorConfig{
 		Seeds: seeds, ClientOpts: []kgo.Opt{kgo.FetchMaxWait(100 * time.Millisecond)},
 		Group: "g", Topics: []string{"in"}, InstanceID: "bench",
 		CommitInterval: 100 * time.Millisecond, MaxBatchRecords: 1 << 30,
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
-	}, benchTransform)
+	}, fn)
 	if err != nil {
 		b.Fatal(err)
 	}

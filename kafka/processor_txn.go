@@ -447,9 +447,7 @@ func (p *Processor) processRecord(ctx context.Context, sess *kgo.GroupTransactSe
 			if isSuspect {
 				return p.produceAlone(ctx, sess, b, w, w.recs, pos)
 			}
-			for _, r := range w.recs {
-				p.produce(sess, b, r, pos, false)
-			}
+			p.produce(sess, b, w.recs, pos, false)
 			w.processed++
 			w.outputs += int64(len(w.recs))
 			return true
@@ -517,12 +515,14 @@ func (p *Processor) outputRecords(inID string, outs []exactly.Message, recs []*k
 // wire format.
 func outputRecord(m *exactly.Message) (*kgo.Record, error) { return kafkarec.RecordTo(m, m.Topic) }
 
-// produce hands r to the transaction. A failure dooms the transaction;
-// one that no retry can fix makes the input a suspect.
-func (p *Processor) produce(sess *kgo.GroupTransactSession, b *txnBatch, r *kgo.Record, pos inputPos, deadLetter bool) {
-	// Not the caller's ctx: a record of a transaction that is to commit
-	// must not fail because Run is stopping.
-	sess.Produce(context.Background(), r, func(r *kgo.Record, err error) {
+// produce hands the records of one input to the transaction, with one
+// promise for all of them. A failure dooms the transaction; one that no
+// retry can fix makes the input a suspect.
+func (p *Processor) produce(sess *kgo.GroupTransactSession, b *txnBatch, recs []*kgo.Record, pos inputPos, deadLetter bool) {
+	if len(recs) == 0 {
+		return // a filtered input costs no promise
+	}
+	promise := func(r *kgo.Record, err error) {
 		if err == nil {
 			return
 		}
@@ -537,7 +537,12 @@ func (p *Processor) produce(sess *kgo.GroupTransactSession, b *txnBatch, r *kgo.
 		}
 		p.strike(pos, err)
 		b.fail(fmt.Errorf("kafka: an output of %s/%d@%d to %s is unpublishable: %w", pos.topic, pos.part, pos.offset, r.Topic, err))
-	})
+	}
+	for _, r := range recs {
+		// Not the caller's ctx: a record of a transaction that is to
+		// commit must not fail because Run is stopping.
+		sess.Produce(context.Background(), r, promise)
+	}
 }
 
 // produceAlone produces the outputs of a suspect and waits for them, so
@@ -577,7 +582,7 @@ func (p *Processor) deadLetter(sess *kgo.GroupTransactSession, b *txnBatch, w *w
 	if p.cfg.Hooks.DeadLettered != nil {
 		p.cfg.Hooks.DeadLettered(msg, cause)
 	}
-	p.produce(sess, b, r, pos, true)
+	p.produce(sess, b, []*kgo.Record{r}, pos, true)
 	p.clearSuspect(pos)
 	w.processed++
 	w.deadLettered++
