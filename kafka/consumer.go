@@ -409,28 +409,43 @@ func decodeRecord(rec *kgo.Record) *exactly.Message {
 // recordID is the id of the message rec carries: its last exactly-id
 // header, or its position when that is missing or empty.
 func recordID(rec *kgo.Record) string {
+	var buf [maxPositionID]byte
+	return string(appendRecordID(buf[:0], rec))
+}
+
+// appendRecordID returns recordID(rec) as bytes without allocating: the
+// exactly-id header's value itself (not to be written), or the position
+// appended to dst.
+func appendRecordID(dst []byte, rec *kgo.Record) []byte {
 	for i := len(rec.Headers) - 1; i >= 0; i-- {
 		if h := rec.Headers[i]; h.Key == exactly.HeaderID {
 			if len(h.Value) > 0 {
-				return string(h.Value)
+				return h.Value
 			}
 			break
 		}
 	}
-	return positionID(rec)
+	return appendPositionID(dst, rec)
 }
+
+// maxPositionID is the longest position id: Kafka's longest topic name, an
+// int32 and an int64.
+const maxPositionID = len("kafka:") + 249 + 1 + 11 + 1 + 20
 
 // positionID is "kafka:topic/partition/offset", built in one allocation:
 // it is the id of every record produced outside exactly.
 func positionID(rec *kgo.Record) string {
-	var buf [len("kafka:") + 249 + 1 + 11 + 1 + 20]byte // Kafka's longest topic name, an int32, an int64
-	b := append(buf[:0], "kafka:"...)
+	var buf [maxPositionID]byte
+	return string(appendPositionID(buf[:0], rec))
+}
+
+func appendPositionID(b []byte, rec *kgo.Record) []byte {
+	b = append(b, "kafka:"...)
 	b = append(b, rec.Topic...)
 	b = append(b, '/')
 	b = strconv.AppendInt(b, int64(rec.Partition), 10)
 	b = append(b, '/')
-	b = strconv.AppendInt(b, rec.Offset, 10)
-	return string(b)
+	return strconv.AppendInt(b, rec.Offset, 10)
 }
 
 // DBConfig configures a consumer that stores its offsets in the database:

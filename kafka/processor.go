@@ -341,7 +341,7 @@ var outputIDSpace = uuid.MustParse("6f1c7c2e-5d1b-4b8e-9a43-3c2f0e9d7a10")
 // It computes what uuid.NewSHA1(outputIDSpace, []byte(inID+"\x00"+strconv.Itoa(i)))
 // does, with one allocation (the string) in place of five: it runs for
 // every output.
-func outputID(inID string, i int) string {
+func outputID[ID string | []byte](inID ID, i int) string {
 	var buf [16 + exactly.MaxIDLen + 1 + 20]byte // namespace, id, NUL, index
 	b := append(buf[:0], outputIDSpace[:]...)
 	b = append(b, inID...)

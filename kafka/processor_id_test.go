@@ -8,6 +8,8 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/exactlyonce/exactly"
 )
 
 // TestOutputIDIsUUIDv5: the derived output ids are the name-based UUIDs
@@ -42,6 +44,36 @@ func TestPositionID(t *testing.T) {
 		}
 		if n := testing.AllocsPerRun(100, func() { _ = positionID(rec) }); n > 1 {
 			t.Errorf("positionID allocates %.0f times, want 1", n)
+		}
+	}
+}
+
+// TestRecordID: the id is the last exactly-id header, or the position when
+// that is missing or empty; the Processor reads it without allocating, and
+// derives the same output ids from its bytes as from the string.
+func TestRecordID(t *testing.T) {
+	pos := "kafka:in/2/7"
+	for _, tc := range []struct {
+		headers []kgo.RecordHeader
+		want    string
+	}{
+		{nil, pos},
+		{[]kgo.RecordHeader{{Key: "h", Value: []byte("x")}}, pos},
+		{[]kgo.RecordHeader{{Key: exactly.HeaderID, Value: []byte("a")}}, "a"},
+		{[]kgo.RecordHeader{{Key: exactly.HeaderID, Value: []byte("a")}, {Key: exactly.HeaderID, Value: []byte("b")}, {Key: "h"}}, "b"},
+		{[]kgo.RecordHeader{{Key: exactly.HeaderID, Value: []byte("a")}, {Key: exactly.HeaderID}}, pos},
+	} {
+		rec := &kgo.Record{Topic: "in", Partition: 2, Offset: 7, Headers: tc.headers}
+		var buf [maxPositionID]byte
+		got := appendRecordID(buf[:0], rec)
+		if string(got) != tc.want || recordID(rec) != tc.want || DecodeRecord(rec).ID != tc.want {
+			t.Errorf("headers %v: id %q / %q / %q, want %q", tc.headers, got, recordID(rec), DecodeRecord(rec).ID, tc.want)
+		}
+		if outputID(got, 3) != outputID(tc.want, 3) {
+			t.Errorf("headers %v: output ids differ between bytes and string", tc.headers)
+		}
+		if n := testing.AllocsPerRun(100, func() { _ = appendRecordID(buf[:0], rec) }); n > 0 {
+			t.Errorf("appendRecordID allocates %.0f times, want 0", n)
 		}
 	}
 }

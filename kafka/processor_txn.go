@@ -420,7 +420,9 @@ func (p *Processor) clearSuspect(pos inputPos) {
 // when the record was not dealt with (ctx ended, partitions revoked, a
 // fatal failure): the transaction must then abort.
 func (p *Processor) processRecord(ctx context.Context, sess *kgo.GroupTransactSession, rec *kgo.Record, b *txnBatch, w *worker) bool {
-	in := input{rec: rec, id: recordID(rec)}
+	var idBuf [maxPositionID]byte
+	inID := appendRecordID(idBuf[:0], rec) // all the outputs need, and no allocation
+	in := input{rec: rec}
 	pos := inputPos{rec.Topic, rec.Partition, rec.Offset}
 	sus, isSuspect := p.suspectOf(pos)
 	if isSuspect && sus.strikes >= 2 {
@@ -437,7 +439,7 @@ func (p *Processor) processRecord(ctx context.Context, sess *kgo.GroupTransactSe
 		outs, err := p.call(ctx, rec)
 		permanent := false
 		if err == nil {
-			w.recs, err = p.outputRecords(in.id, outs, w.recs[:0])
+			w.recs, err = p.outputRecords(inID, outs, w.recs[:0])
 			permanent = err != nil
 		}
 		if err == nil {
@@ -462,18 +464,17 @@ func (p *Processor) processRecord(ctx context.Context, sess *kgo.GroupTransactSe
 		if permanent || attempt >= p.cfg.Retry.MaxAttempts {
 			return p.deadLetter(sess, b, w, in.message(), pos, attempt, err)
 		}
-		p.log.Debug("process function failed; retrying", "id", in.id, "topic", rec.Topic, "partition", rec.Partition, "offset", rec.Offset, "attempt", attempt, "err", err)
+		p.log.Debug("process function failed; retrying", "id", string(inID), "topic", rec.Topic, "partition", rec.Partition, "offset", rec.Offset, "attempt", attempt, "err", err)
 		if !pause.For(ctx, p.cfg.Retry.Backoff(attempt)) {
 			return false
 		}
 	}
 }
 
-// input is the record being processed. Its id is all the outputs need;
-// the whole message is decoded only for the hooks and a dead letter.
+// input is the record being processed: its whole message is decoded only
+// for the hooks and a dead letter.
 type input struct {
 	rec *kgo.Record
-	id  string
 	msg *exactly.Message
 }
 
@@ -496,7 +497,7 @@ func (p *Processor) call(ctx context.Context, rec *kgo.Record) (outs []exactly.M
 }
 
 // outputRecords checks the outputs and appends them to recs as records.
-func (p *Processor) outputRecords(inID string, outs []exactly.Message, recs []*kgo.Record) ([]*kgo.Record, error) {
+func (p *Processor) outputRecords(inID []byte, outs []exactly.Message, recs []*kgo.Record) ([]*kgo.Record, error) {
 	for i := range outs {
 		m := outs[i]
 		if m.ID == "" {
@@ -504,7 +505,7 @@ func (p *Processor) outputRecords(inID string, outs []exactly.Message, recs []*k
 		}
 		r, err := outputRecord(&m)
 		if err != nil {
-			return nil, fmt.Errorf("kafka: output %d of input %s: %w", i, inID, err)
+			return nil, fmt.Errorf("kafka: output %d of input %s: %w", i, string(inID), err)
 		}
 		recs = append(recs, r)
 	}
