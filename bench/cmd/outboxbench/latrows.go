@@ -9,8 +9,30 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	exnats "github.com/exactlyonce/exactly/nats"
+	"github.com/exactlyonce/exactly/outbox"
 	"github.com/exactlyonce/exactly/pgcdc"
 )
+
+// latencyFixture is what every latency row of our relays writes to and
+// publishes into: an outbox in a schema of the row's own and a fresh
+// stream. done removes both.
+func (b *bench) latencyFixture(ctx context.Context, id string) (*outbox.Outbox, *broker, func(), error) {
+	schema, drop, err := b.freshSchema(ctx, id)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	ob, err := b.newOutbox(ctx, schema)
+	if err != nil {
+		drop()
+		return nil, nil, nil, err
+	}
+	br, closeBroker, err := b.freshStream(ctx, id)
+	if err != nil {
+		drop()
+		return nil, nil, nil, err
+	}
+	return ob, br, func() { closeBroker(); drop() }, nil
+}
 
 // runLatencyFloor is the least a commit → ack path costs here: each writer
 // commits its transaction (the same outbox.Enqueue as row 6a, on the same
@@ -19,20 +41,11 @@ import (
 // no table read: the broker round trip after the commit and nothing else.
 func runLatencyFloor(ctx context.Context, b *bench) (result, error) {
 	const id = "lat-floor"
-	schema, drop, err := b.freshSchema(ctx, id)
+	ob, br, done, err := b.latencyFixture(ctx, id)
 	if err != nil {
 		return result{}, err
 	}
-	defer drop()
-	ob, err := b.newOutbox(ctx, schema)
-	if err != nil {
-		return result{}, err
-	}
-	br, closeBroker, err := b.freshStream(ctx, id)
-	if err != nil {
-		return result{}, err
-	}
-	defer closeBroker()
+	defer done()
 	prod, err := b.producerPool(ctx)
 	if err != nil {
 		return result{}, err
@@ -91,20 +104,11 @@ func runLatencyCDC(ctx context.Context, b *bench) (result, error) {
 	if level != "logical" {
 		return result{}, fmt.Errorf("row 6c needs wal_level=logical on the -pg server, which has %s (-pg private starts a server that has it)", level)
 	}
-	schema, drop, err := b.freshSchema(ctx, id)
+	ob, br, done, err := b.latencyFixture(ctx, id)
 	if err != nil {
 		return result{}, err
 	}
-	defer drop()
-	ob, err := b.newOutbox(ctx, schema)
-	if err != nil {
-		return result{}, err
-	}
-	br, closeBroker, err := b.freshStream(ctx, id)
-	if err != nil {
-		return result{}, err
-	}
-	defer closeBroker()
+	defer done()
 	inner, err := exnats.NewPublisher(br.js)
 	if err != nil {
 		return result{}, err
@@ -132,48 +136,21 @@ func runLatencyCDC(ctx context.Context, b *bench) (result, error) {
 	go func() { runErr <- r.Run(rctx) }()
 	// Ready once the slot streams; its WAL sender is counted as the
 	// relay's backend in the CPU note. Then give it a moment.
-	for {
+	if err := awaitRelay(ctx, runErr, "CDC relay", func() (bool, error) {
 		var pid *int32
 		err := b.pool.QueryRow(ctx, "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", slot).Scan(&pid)
 		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
-			return result{}, err
+			return false, err
 		}
 		if pid != nil {
 			b.pgBackends.Add(int(*pid))
-			break
 		}
-		select {
-		case err := <-runErr:
-			return result{}, fmt.Errorf("CDC relay stopped at start: %v", err)
-		case <-ctx.Done():
-			return result{}, ctx.Err()
-		case <-time.After(10 * time.Millisecond):
-		}
+		return pid != nil, nil
+	}); err != nil {
+		return result{}, err
 	}
-	time.Sleep(500 * time.Millisecond)
-
-	prod, err := b.producerPool(ctx)
+	sent, took, tm, err := b.relayLatency(ctx, id, ob, br, probe, cancel, runErr)
 	if err != nil {
-		return result{}, err
-	}
-	defer prod.Close()
-	gen := b.messages(br.subject)
-	tm := b.startTimer(id)
-	sent, took, err := b.produce(ctx, probe, enqueueOne(prod, ob, gen))
-	if err != nil {
-		tm.stop()
-		return result{}, err
-	}
-	err = probe.waitAcked(ctx, 30*time.Second)
-	tm.stop()
-	if err != nil {
-		return result{}, err
-	}
-	cancel()
-	if err := <-runErr; err != nil && !errors.Is(err, context.Canceled) {
-		return result{}, err
-	}
-	if err := br.checkStream(ctx, sent); err != nil {
 		return result{}, err
 	}
 	st := r.Stats()

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -34,20 +35,11 @@ func runRelayNATS(ctx context.Context, b *bench) (result, error) {
 // Publish returned with the message confirmed).
 func runLatencyRelay(ctx context.Context, b *bench) (result, error) {
 	const id = "lat-relay"
-	schema, drop, err := b.freshSchema(ctx, id)
+	ob, br, done, err := b.latencyFixture(ctx, id)
 	if err != nil {
 		return result{}, err
 	}
-	defer drop()
-	ob, err := b.newOutbox(ctx, schema)
-	if err != nil {
-		return result{}, err
-	}
-	br, closeBroker, err := b.freshStream(ctx, id)
-	if err != nil {
-		return result{}, err
-	}
-	defer closeBroker()
+	defer done()
 	inner, err := exnats.NewPublisher(br.js)
 	if err != nil {
 		return result{}, err
@@ -68,44 +60,67 @@ func runLatencyRelay(ctx context.Context, b *bench) (result, error) {
 	runErr := make(chan error, 1)
 	go func() { runErr <- r.Run(rctx) }()
 	// Ready once it holds its partitions; then give LISTEN a moment.
-	for r.Stats().Partitions == 0 {
-		select {
-		case err := <-runErr:
-			return result{}, fmt.Errorf("relay stopped at start: %v", err)
-		case <-ctx.Done():
-			return result{}, ctx.Err()
-		case <-time.After(10 * time.Millisecond):
-		}
+	if err := awaitRelay(ctx, runErr, "relay", func() (bool, error) { return r.Stats().Partitions > 0, nil }); err != nil {
+		return result{}, err
 	}
-	time.Sleep(500 * time.Millisecond)
-
-	prod, err := b.producerPool(ctx)
+	sent, took, tm, err := b.relayLatency(ctx, id, ob, br, probe, cancel, runErr)
 	if err != nil {
-		return result{}, err
-	}
-	defer prod.Close()
-	gen := b.messages(br.subject)
-	tm := b.startTimer(id)
-	sent, took, err := b.produce(ctx, probe, enqueueOne(prod, ob, gen))
-	if err != nil {
-		tm.stop()
-		return result{}, err
-	}
-	err = probe.waitAcked(ctx, 30*time.Second)
-	tm.stop()
-	if err != nil {
-		return result{}, err
-	}
-	cancel()
-	if err := <-runErr; err != nil {
-		return result{}, err
-	}
-	if err := br.checkStream(ctx, sent); err != nil {
 		return result{}, err
 	}
 	st := r.Stats()
 	return latencyResult(probe, sent, took, fmt.Sprintf("one tx per message via outbox.Enqueue; %d batches (avg %.1f msgs); %s",
 		st.Batches, float64(st.Published)/float64(max(st.Batches, 1)), tm.cpu())), nil
+}
+
+// awaitRelay waits until ready says the relay started as runErr's Run
+// (what names it) is ready, then half a second more for it to settle.
+func awaitRelay(ctx context.Context, runErr <-chan error, what string, ready func() (bool, error)) error {
+	for {
+		ok, err := ready()
+		if err != nil {
+			return err
+		}
+		if ok {
+			break
+		}
+		select {
+		case err := <-runErr:
+			return fmt.Errorf("%s stopped at start: %v", what, err)
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	time.Sleep(500 * time.Millisecond)
+	return nil
+}
+
+// relayLatency is the measured part of a relay's latency row, once the
+// relay runs (its Run's outcome on runErr, stopped by cancel): the writers
+// commit one message per transaction at the row's rate until the probe has
+// every ack, then the relay stops and the stream must hold each message once.
+func (b *bench) relayLatency(ctx context.Context, id string, ob *outbox.Outbox, br *broker, probe *latencyProbe,
+	cancel context.CancelFunc, runErr <-chan error) (sent int, took time.Duration, tm *timer, err error) {
+	prod, err := b.producerPool(ctx)
+	if err != nil {
+		return 0, 0, nil, err
+	}
+	defer prod.Close()
+	gen := b.messages(br.subject)
+	tm = b.startTimer(id)
+	sent, took, err = b.produce(ctx, probe, enqueueOne(prod, ob, gen))
+	if err == nil {
+		err = probe.waitAcked(ctx, 30*time.Second)
+	}
+	tm.stop()
+	if err != nil {
+		return 0, 0, nil, err
+	}
+	cancel()
+	if err := <-runErr; err != nil && !errors.Is(err, context.Canceled) {
+		return 0, 0, nil, err
+	}
+	return sent, took, tm, br.checkStream(ctx, sent)
 }
 
 // enqueueOne is the application side of the latency rows of our relays:
