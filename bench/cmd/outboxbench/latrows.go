@@ -53,8 +53,7 @@ func runLatencyFloor(ctx context.Context, b *bench) (result, error) {
 	defer prod.Close()
 	probe := newLatencyProbe()
 	gen := b.messages(br.subject)
-	tm := b.startTimer(id)
-	sent, took, err := b.produce(ctx, probe, func(ctx context.Context, i int) (string, error) {
+	sent, took, tm, err := b.measureLatency(ctx, id, br, probe, nil, func(ctx context.Context, i int) (string, error) {
 		tx, err := prod.Begin(ctx)
 		if err != nil {
 			return "", err
@@ -77,15 +76,6 @@ func runLatencyFloor(ctx context.Context, b *bench) (result, error) {
 		return m.ID, nil
 	})
 	if err != nil {
-		tm.stop()
-		return result{}, err
-	}
-	err = probe.waitAcked(ctx, 30*time.Second)
-	tm.stop()
-	if err != nil {
-		return result{}, err
-	}
-	if err := br.checkStream(ctx, sent); err != nil {
 		return result{}, err
 	}
 	return latencyResult(probe, sent, took, "one tx per message via outbox.Enqueue, then the writer's own PublishMsg of it and its PubAck; "+tm.cpu()), nil

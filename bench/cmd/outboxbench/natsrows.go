@@ -97,30 +97,46 @@ func awaitRelay(ctx context.Context, runErr <-chan error, what string, ready fun
 
 // relayLatency is the measured part of a relay's latency row, once the
 // relay runs (its Run's outcome on runErr, stopped by cancel): the writers
-// commit one message per transaction at the row's rate until the probe has
-// every ack, then the relay stops and the stream must hold each message once.
+// commit one message per transaction with outbox.Enqueue.
 func (b *bench) relayLatency(ctx context.Context, id string, ob *outbox.Outbox, br *broker, probe *latencyProbe,
-	cancel context.CancelFunc, runErr <-chan error) (sent int, took time.Duration, tm *timer, err error) {
+	cancel context.CancelFunc, runErr <-chan error) (int, time.Duration, *timer, error) {
 	prod, err := b.producerPool(ctx)
 	if err != nil {
 		return 0, 0, nil, err
 	}
 	defer prod.Close()
-	gen := b.messages(br.subject)
+	stop := func() error {
+		cancel()
+		if err := <-runErr; err != nil && !errors.Is(err, context.Canceled) {
+			return err
+		}
+		return nil
+	}
+	return b.measureLatency(ctx, id, br, probe, stop, enqueueOne(prod, ob, b.messages(br.subject)))
+}
+
+// measureLatency is the measured part of every latency row: send commits
+// message after message at the row's rate until the probe has every ack;
+// then stop (when not nil) stops the forwarder, and the stream must hold
+// each message once.
+func (b *bench) measureLatency(ctx context.Context, id string, br *broker, probe *latencyProbe, stop func() error,
+	send func(ctx context.Context, i int) (string, error)) (sent int, took time.Duration, tm *timer, err error) {
 	tm = b.startTimer(id)
-	sent, took, err = b.produce(ctx, probe, enqueueOne(prod, ob, gen))
+	sent, took, err = b.produce(ctx, probe, send)
 	if err == nil {
 		err = probe.waitAcked(ctx, 30*time.Second)
 	}
 	tm.stop()
+	if err == nil && stop != nil {
+		err = stop()
+	}
+	if err == nil {
+		err = br.checkStream(ctx, sent)
+	}
 	if err != nil {
 		return 0, 0, nil, err
 	}
-	cancel()
-	if err := <-runErr; err != nil && !errors.Is(err, context.Canceled) {
-		return 0, 0, nil, err
-	}
-	return sent, took, tm, br.checkStream(ctx, sent)
+	return sent, took, tm, nil
 }
 
 // enqueueOne is the application side of the latency rows of our relays:

@@ -297,8 +297,7 @@ func runLatencyWatermill(ctx context.Context, b *bench) (result, error) {
 	gen := b.messages(br.subject)
 	watch := b.watchOtherTransactions(ctx)
 	defer watch()
-	tm := b.startTimer(id)
-	sent, took, err := b.produce(ctx, probe, func(ctx context.Context, i int) (string, error) {
+	sent, took, tm, err := b.measureLatency(ctx, id, br, probe, nil, func(ctx context.Context, i int) (string, error) {
 		tx, err := prod.Begin(ctx)
 		if err != nil {
 			return "", err
@@ -317,15 +316,6 @@ func runLatencyWatermill(ctx context.Context, b *bench) (result, error) {
 		return m.UUID, tx.Commit(ctx)
 	})
 	if err != nil {
-		tm.stop()
-		return result{}, err
-	}
-	err = probe.waitAcked(ctx, 30*time.Second)
-	tm.stop()
-	if err != nil {
-		return result{}, err
-	}
-	if err := br.checkStream(ctx, sent); err != nil {
 		return result{}, err
 	}
 	return latencyResult(probe, sent, took, fmt.Sprintf("one tx per message; poll %s%s; %s", b.cfg.wmPoll, otherTxNote(watch()), tm.cpu())), nil
