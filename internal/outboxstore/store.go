@@ -185,6 +185,10 @@ type FetchQuery struct {
 	// instead of parking them (for a read-only transaction: the CDC
 	// relay's snapshot read parks them itself).
 	KeepBad bool
+	// Parked, when set, is called with the rows Fetch parked (each with
+	// its Bad reason) once they are recorded as dead, so that the relay
+	// logs them and runs its hooks as for any parked message.
+	Parked func(rows []Row)
 }
 
 // Fetch returns pending rows in seq order. Unkeyed rows still in backoff are
@@ -212,30 +216,37 @@ func (s *Store) Fetch(ctx context.Context, db *sql.DB, q FetchQuery) ([]Row, err
 		if err != nil || q.KeepBad {
 			return out, err
 		}
-		out, bad := splitBad(out)
+		out, badRows, bad := splitBad(out)
 		if len(bad) == 0 {
 			return out, nil
 		}
 		if err := s.RecordFailures(ctx, db, bad, time.Now().UnixMilli()); err != nil {
 			return nil, err
 		}
+		if q.Parked != nil {
+			q.Parked(badRows)
+		}
 	}
 }
 
 // splitBad takes the rows that cannot be published out of rows, and
-// returns the failures that park them.
-func splitBad(rows []Row) ([]Row, []Failure) {
-	var bad []Failure
-	good := rows[:0]
+// returns them and the failures that park them.
+func splitBad(rows []Row) (good, badRows []Row, bad []Failure) {
+	good = rows[:0]
 	for _, r := range rows {
 		if r.Bad != nil {
-			bad = append(bad, Failure{Seq: r.Seq, Attempts: r.Attempts, Err: "not publishable as stored: " + r.Bad.Error(), Dead: true})
+			badRows = append(badRows, r)
+			bad = append(bad, Failure{Seq: r.Seq, Attempts: r.Attempts, Err: ParkedReason(r.Bad), Dead: true})
 			continue
 		}
 		good = append(good, r)
 	}
-	return good, bad
+	return good, badRows, bad
 }
+
+// ParkedReason is the last error of a row parked because it cannot be
+// published as it is stored (Row.Bad).
+func ParkedReason(bad error) string { return "not publishable as stored: " + bad.Error() }
 
 // FillKeyHashes stores the key_hash of rows written without one (SQLite
 // only: a plain INSERT there leaves it NULL, having no stored function to
@@ -301,7 +312,13 @@ func (s *Store) fetchSQL(q FetchQuery) (string, []any) {
 	var b strings.Builder
 	b.WriteString("SELECT " + s.cols + " FROM " + s.t + " WHERE status = 0")
 	if s.D == sqldb.SQLite {
-		b.WriteString(" AND key_hash IS NOT NULL") // written by a plain INSERT a moment ago: filled first
+		// A row a plain INSERT wrote since FillKeyHashes ran has no
+		// key_hash yet: it is filled before the next read. Nothing after
+		// it is read either, in this one snapshot, or a later row of its
+		// key (a Go writer's, with its key_hash) would be published first
+		// and the cursor would pass it by. The partial index on seq WHERE
+		// key_hash IS NULL makes the bound one index probe.
+		b.WriteString(" AND seq < coalesce((SELECT min(seq) FROM " + s.t + " WHERE key_hash IS NULL), 9223372036854775807)")
 	}
 	if q.After > 0 {
 		b.WriteString(" AND seq > " + a.Add(q.After))
