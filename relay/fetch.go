@@ -5,7 +5,9 @@ import (
 	"errors"
 	"time"
 
+	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/internal/outboxstore"
+	"github.com/exactlyonce/exactly/internal/relaycore"
 	"github.com/exactlyonce/exactly/internal/sqldb"
 )
 
@@ -65,6 +67,7 @@ func (r *Relay) fetchLoop(ctx context.Context, pubCh chan<- batch) {
 		q := outboxstore.FetchQuery{
 			Limit: r.cfg.BatchSize, Partitions: r.cfg.Partitions, Owned: r.owned, AllOwned: r.allOwned,
 			NowMillis: now.UnixMilli(), Exclude: read.exclude, After: read.after, Blocked: read.blocked,
+			Parked: r.parkedAtFetch,
 		}
 		r.mu.Unlock()
 
@@ -135,4 +138,19 @@ func (r *Relay) handBack(rows []outboxstore.Row) {
 	r.order.rescan = true
 	r.release(rows)
 	r.mu.Unlock()
+}
+
+// parkedAtFetch counts, logs and reports as dead the rows the store parked
+// while reading because they cannot be published as stored (headers a
+// plain-SQL writer stored that are not a JSON object of strings): they
+// never reach the Publisher, and are re-drivable like any dead message.
+func (r *Relay) parkedAtFetch(rows []outboxstore.Row) {
+	for i := range rows {
+		err := exactly.Unpublishable(errors.New(outboxstore.ParkedReason(rows[i].Bad)))
+		r.stats.dead.Add(1)
+		relaycore.LogDead(r.log, &rows[i].Msg, rows[i].Attempts, err)
+		if h := r.cfg.Hooks.Dead; h != nil {
+			h(&rows[i].Msg, err)
+		}
+	}
 }

@@ -27,12 +27,15 @@ func (s *Store) FetchPgx(ctx context.Context, db PgxConn, q FetchQuery) ([]Row, 
 		if err != nil || q.KeepBad {
 			return out, err
 		}
-		out, bad := splitBad(out)
+		out, badRows, bad := splitBad(out)
 		if len(bad) == 0 {
 			return out, nil
 		}
 		if err := s.RecordFailuresPgx(ctx, db, bad, time.Now().UnixMilli()); err != nil {
 			return nil, err
+		}
+		if q.Parked != nil {
+			q.Parked(badRows)
 		}
 	}
 }
