@@ -253,7 +253,7 @@ func ParkedReason(bad error) string { return "not publishable as stored: " + bad
 // compute it). The value is KeyHash's, the one a Go writer stores, so the
 // partition of a row never depends on who wrote it; every relay computes
 // the same value, so it does not matter which one fills it. Rows without
-// their key_hash are never fetched.
+// their key_hash, and the rows after them, are never fetched.
 func (s *Store) FillKeyHashes(ctx context.Context, db *sql.DB) error {
 	for {
 		a := sqldb.NewArgs(s.D)
