@@ -146,11 +146,15 @@ func (r *Relay) handBack(rows []outboxstore.Row) {
 // never reach the Publisher, and are re-drivable like any dead message.
 func (r *Relay) parkedAtFetch(rows []outboxstore.Row) {
 	for i := range rows {
-		err := exactly.Unpublishable(errors.New(outboxstore.ParkedReason(rows[i].Bad)))
-		r.stats.dead.Add(1)
-		relaycore.LogDead(r.log, &rows[i].Msg, rows[i].Attempts, err)
-		if h := r.cfg.Hooks.Dead; h != nil {
-			h(&rows[i].Msg, err)
-		}
+		r.reportDead(&rows[i].Msg, rows[i].Attempts, exactly.Unpublishable(errors.New(outboxstore.ParkedReason(rows[i].Bad))))
+	}
+}
+
+// reportDead counts, logs and hands to Hooks.Dead a message parked as dead.
+func (r *Relay) reportDead(m *exactly.Message, attempts int, err error) {
+	r.stats.dead.Add(1)
+	relaycore.LogDead(r.log, m, attempts, err)
+	if h := r.cfg.Hooks.Dead; h != nil {
+		h(m, err)
 	}
 }

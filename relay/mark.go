@@ -148,11 +148,7 @@ func (r *Relay) mark(ctx context.Context, group []result) {
 	for _, p := range plans {
 		for _, c := range p.calls {
 			if c.dead {
-				r.stats.dead.Add(1)
-				relaycore.LogDead(r.log, c.msg, c.attempt, c.err)
-				if h := r.cfg.Hooks.Dead; h != nil {
-					h(c.msg, c.err)
-				}
+				r.reportDead(c.msg, c.attempt, c.err)
 			} else {
 				r.stats.failed.Add(1)
 				r.failLog.Failed(c.msg, c.attempt, c.next, c.err, now)
