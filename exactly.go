@@ -128,6 +128,34 @@ type Publisher interface {
 	Publish(ctx context.Context, msgs []*Message) error
 }
 
+// PipelinedPublisher is a Publisher that takes the next batch before the
+// last one has its outcome and keeps every key in order across the batches
+// it holds at once. A relay hands such a publisher several batches at a
+// time, messages of one key in more than one of them, instead of waiting
+// for each batch's confirmations before handing over the next: what a
+// broker with a round trip per request and key (Pub/Sub with ordering
+// keys) needs to reach its throughput.
+//
+// Send hands msgs to the broker's client, after the messages of every
+// earlier Send and in slice order within the call, and returns once they
+// are handed over; wait, called once, waits for their outcome and returns
+// it as Publish would. Send never blocks on the outcome of an earlier
+// call. Once a message fails, every later message of its key, whichever
+// Send handed it over, fails without being sent until Resume is called for
+// the key, so that no message overtakes one that failed.
+//
+// Resume lets a key whose message failed be sent again. The relay calls it,
+// before the Send that holds it, with the message that goes first when the
+// key goes again: the failed message's retry, or the next one of the key
+// once the failed one was parked. A publisher waits, within ctx, for the
+// outcome of the key's earlier messages before it lets the key go; Resume
+// of a key that is not held does nothing.
+type PipelinedPublisher interface {
+	Publisher
+	Send(ctx context.Context, msgs []*Message) (wait func() error)
+	Resume(ctx context.Context, m *Message)
+}
+
 // PublisherFunc adapts a function to the Publisher interface.
 type PublisherFunc func(ctx context.Context, msgs []*Message) error
 

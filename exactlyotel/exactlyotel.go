@@ -155,9 +155,15 @@ func end(span trace.Span, err error) {
 // producer named "send <topic>", child of the trace context in the
 // message's headers, from the call to the broker's confirmation (or
 // failure). Give it to the relay. The headers are not changed: the
-// consumer's span stays a child of the enqueuing code's span.
+// consumer's span stays a child of the enqueuing code's span. When p is an
+// exactly.PipelinedPublisher, so is the Publisher returned, and a span ends
+// when the outcome of its Send is awaited.
 func (t *Tracer) Publisher(p exactly.Publisher) exactly.Publisher {
-	return &publisher{t: t, inner: p}
+	w := &publisher{t: t, inner: p}
+	if pp, ok := p.(exactly.PipelinedPublisher); ok {
+		return &pipelinedPublisher{publisher: w, pipe: pp}
+	}
+	return w
 }
 
 type publisher struct {
@@ -166,15 +172,41 @@ type publisher struct {
 }
 
 func (p *publisher) Publish(ctx context.Context, msgs []*exactly.Message) error {
+	spans := p.start(ctx, msgs)
+	err := p.inner.Publish(ctx, msgs)
+	p.end(spans, err)
+	return err
+}
+
+func (p *publisher) start(ctx context.Context, msgs []*exactly.Message) []trace.Span {
 	tr := p.t.tracer()
 	spans := make([]trace.Span, len(msgs))
 	for i, m := range msgs {
 		_, spans[i] = tr.Start(p.t.Extract(ctx, m), "send "+m.Topic,
 			trace.WithSpanKind(trace.SpanKindProducer), trace.WithAttributes(p.t.attrs(m, "send")...))
 	}
-	err := p.inner.Publish(ctx, msgs)
-	for i, e := range exactly.PerMessage(err, len(msgs)) {
+	return spans
+}
+
+func (p *publisher) end(spans []trace.Span, err error) {
+	for i, e := range exactly.PerMessage(err, len(spans)) {
 		end(spans[i], e)
 	}
-	return err
 }
+
+type pipelinedPublisher struct {
+	*publisher
+	pipe exactly.PipelinedPublisher
+}
+
+func (p *pipelinedPublisher) Send(ctx context.Context, msgs []*exactly.Message) func() error {
+	spans := p.start(ctx, msgs)
+	wait := p.pipe.Send(ctx, msgs)
+	return func() error {
+		err := wait()
+		p.end(spans, err)
+		return err
+	}
+}
+
+func (p *pipelinedPublisher) Resume(ctx context.Context, m *exactly.Message) { p.pipe.Resume(ctx, m) }

@@ -371,3 +371,51 @@ func TestErrorStatus(t *testing.T) {
 		}
 	}
 }
+
+// pipe is a PipelinedPublisher whose outcomes the test releases.
+type pipe struct {
+	outcome chan error
+	resumed []string
+}
+
+func (p *pipe) Publish(ctx context.Context, msgs []*exactly.Message) error {
+	return p.Send(ctx, msgs)()
+}
+func (p *pipe) Send(context.Context, []*exactly.Message) func() error {
+	return func() error { return <-p.outcome }
+}
+func (p *pipe) Resume(_ context.Context, m *exactly.Message) { p.resumed = append(p.resumed, m.ID) }
+
+// Wrapping a PipelinedPublisher keeps it one, so the relay still overlaps
+// its batches; a send span ends when the Send's outcome is awaited.
+func TestPipelinedPublisherStaysPipelined(t *testing.T) {
+	tr, rec, app := setup(t)
+	ok, _ := traced(t, tr, app, "a")
+	failing, _ := traced(t, tr, app, "b")
+	inner := &pipe{outcome: make(chan error, 1)}
+	pp, isPipe := tr.Publisher(inner).(exactly.PipelinedPublisher)
+	if !isPipe {
+		t.Fatal("the traced publisher of a PipelinedPublisher is not one")
+	}
+	pp.Resume(context.Background(), ok)
+	if len(inner.resumed) != 1 || inner.resumed[0] != ok.ID {
+		t.Fatalf("Resume reached the publisher with %v", inner.resumed)
+	}
+	wait := pp.Send(context.Background(), []*exactly.Message{ok, failing})
+	if s := spanNamed(rec, "send a"); s != nil {
+		t.Fatal("the send span ended before the outcome was known")
+	}
+	inner.outcome <- exactly.NewBatchError([]error{nil, errors.New("broker refused it")})
+	if err := wait(); err == nil {
+		t.Fatal("the batch error was swallowed")
+	}
+	for name, wantErr := range map[string]bool{"send a": false, "send b": true} {
+		s := spanNamed(rec, name)
+		if s == nil {
+			t.Fatalf("no span %q", name)
+		}
+		if got := s.Status().Code.String() == "Error"; got != wantErr {
+			t.Errorf("%s: status %v, want error %v", name, s.Status(), wantErr)
+		}
+	}
+}

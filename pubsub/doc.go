@@ -53,9 +53,18 @@
 // to the client library in slice order, which sends at most one request per
 // ordering key at a time. When a request fails, the library pauses its key
 // and fails the key's later messages unsent, so for every key the confirmed
-// messages are a prefix of the call's messages. The next Publish of the key,
-// the relay's retry of the failed message, resumes it (once every earlier
-// message of the key has its outcome); other keys never wait for it.
+// messages are a prefix of the call's messages. The next Publish of the key
+// resumes it (once every earlier message of the key has its outcome); other
+// keys never wait for it.
+//
+// The relay uses Send and Resume instead (exactly.PipelinedPublisher): it
+// hands the publisher several batches at once, messages of one key in more
+// than one of them, and the library sends them in the order of the calls.
+// Send never resumes a key, so the messages of a paused key handed over
+// before the relay learnt of the failure fail unsent; the relay resumes the
+// key with the failed message's retry, once none of the key's messages is
+// in flight. So for every key the confirmed messages stay a prefix of its
+// messages across the batches too.
 //
 // A message whose outcome is not known (the service did not answer within
 // the publish timeout, the context ended) is reported as

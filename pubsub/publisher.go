@@ -89,7 +89,11 @@ type PublisherConfig struct {
 // relay holds it back, and no key stays paused.
 //
 // A Publisher is safe for concurrent use, but the caller must not publish
-// the same key from two concurrent calls if it needs their relative order.
+// the same key from two concurrent Publish calls if it needs their relative
+// order. Send and Resume (exactly.PipelinedPublisher) are the way to have
+// several calls of one key out at once, in order: the relay uses them, and
+// hands the publisher the next batch while the last one's confirmations
+// are on their way.
 // It caches one client publisher per topic; Close stops them. The
 // pubsub.Client stays the caller's to close, after the Publisher.
 type Publisher struct {
@@ -110,9 +114,45 @@ type Publisher struct {
 	// be flushed and stopped at once.
 	flushMu  sync.RWMutex
 	flushing sync.WaitGroup
+	// flushes holds, per client publisher, whether a Flush is under way
+	// (the key is there) and whether another call handed messages over
+	// since it began (true), under mu.
+	flushes map[*gpubsub.Publisher]bool
+}
+
+// flush sends t's bundles now, or, when a Flush of t is under way, once it
+// returns: calls that come while the last one's requests are out are sent
+// together, in bigger requests (one per key), as a busy relay's calls
+// overlap. Called under flushMu (read).
+func (p *Publisher) flush(t *gpubsub.Publisher) {
+	p.mu.Lock()
+	if _, running := p.flushes[t]; running {
+		p.flushes[t] = true
+		p.mu.Unlock()
+		return
+	}
+	p.flushes[t] = false
+	p.mu.Unlock()
+	p.flushing.Add(1)
+	go func() {
+		defer p.flushing.Done()
+		for {
+			t.Flush()
+			p.mu.Lock()
+			if !p.flushes[t] {
+				delete(p.flushes, t)
+				p.mu.Unlock()
+				return
+			}
+			p.flushes[t] = false
+			p.mu.Unlock()
+		}
+	}()
 }
 
 type tailKey struct{ topic, key string }
+
+var _ exactly.PipelinedPublisher = (*Publisher)(nil)
 
 // ErrPublisherClosed is the error of Publish after Close.
 var ErrPublisherClosed = errors.New("pubsub: the publisher is closed")
@@ -146,6 +186,7 @@ func NewPublisher(client *gpubsub.Client, cfg PublisherConfig) (*Publisher, erro
 		settings: settings,
 		topics:   map[string]*gpubsub.Publisher{},
 		tails:    map[tailKey]*gpubsub.PublishResult{},
+		flushes:  map[*gpubsub.Publisher]bool{},
 	}, nil
 }
 
@@ -202,11 +243,61 @@ type outgoing struct {
 // with that key (the unpublishable ones aside): after a failure Pub/Sub
 // sends no later message of the key.
 func (p *Publisher) Publish(ctx context.Context, msgs []*exactly.Message) error {
+	return p.send(ctx, msgs, true)()
+}
+
+// Send hands msgs to the client library and returns once they are handed
+// over; wait returns their outcome as Publish would (see Publish). It is
+// the exactly.PipelinedPublisher half of the Publisher, which the relay
+// uses: calls may overlap and share keys, and the library sends a key's
+// messages in the order of the calls, one request of the key at a time.
+// Unlike Publish, Send does not resume a key Pub/Sub paused after a
+// failure: a paused key's messages fail unsent until Resume, so a message
+// handed over before the caller learnt of the failure cannot overtake the
+// failed one's retry.
+func (p *Publisher) Send(ctx context.Context, msgs []*exactly.Message) (wait func() error) {
+	return p.send(ctx, msgs, false)
+}
+
+// Resume lets Pub/Sub send m's key again after a failed publish paused it,
+// once every message of the key handed over earlier has its outcome (or ctx
+// ended; the key then stays paused, and its next messages fail unsent).
+// The relay calls it before it sends the message that goes first once the
+// key goes again. It does nothing when the key is not paused.
+func (p *Publisher) Resume(ctx context.Context, m *exactly.Message) {
+	if m.Key == "" {
+		return
+	}
+	name, err := TopicName(p.client.Project(), p.topic(m))
+	if err != nil {
+		return // never sent: nothing of it is paused
+	}
+	k := tailKey{name, m.Key}
+	p.mu.Lock()
+	t, tail := p.topics[name], p.tails[k]
+	p.mu.Unlock()
+	if t == nil {
+		return
+	}
+	if tail != nil {
+		select {
+		case <-tail.Ready():
+		case <-ctx.Done():
+			return
+		}
+	}
+	t.ResumePublish(m.Key)
+}
+
+// send hands msgs over and returns the wait for their outcome. With
+// implicitResume (Publish), a paused key of the call is resumed before its
+// first message, once the key's earlier messages have their outcome.
+func (p *Publisher) send(ctx context.Context, msgs []*exactly.Message, implicitResume bool) func() error {
 	if len(msgs) == 0 {
-		return nil
+		return func() error { return nil }
 	}
 	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("pubsub: publish not started: %w", err)
+		return func() error { return fmt.Errorf("pubsub: publish not started: %w", err) }
 	}
 	errs := make([]error, len(msgs))
 	out := make([]outgoing, len(msgs))
@@ -218,14 +309,14 @@ func (p *Publisher) Publish(ctx context.Context, msgs []*exactly.Message) error 
 		}
 	}
 	if len(todo) == 0 {
-		return exactly.NewBatchError(errs)
+		return func() error { return exactly.NewBatchError(errs) }
 	}
-	topics, earlier, err := p.prepare(msgs, out, todo)
+	topics, earlier, err := p.prepare(msgs, out, todo, implicitResume)
 	if err != nil {
 		for _, i := range todo {
 			errs[i] = fmt.Errorf("pubsub: message %s not sent: %w", msgs[i].ID, err)
 		}
-		return exactly.NewBatchError(errs)
+		return func() error { return exactly.NewBatchError(errs) }
 	}
 	// A key is resumed only once every earlier message of it has its
 	// outcome: resumed sooner, a message queued behind one that failed
@@ -253,7 +344,7 @@ func (p *Publisher) Publish(ctx context.Context, msgs []*exactly.Message) error 
 			continue
 		}
 		t := topics[o.topic]
-		if k.key != "" && !resumed[k] {
+		if implicitResume && k.key != "" && !resumed[k] {
 			t.ResumePublish(k.key)
 			resumed[k] = true
 		}
@@ -265,35 +356,34 @@ func (p *Publisher) Publish(ctx context.Context, msgs []*exactly.Message) error 
 	// ctx.
 	p.flushMu.RLock()
 	for _, t := range topics {
-		p.flushing.Add(1)
-		go func() {
-			defer p.flushing.Done()
-			t.Flush()
-		}()
+		p.flush(t)
 	}
 	p.flushMu.RUnlock()
 	p.track(out, results)
-	for _, i := range todo {
-		r := results[i]
-		if r == nil {
-			continue
-		}
-		select {
-		case <-r.Ready():
-			if _, err := r.Get(ctx); err != nil {
-				errs[i] = describe(msgs[i], out[i].topic, err)
+	return func() error {
+		for _, i := range todo {
+			r := results[i]
+			if r == nil {
+				continue
 			}
-		case <-ctx.Done():
-			errs[i] = fmt.Errorf("pubsub: message %s to %s: outcome unknown, the context ended before the service confirmed it, and it may still be sent; publishing it again is safe: %w: %w",
-				msgs[i].ID, out[i].topic, exactly.ErrOutcomeUnknown, ctx.Err())
+			select {
+			case <-r.Ready():
+				if _, err := r.Get(ctx); err != nil {
+					errs[i] = describe(msgs[i], out[i].topic, err)
+				}
+			case <-ctx.Done():
+				errs[i] = fmt.Errorf("pubsub: message %s to %s: outcome unknown, the context ended before the service confirmed it, and it may still be sent; publishing it again is safe: %w: %w",
+					msgs[i].ID, out[i].topic, exactly.ErrOutcomeUnknown, ctx.Err())
+			}
 		}
+		return exactly.NewBatchError(errs)
 	}
-	return exactly.NewBatchError(errs)
 }
 
-// prepare returns the client publisher of every topic of the call, and the
-// last unsettled result of each key of the call from earlier calls.
-func (p *Publisher) prepare(msgs []*exactly.Message, out []outgoing, todo []int) (map[string]*gpubsub.Publisher, map[tailKey]*gpubsub.PublishResult, error) {
+// prepare returns the client publisher of every topic of the call, and,
+// with withEarlier, the last unsettled result of each key of the call from
+// earlier calls.
+func (p *Publisher) prepare(msgs []*exactly.Message, out []outgoing, todo []int, withEarlier bool) (map[string]*gpubsub.Publisher, map[tailKey]*gpubsub.PublishResult, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
@@ -313,7 +403,7 @@ func (p *Publisher) prepare(msgs []*exactly.Message, out []outgoing, todo []int)
 			}
 			topics[name] = t
 		}
-		if key := msgs[i].Key; key != "" {
+		if key := msgs[i].Key; key != "" && withEarlier {
 			k := tailKey{name, key}
 			if r := p.tails[k]; r != nil {
 				earlier[k] = r
@@ -357,7 +447,7 @@ func (p *Publisher) track(out []outgoing, results []*gpubsub.PublishResult) {
 func describe(m *exactly.Message, topic string, err error) error {
 	var paused gpubsub.ErrPublishingPaused
 	if errors.As(err, &paused) {
-		return fmt.Errorf("pubsub: message %s to %s not sent: an earlier message of its key %q failed and Pub/Sub paused the key; publish them again in order (Publish resumes the key): %w",
+		return fmt.Errorf("pubsub: message %s to %s not sent: an earlier message of its key %q failed and Pub/Sub paused the key; publish them again in order (Publish, or Resume before Send, lets the key go again): %w",
 			m.ID, topic, m.Key, err)
 	}
 	if errors.Is(err, gpubsub.ErrPublisherStopped) {

@@ -34,7 +34,12 @@
 //
 // Pipelining: the next batches are read while one is published, and the
 // outcome of a batch is recorded while the next one is published; Publish
-// is called for one batch at a time.
+// is called for one batch at a time. A Publisher that is an
+// exactly.PipelinedPublisher (pubsub) is handed up to 16 batches at once,
+// messages of one key in several of them, in order: it fails a key's later
+// messages unsent after one failed, and the relay resumes the key with the
+// failed message's retry once none of the key's messages is in flight, so
+// no message overtakes one that failed.
 //
 // Per-key order: rows of one Key are handed to the broker in sequence order,
 // and a row whose predecessor of the same key failed waits for it (it is

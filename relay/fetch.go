@@ -85,11 +85,11 @@ func (r *Relay) fetchLoop(ctx context.Context, pubCh chan<- batch) {
 		backlog = len(rows) == r.cfg.BatchSize
 
 		r.mu.Lock()
-		ready, wait, busy := r.order.admit(rows, now, read)
+		ready, wait, busy, resume := r.order.admit(rows, now, read)
 		r.mu.Unlock()
 		if len(ready) > 0 {
 			select {
-			case pubCh <- batch{rows: ready, gen: read.gen}:
+			case pubCh <- batch{rows: ready, gen: read.gen, resume: resume}:
 			case <-ctx.Done():
 				r.handBack(ready)
 				return

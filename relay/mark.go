@@ -65,6 +65,7 @@ func (r *Relay) plan(res result, now time.Time) markPlan {
 		heldBack := map[string]bool{}
 		for i := range res.rows {
 			row := &res.rows[i]
+			r.order.failed(row.Msg.Key)
 			if key := row.Msg.Key; key != "" && !heldBack[key] && !r.order.heldBehind(key, row.Seq) {
 				heldBack[key] = true
 				r.order.hold(row, now.Add(r.cfg.InitialBackoff))
@@ -77,6 +78,9 @@ func (r *Relay) plan(res result, now time.Time) markPlan {
 		row := &res.rows[i]
 		key := row.Msg.Key
 		err := res.errs[i]
+		if err != nil {
+			r.order.failed(key)
+		}
 		v := j.Of(key, row.Attempts, err, key != "" && r.order.heldBehind(key, row.Seq))
 		switch v.Kind {
 		case relaycore.Behind:

@@ -16,9 +16,20 @@ import (
 type keyOrder struct {
 	batchSize int
 	strict    bool // StrictOrder: one row in flight per key
+	// pausing is set for a publisher that pauses a key after a failure
+	// (exactly.PipelinedPublisher): later messages of the key fail unsent
+	// until the relay resumes it. paused holds the keys with a failure
+	// since they were last resumed. A paused key's next row is admitted
+	// only once no row of the key is in flight, so every message of the
+	// key handed over before has its outcome, and it is the row that
+	// resumes the key (admit's resume): resumed sooner, a message handed
+	// over before the failure was known could overtake the failed one's
+	// retry.
+	pausing bool
+	paused  map[string]struct{}
 
 	inflight map[int64]struct{}
-	keysBusy map[string]int // rows in flight per key (strict)
+	keysBusy map[string]int // rows in flight per key (strict or pausing)
 	blocks   map[string]*block
 	// cursor is the highest seq any read returned. Rows above it were never
 	// seen, so while working through a backlog (the last read was a full
@@ -46,16 +57,20 @@ type block struct {
 	seq      int64
 	until    time.Time
 	released bool // the retry is under way; rows after it may flow again
-	// freedGen is fetchGen when the row last left the pipeline: a read
-	// with that number or lower may have excluded it as in flight.
+	// freedGen is fetchGen when the row, or another of its key, last left
+	// the pipeline: a read with that number or lower may have excluded it
+	// as in flight.
 	freedGen uint64
 	created  time.Time // the held row's CreatedAt (Stats.OldestBlocked)
 }
 
-func newKeyOrder(batchSize int, strict bool) keyOrder {
-	return keyOrder{batchSize: batchSize, strict: strict,
+func newKeyOrder(batchSize int, strict, pausing bool) keyOrder {
+	return keyOrder{batchSize: batchSize, strict: strict, pausing: pausing, paused: map[string]struct{}{},
 		inflight: map[int64]struct{}{}, keysBusy: map[string]int{}, blocks: map[string]*block{}}
 }
+
+// countsKeys says whether keysBusy counts the rows in flight per key.
+func (o *keyOrder) countsKeys() bool { return o.strict || o.pausing }
 
 // readPlan is what one read of the outbox asks for.
 type readPlan struct {
@@ -101,8 +116,10 @@ func (o *keyOrder) read(now time.Time, backlog bool, lastFull time.Time) readPla
 // admit picks the rows of read that may go now, in seq order, and marks
 // them in flight. It returns how long until the earliest held-back key is
 // due, and whether rows were held back behind a message of their key in
-// flight.
-func (o *keyOrder) admit(rows []outboxstore.Row, now time.Time, read readPlan) (ready []outboxstore.Row, _ time.Duration, busy bool) {
+// flight. resume lists the rows of ready (by index) that resume a paused
+// key (pausing): the publisher is to let their key go again before they
+// are sent.
+func (o *keyOrder) admit(rows []outboxstore.Row, now time.Time, read readPlan) (ready []outboxstore.Row, _ time.Duration, busy bool, resume []int) {
 	n := len(rows)
 	switch {
 	case read.full && o.cursorStale && n < o.batchSize:
@@ -114,6 +131,15 @@ func (o *keyOrder) admit(rows []outboxstore.Row, now time.Time, read readPlan) (
 		// in flight, and nothing in flight lies above it: reads may go on
 		// from there without passing a row by nor reading one twice.
 		o.cursor, o.cursorStale = rows[n-1].Seq, false
+	}
+	if read.full && !o.cursorStale && n == o.batchSize && rows[n-1].Seq < o.cursor {
+		// The read filled its batch below the cursor: rows may be pending
+		// between its last row and the cursor (left pending behind a
+		// failed message of their key, or passed by while their key was
+		// held back). A read from the cursor would pass them by and hand
+		// out later messages of their keys first, so reads stay full
+		// until one can set the cursor back.
+		o.cursorStale = true
 	}
 	if n > 0 && rows[n-1].Seq > o.cursor {
 		o.cursor = rows[n-1].Seq
@@ -132,21 +158,42 @@ func (o *keyOrder) admit(rows []outboxstore.Row, now time.Time, read readPlan) (
 	}
 	for i := range rows {
 		row := &rows[i]
+		key := row.Msg.Key
+		_, paused := o.paused[key]
+		if paused && o.keysBusy[key] > 0 {
+			// Checked before mustWait, which may release a held row: the
+			// key's messages in flight fail unsent, and its next row waits
+			// for their outcome (the mark stage wakes the fetcher).
+			busy = true
+			continue
+		}
 		if hold, until := o.mustWait(row, now, read); hold {
 			due(until)
 			continue
 		}
-		if key := row.Msg.Key; o.strict && key != "" {
-			if o.keysBusy[key] > 0 {
+		if o.countsKeys() && key != "" {
+			if o.strict && o.keysBusy[key] > 0 {
 				busy = true
 				continue // the next fetch after its predecessor is marked takes it
 			}
 			o.keysBusy[key]++
 		}
+		if paused {
+			delete(o.paused, key)
+			resume = append(resume, len(ready))
+		}
 		ready = append(ready, *row)
 		o.inflight[row.Seq] = struct{}{}
 	}
-	return ready, wait, busy
+	return ready, wait, busy, resume
+}
+
+// failed records that a message of key failed (pausing): the publisher
+// holds the key's later messages until a row resumes it.
+func (o *keyOrder) failed(key string) {
+	if o.pausing && key != "" {
+		o.paused[key] = struct{}{}
+	}
 }
 
 // mustWait says whether row must wait now, for its own retry or behind a
@@ -168,7 +215,12 @@ func (o *keyOrder) mustWait(row *outboxstore.Row, now time.Time, read readPlan) 
 		}
 		return true, notBefore
 	case b.released:
-		// retry under way: later rows follow it in order
+		// Retry under way: later rows follow it in order, unless a row of
+		// the key left the pipeline after this read was planned: the read
+		// may have excluded it as in flight, and it may still be pending.
+		if b.freedGen >= read.gen {
+			return true, time.Time{}
+		}
 		return false, time.Time{}
 	case now.Before(b.until):
 		return true, b.until
@@ -202,11 +254,15 @@ func (o *keyOrder) mustWait(row *outboxstore.Row, now time.Time, read readPlan) 
 func (o *keyOrder) release(rows []outboxstore.Row) {
 	for _, row := range rows {
 		delete(o.inflight, row.Seq)
-		if b, ok := o.blocks[row.Msg.Key]; ok && b.seq == row.Seq {
-			b.released = false
+		if b, ok := o.blocks[row.Msg.Key]; ok {
+			// Any row of a held-back key: it may be left pending behind
+			// the held one, and reads planned before now excluded it.
+			if b.seq == row.Seq {
+				b.released = false
+			}
 			b.freedGen = o.fetchGen
 		}
-		if o.strict && row.Msg.Key != "" {
+		if o.countsKeys() && row.Msg.Key != "" {
 			if o.keysBusy[row.Msg.Key]--; o.keysBusy[row.Msg.Key] <= 0 {
 				delete(o.keysBusy, row.Msg.Key)
 			}
@@ -241,6 +297,11 @@ func (o *keyOrder) forget(gone func(key string) bool) {
 	for k, b := range o.blocks {
 		if !b.released && gone(k) {
 			delete(o.blocks, k)
+		}
+	}
+	for k := range o.paused {
+		if gone(k) && o.keysBusy[k] == 0 {
+			delete(o.paused, k)
 		}
 	}
 }

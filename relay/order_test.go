@@ -31,12 +31,12 @@ func seqs(rows []outboxstore.Row) []int64 {
 // admitRead plans a read at now and admits what it returned.
 func admitRead(o *keyOrder, now time.Time, rows ...outboxstore.Row) ([]int64, time.Duration, bool) {
 	read := o.read(now, false, now)
-	ready, wait, busy := o.admit(rows, now, read)
+	ready, wait, busy, _ := o.admit(rows, now, read)
 	return seqs(ready), wait, busy
 }
 
 func TestKeyOrderHoldsAKeyBehindItsFailedMessage(t *testing.T) {
-	o := newKeyOrder(100, false)
+	o := newKeyOrder(100, false, false)
 	now := time.UnixMilli(1_000_000)
 	first := []outboxstore.Row{row(1, "a", time.Time{}), row(2, "a", time.Time{}), row(3, "b", time.Time{})}
 	if got, _, _ := admitRead(&o, now, first...); !slices.Equal(got, []int64{1, 2, 3}) {
@@ -61,7 +61,7 @@ func TestKeyOrderHoldsAKeyBehindItsFailedMessage(t *testing.T) {
 	if read := o.read(now, false, now); !slices.Equal(read.blocked, []string{"a"}) || !read.full {
 		t.Fatalf("read while a is held: %+v, want a full read leaving out key a", read)
 	}
-	got, wait, _ := o.admit([]outboxstore.Row{row(2, "a", time.Time{}), row(4, "b", time.Time{})}, now, readPlan{full: true, gen: o.fetchGen})
+	got, wait, _, _ := o.admit([]outboxstore.Row{row(2, "a", time.Time{}), row(4, "b", time.Time{})}, now, readPlan{full: true, gen: o.fetchGen})
 	if !slices.Equal(seqs(got), []int64{4}) || wait != 800*time.Millisecond {
 		t.Fatalf("admitted %v waiting %v; want 4 (b is free) and 800ms until a is due", seqs(got), wait)
 	}
@@ -80,7 +80,7 @@ func TestKeyOrderHoldsAKeyBehindItsFailedMessage(t *testing.T) {
 }
 
 func TestKeyOrderAnEarlierRowDueLaterTakesTheHold(t *testing.T) {
-	o := newKeyOrder(100, false)
+	o := newKeyOrder(100, false, false)
 	now := time.UnixMilli(1_000_000)
 	later := now.Add(time.Second)
 	// Seq 5 is due later; seq 7 of the same key must not overtake it.
@@ -101,7 +101,7 @@ func TestKeyOrderAnEarlierRowDueLaterTakesTheHold(t *testing.T) {
 }
 
 func TestKeyOrderStrictOneInFlightPerKey(t *testing.T) {
-	o := newKeyOrder(100, true)
+	o := newKeyOrder(100, true, false)
 	now := time.UnixMilli(1_000_000)
 	got, _, busy := admitRead(&o, now, row(1, "k", time.Time{}), row(2, "k", time.Time{}), row(3, "", time.Time{}))
 	if !slices.Equal(got, []int64{1, 3}) || !busy {
@@ -118,7 +118,7 @@ func TestKeyOrderStrictOneInFlightPerKey(t *testing.T) {
 }
 
 func TestKeyOrderFreesTheKeyOfAMessageNoLongerPending(t *testing.T) {
-	o := newKeyOrder(100, false)
+	o := newKeyOrder(100, false, false)
 	now := time.UnixMilli(1_000_000)
 	failed := row(1, "k", time.Time{})
 	admitRead(&o, now, failed)
@@ -130,12 +130,12 @@ func TestKeyOrderFreesTheKeyOfAMessageNoLongerPending(t *testing.T) {
 	o.cursor = 1
 	cursorRead := readPlan{full: false, gen: o.fetchGen + 1, after: 1}
 	o.fetchGen++
-	if got, _, _ := o.admit([]outboxstore.Row{row(2, "k", time.Time{})}, now, cursorRead); len(got) != 0 {
+	if got, _, _, _ := o.admit([]outboxstore.Row{row(2, "k", time.Time{})}, now, cursorRead); len(got) != 0 {
 		t.Fatalf("a cursor read admitted %v past the held row", seqs(got))
 	}
 	// A full read that started before seq 1 left the pipeline may have
 	// excluded it: seq 2 keeps waiting.
-	if got, _, _ := o.admit([]outboxstore.Row{row(2, "k", time.Time{})}, now, readPlan{full: true, gen: o.blocks["k"].freedGen}); len(got) != 0 {
+	if got, _, _, _ := o.admit([]outboxstore.Row{row(2, "k", time.Time{})}, now, readPlan{full: true, gen: o.blocks["k"].freedGen}); len(got) != 0 {
 		t.Fatalf("a full read from before the release admitted %v", seqs(got))
 	}
 	// A later full read that did not return seq 1: it was parked or purged.
@@ -148,12 +148,12 @@ func TestKeyOrderFreesTheKeyOfAMessageNoLongerPending(t *testing.T) {
 }
 
 func TestKeyOrderReads(t *testing.T) {
-	o := newKeyOrder(2, false)
+	o := newKeyOrder(2, false, false)
 	now := time.UnixMilli(1_000_000)
 	if r := o.read(now, false, now); !r.full || len(r.exclude) != 0 || r.gen != 1 {
 		t.Fatalf("first read %+v, want a full read numbered 1", r)
 	}
-	got, _, _ := o.admit([]outboxstore.Row{row(10, "a", time.Time{}), row(11, "b", time.Time{})}, now, readPlan{full: true, gen: 1})
+	got, _, _, _ := o.admit([]outboxstore.Row{row(10, "a", time.Time{}), row(11, "b", time.Time{})}, now, readPlan{full: true, gen: 1})
 	if len(got) != 2 || o.cursor != 11 {
 		t.Fatalf("admitted %v, cursor %d", seqs(got), o.cursor)
 	}
@@ -185,7 +185,7 @@ func TestKeyOrderReads(t *testing.T) {
 }
 
 func TestKeyOrderForgetsKeysOfPartitionsGone(t *testing.T) {
-	o := newKeyOrder(100, false)
+	o := newKeyOrder(100, false, false)
 	now := time.UnixMilli(1_000_000)
 	a, b := row(1, "a", time.Time{}), row(2, "b", time.Time{})
 	admitRead(&o, now, a, b)
@@ -198,5 +198,78 @@ func TestKeyOrderForgetsKeysOfPartitionsGone(t *testing.T) {
 	}
 	if _, ok := o.blocks["b"]; !ok {
 		t.Error("b's hold was dropped while its retry is under way")
+	}
+}
+
+// A full read that fills its batch below the cursor may leave pending rows
+// between its last row and the cursor (rows left behind a failed message,
+// or passed by while their key was held back): the reads after it stay
+// full, or a read from the cursor would hand out later rows of their keys
+// first.
+func TestKeyOrderStaysFullAfterAFullReadBelowTheCursor(t *testing.T) {
+	o := newKeyOrder(2, false, false)
+	now := time.UnixMilli(1_000_000)
+	o.admit([]outboxstore.Row{row(50, "x", time.Time{}), row(51, "y", time.Time{})}, now, o.read(now, false, now))
+	// Rows 3 and 4 of key a come back from a rescan; 5 and 6 of a are
+	// still pending below the cursor, and 52 of a is above it.
+	o.rescan = true
+	r := o.read(now, true, now)
+	if !r.full {
+		t.Fatal("the rescan read is not full")
+	}
+	o.admit([]outboxstore.Row{row(3, "a", time.Time{}), row(4, "a", time.Time{})}, now, r)
+	if r := o.read(now, true, now); !r.full {
+		t.Fatalf("read after a full batch below the cursor: %+v, want a full one (rows 5 and 6 of a lie below the cursor)", r)
+	}
+}
+
+// A row of a key whose held message is being retried left the pipeline
+// (pending, behind it) after a read was planned: the read may have
+// excluded it, so the key's later rows that read returned wait.
+func TestKeyOrderReleasedKeyWaitsForRowsFreedDuringARead(t *testing.T) {
+	o := newKeyOrder(100, false, false)
+	now := time.UnixMilli(1_000_000)
+	head, behind := row(1, "a", time.Time{}), row(2, "a", time.Time{})
+	admitRead(&o, now, head)
+	admitRead(&o, now, behind) // a later batch, in flight
+	o.hold(&head, now)         // 1 failed; its retry is due at once
+	o.release([]outboxstore.Row{head})
+	read := o.read(now, false, now)      // excludes 2, in flight
+	o.release([]outboxstore.Row{behind}) // left pending behind the head meanwhile
+	got, _, _, _ := o.admit([]outboxstore.Row{row(1, "a", time.Time{}), row(3, "a", time.Time{})}, now, read)
+	if !slices.Equal(seqs(got), []int64{1}) {
+		t.Fatalf("admitted %v, want only 1: row 2, excluded by the read, goes before 3", seqs(got))
+	}
+	if got, _, _ := admitRead(&o, now, row(2, "a", time.Time{}), row(3, "a", time.Time{})); !slices.Equal(got, []int64{2, 3}) {
+		t.Fatalf("the next read admitted %v, want 2 3", got)
+	}
+}
+
+// With a publisher that pauses a key after a failure, the key's next row
+// waits until nothing of the key is in flight, and resumes it; the rows
+// after it in the same read follow without resuming again.
+func TestKeyOrderResumesAPausedKeyOnceNothingOfItIsInFlight(t *testing.T) {
+	o := newKeyOrder(100, false, true)
+	now := time.UnixMilli(1_000_000)
+	first, second := row(1, "a", time.Time{}), row(2, "a", time.Time{})
+	admitRead(&o, now, first)
+	admitRead(&o, now, second, row(3, "b", time.Time{}))
+	// 1 failed: a is paused; 2, handed over before that was known, is
+	// still in flight (it fails unsent).
+	o.failed("a")
+	o.hold(&first, now)
+	o.release([]outboxstore.Row{first})
+	if got, _, busy := admitRead(&o, now, row(1, "a", time.Time{})); len(got) != 0 || !busy {
+		t.Fatalf("admitted %v (busy %v) while row 2 of the paused key is in flight", got, busy)
+	}
+	o.failed("a")
+	o.release([]outboxstore.Row{second, row(3, "b", time.Time{})})
+	read := o.read(now, false, now)
+	got, _, _, resume := o.admit([]outboxstore.Row{row(1, "a", time.Time{}), row(2, "a", time.Time{}), row(4, "b", time.Time{})}, now, read)
+	if !slices.Equal(seqs(got), []int64{1, 2, 4}) || !slices.Equal(resume, []int{0}) {
+		t.Fatalf("admitted %v resuming %v; want 1 2 4, with 1 resuming a", seqs(got), resume)
+	}
+	if _, paused := o.paused["a"]; paused {
+		t.Fatal("a is still marked paused after the row that resumes it")
 	}
 }

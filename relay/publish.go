@@ -17,6 +17,15 @@ import (
 // +7% at 500 rows, less than the larger batch gives).
 const publishDepth = 1
 
+// pipelineDepth is how many batches a PipelinedPublisher holds at once.
+// Its batches may share keys: it hands a key's messages to the broker in
+// the order of the calls and, after a failure, fails the key's later
+// messages unsent until the relay resumes the key (keyOrder.pausing), so a
+// key's confirmed messages stay a prefix of its messages. Measured on
+// pstest (bench row 8, 2,000-row batches over 1,000 keys): 1 batch out at
+// a time reaches a quarter of the library's own rate, 16 about all of it.
+const pipelineDepth = 16
+
 // publishing is a batch handed to the Publisher and not yet finished.
 type publishing struct {
 	rows []outboxstore.Row
@@ -25,7 +34,9 @@ type publishing struct {
 }
 
 // publishLoop publishes batches, up to publishDepth at once when their keys
-// are disjoint, and hands their outcomes to the mark stage in batch order.
+// are disjoint (up to pipelineDepth, keys shared or not, to a
+// PipelinedPublisher, which takes them in order), and hands their outcomes
+// to the mark stage in batch order.
 // After ctx is cancelled it starts no new batch: queued rows are handed back
 // and stay pending.
 func (r *Relay) publishLoop(ctx, stopCtx context.Context, pubCh <-chan batch, markCh chan<- result) {
@@ -73,13 +84,18 @@ func (r *Relay) publishLoop(ctx, stopCtx context.Context, pubCh <-chan batch, ma
 			}
 			b = next
 		}
-		keys := make(map[string]struct{}, len(b.rows))
-		for i := range b.rows {
-			if k := b.rows[i].Msg.Key; k != "" {
-				keys[k] = struct{}{}
+		depth := pipelineDepth
+		var keys map[string]struct{}
+		if r.pipe == nil {
+			depth = publishDepth
+			keys = make(map[string]struct{}, len(b.rows))
+			for i := range b.rows {
+				if k := b.rows[i].Msg.Key; k != "" {
+					keys[k] = struct{}{}
+				}
 			}
 		}
-		for len(queue) > 0 && (len(queue) >= publishDepth || outages > 0 || sharesKey(queue, keys)) {
+		for len(queue) > 0 && (len(queue) >= depth || outages > 0 || (r.pipe == nil && sharesKey(queue, keys))) {
 			pass(<-queue[0].done)
 		}
 		if ctx.Err() != nil {
@@ -113,7 +129,14 @@ func (r *Relay) publishLoop(ctx, stopCtx context.Context, pubCh <-chan batch, ma
 		}
 		p := &publishing{rows: b.rows, keys: keys, done: make(chan result, 1)}
 		queue = append(queue, p)
-		go func() { p.done <- r.publish(stopCtx, p.rows) }()
+		if r.pipe == nil {
+			go func() { p.done <- r.publish(stopCtx, p.rows) }()
+			continue
+		}
+		// Handed over here, in batch order; only the outcome is awaited
+		// apart.
+		wait := r.send(stopCtx, b.rows, b.resume)
+		go func() { p.done <- wait() }()
 	}
 }
 
@@ -134,14 +157,35 @@ func sharesKey(queue []*publishing, keys map[string]struct{}) bool {
 
 // publish hands one batch to the Publisher and sorts out the outcome.
 func (r *Relay) publish(ctx context.Context, rows []outboxstore.Row) result {
+	msgs := messagesOf(rows)
+	start := time.Now()
+	return outcome(rows, r.cfg.Publisher.Publish(ctx, msgs), start)
+}
+
+// send hands one batch to the PipelinedPublisher, after resuming the keys
+// of the rows at resume, and returns the wait for its outcome.
+func (r *Relay) send(ctx context.Context, rows []outboxstore.Row, resume []int) func() result {
+	msgs := messagesOf(rows)
+	start := time.Now()
+	for _, i := range resume {
+		r.pipe.Resume(ctx, msgs[i])
+	}
+	wait := r.pipe.Send(ctx, msgs)
+	return func() result { return outcome(rows, wait(), start) }
+}
+
+func messagesOf(rows []outboxstore.Row) []*exactly.Message {
 	msgs := make([]*exactly.Message, len(rows))
 	for i := range rows {
 		msgs[i] = &rows[i].Msg
 	}
-	start := time.Now()
-	err := r.cfg.Publisher.Publish(ctx, msgs)
+	return msgs
+}
+
+// outcome sorts out what the Publisher said of rows.
+func outcome(rows []outboxstore.Row, err error, start time.Time) result {
 	res := result{rows: rows, took: time.Since(start)}
-	res.errs, res.err = exactly.Verdicts(err, len(msgs))
+	res.errs, res.err = exactly.Verdicts(err, len(rows))
 	res.outage = res.err != nil
 	return res
 }

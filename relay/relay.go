@@ -54,6 +54,10 @@ type Relay struct {
 	// partitions may belong to another relay by then.
 	leaseUntil atomic.Int64
 
+	// pipe is the Publisher when it takes overlapping batches of shared
+	// keys (see publishLoop).
+	pipe exactly.PipelinedPublisher
+
 	stats   counters
 	running atomic.Bool
 	failLog *relaycore.FailureLog
@@ -82,6 +86,7 @@ func New(cfg Config) (*Relay, error) {
 		return nil, errors.New("relay: on PostgreSQL the database handle must come from pgx (pgxpool.Pool, or sql.Open(\"pgx\", dsn))")
 	}
 	log := c.Logger.With("component", "relay", "table", store.Table.String(), "instance", c.InstanceID)
+	pp, pipelined := c.Publisher.(exactly.PipelinedPublisher)
 	r := &Relay{
 		cfg:     c,
 		db:      db,
@@ -89,8 +94,9 @@ func New(cfg Config) (*Relay, error) {
 		store:   store,
 		log:     log,
 		wake:    make(chan struct{}, 1),
-		order:   newKeyOrder(c.BatchSize, c.StrictOrder),
+		order:   newKeyOrder(c.BatchSize, c.StrictOrder, pipelined),
 		failLog: relaycore.NewFailureLog(log, c.MaxAttempts),
+		pipe:    pp,
 	}
 	r.drained = sync.NewCond(&r.mu)
 	if store.D == sqldb.Postgres {
@@ -151,6 +157,9 @@ func (r *Relay) Wake() {
 type batch struct {
 	rows []outboxstore.Row
 	gen  uint64 // the read that returned the rows
+	// resume lists the rows (by index) that resume their paused key (see
+	// keyOrder.pausing).
+	resume []int
 }
 
 type result struct {

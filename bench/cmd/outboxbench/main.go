@@ -110,7 +110,7 @@ var rows = []row{
 	{id: "lat-cdc", num: "6c", name: "latency: exactly CDC relay (pgcdc, logical replication) → JetStream", run: runLatencyCDC, latency: true},
 	{id: "lat-wm", num: "6b", name: "latency: Watermill forwarder (default schema, 10 ms poll) → JetStream", run: runLatencyWatermill, latency: true},
 	{id: "pubsub", repeat: true, num: "7", name: "ceiling: raw Pub/Sub publish loop to pstest (client library, ordering keys)", run: runPubsubCeiling},
-	{id: "pub-pubsub", repeat: true, num: "7b", name: "diagnostic: pubsub publisher alone, sequential Publish of -batch msgs, no database", run: runPubsubPublisherAlone},
+	{id: "pub-pubsub", repeat: true, num: "7b", name: "diagnostic: pubsub publisher alone, Send of -batch msgs, 16 out at once, no database", run: runPubsubPublisherAlone},
 	{id: "relay-pubsub", repeat: true, num: "8", name: "exactly relay → Pub/Sub, pstest (pubsub publisher)", run: runRelayPubsub},
 	{id: "sqs", repeat: true, num: "9", name: "ceiling: raw SendMessageBatch loop to an SQS FIFO queue, emulator", run: runSQSCeiling},
 	{id: "relay-sqs", repeat: true, num: "10", name: "exactly relay → SQS FIFO, emulator (sqs publisher)", run: runRelaySQS},

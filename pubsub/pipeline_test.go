@@ -1,0 +1,194 @@
+package pubsub_test
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	gpubsub "cloud.google.com/go/pubsub/v2"
+	pb "cloud.google.com/go/pubsub/v2/apiv1/pubsubpb"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"google.golang.org/grpc/codes"
+
+	"github.com/exactlyonce/exactly"
+	"github.com/exactlyonce/exactly/exactlytest"
+	"github.com/exactlyonce/exactly/internal/testenv"
+	"github.com/exactlyonce/exactly/outbox"
+	"github.com/exactlyonce/exactly/pubsub"
+	"github.com/exactlyonce/exactly/relay"
+)
+
+// Send does not resume a paused key: a call handed over after an earlier
+// one of its key failed fails unsent, however late it comes, and only
+// Resume lets the key go again, in order.
+func TestSendKeepsAPausedKeyUntilResume(t *testing.T) {
+	t.Parallel()
+	fail := &failPublish{code: codes.FailedPrecondition}
+	f := newFake(t, fail.option())
+	topic := f.topic(t)
+	p := f.publisher(t, pubsub.PublisherConfig{})
+	ctx := t.Context()
+
+	fail.set(1, orderingKey("a"))
+	all := messages(topic, []string{"a", "b"}, 6) // a:0 b:0 a:1 b:1 ... a:5 b:5
+	first, second := all[:6], all[6:]
+	waitFirst := p.Send(ctx, first)
+	errs := exactly.PerMessage(waitFirst(), len(first))
+	for i, m := range first {
+		if (m.Key == "a") != (errs[i] != nil) {
+			t.Fatalf("first call, message %d of key %s: err %v; want only key a failed", i, m.Key, errs[i])
+		}
+	}
+	// Handed over after the failure, as a pipelining relay would hand over
+	// a batch it read before it learnt of it.
+	errs = exactly.PerMessage(p.Send(ctx, second)(), len(second))
+	for i, m := range second {
+		var paused gpubsub.ErrPublishingPaused
+		switch {
+		case m.Key == "a" && !errors.As(errs[i], &paused):
+			t.Fatalf("second call, message %d of the paused key a: %v, want it unsent (key paused)", i, errs[i])
+		case m.Key == "b" && errs[i] != nil:
+			t.Fatalf("second call, message %d of key b: %v", i, errs[i])
+		}
+	}
+	if n := countKey(f.stored(topic), "a"); n != 0 {
+		t.Fatalf("%d messages of key a stored while it was paused", n)
+	}
+
+	// The relay resumes the key with the failed message's retry and sends
+	// the key's messages again, in order.
+	var retry []*exactly.Message
+	for _, m := range all {
+		if m.Key == "a" {
+			retry = append(retry, m)
+		}
+	}
+	p.Resume(ctx, retry[0])
+	if err := p.Send(ctx, retry)(); err != nil {
+		t.Fatalf("the retry after Resume: %v", err)
+	}
+	got := f.stored(topic)
+	exactlytest.CheckExactlyOnce(t, all, asMessages(got))
+	exactlytest.CheckKeyOrder(t, asMessages(got))
+}
+
+// outstanding wraps the pubsub Publisher and counts the Send calls whose
+// outcome is not awaited yet, to show that the relay overlaps them.
+type outstanding struct {
+	*pubsub.Publisher
+	mu       sync.Mutex
+	now, max int
+}
+
+func (o *outstanding) Send(ctx context.Context, msgs []*exactly.Message) func() error {
+	o.mu.Lock()
+	o.now++
+	o.max = max(o.max, o.now)
+	o.mu.Unlock()
+	wait := o.Publisher.Send(ctx, msgs)
+	return func() error {
+		err := wait()
+		o.mu.Lock()
+		o.now--
+		o.mu.Unlock()
+		return err
+	}
+}
+
+func (o *outstanding) most() int {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.max
+}
+
+// The relay hands the Publisher batches that share keys while earlier ones
+// await their outcome. With a key failing now and then, every message still
+// arrives once and, as a consumer that applies each id once sees them, each
+// key in order: what Pub/Sub pausing the key and the relay resuming it only
+// once none of the key's messages is in flight keep.
+func TestRelayPipelinesBatchesInKeyOrder(t *testing.T) {
+	t.Parallel()
+	testenv.Need(t, testenv.Postgres)
+	ctx := context.Background()
+	pool, err := pgxpool.New(ctx, testenv.PostgresDSN())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	ob := exactlytest.MigratedOutbox(t, pool, outbox.Postgres, "pubsub_pipeline")
+
+	// The first request of key "a" or "b" to carry one of the key's
+	// messages 0, 25, 50, ... fails: 16 failures, each at its own place in
+	// the stream.
+	fail := &failPublish{code: codes.FailedPrecondition}
+	var mu sync.Mutex
+	failedOnce := map[string]bool{}
+	fail.set(-1, func(req *pb.PublishRequest) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, m := range req.Messages {
+			k := m.OrderingKey + "/" + m.Attributes["x-seq"]
+			if seq, _ := strconv.Atoi(m.Attributes["x-seq"]); (m.OrderingKey == "a" || m.OrderingKey == "b") && seq%25 == 0 && !failedOnce[k] {
+				failedOnce[k] = true
+				return true
+			}
+		}
+		return false
+	})
+	f := newFake(t, fail.option())
+	topic := f.topic(t)
+	pub := &outstanding{Publisher: f.publisher(t, pubsub.PublisherConfig{})}
+
+	r, err := relay.New(relay.Config{
+		DB: pool, Outbox: ob, Publisher: pub, BatchSize: 20,
+		PollInterval: 20 * time.Millisecond, InitialBackoff: 10 * time.Millisecond, MaxBackoff: 50 * time.Millisecond,
+		MaxAttempts: 1000,
+		Logger:      slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelError})),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	msgs := messages(topic, []string{"a", "b", "c", "d", "e"}, 200)
+	for i := 0; i < len(msgs); i += 100 {
+		tx, err := pool.Begin(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := ob.Enqueue(ctx, tx, msgs[i:min(i+100, len(msgs))]...); err != nil {
+			t.Fatal(err)
+		}
+		if err := tx.Commit(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- r.Run(runCtx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+	waitWithin(t, 60*time.Second, "the outbox drained", func() bool {
+		st, err := ob.Status(ctx, pool)
+		return err == nil && st.Pending == 0
+	})
+	got := f.stored(topic)
+	exactlytest.CheckExactlyOnce(t, msgs, asMessages(got))
+	exactlytest.CheckKeyOrder(t, asMessages(got))
+	if fail.count() != 16 {
+		t.Fatalf("%d publishes failed, want 16: the test did not test what happens after them", fail.count())
+	}
+	if pub.most() < 2 {
+		t.Fatalf("at most %d Send calls were out at once: the relay did not overlap its batches", pub.most())
+	}
+	if st := r.Stats(); st.Dead != 0 || st.BlockedKeys != 0 {
+		t.Fatalf("relay stats at the end: %+v", st)
+	}
+	t.Logf("%d requests failed; up to %d batches out at once; %d stored for %d messages", fail.count(), pub.most(), len(got), len(msgs))
+}
