@@ -140,9 +140,13 @@ type Publisher interface {
 // earlier Send and in slice order within the call, and returns once they
 // are handed over; wait, called once, waits for their outcome and returns
 // it as Publish would. Send never blocks on the outcome of an earlier
-// call. Once a message fails, every later message of its key, whichever
-// Send handed it over, fails without being sent until Resume is called for
-// the key, so that no message overtakes one that failed.
+// call. Once a message fails, no later message of its key, whichever Send
+// handed it over, is sent until Resume is called for the key: they fail
+// with a retryable error. Where the broker pauses the key itself (Pub/Sub)
+// the messages it had not sent yet fail too, so none overtakes the failed
+// one; where it does not (JetStream), messages of the key already sent when
+// the failure came may still be stored after it, as within one Publish
+// call, and the relay publishes them again after the failed one.
 //
 // Resume lets a key whose message failed be sent again. The relay calls it,
 // before the Send that holds it, with the message that goes first when the

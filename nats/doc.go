@@ -18,7 +18,11 @@
 //
 // Publish sends the batch with PublishMsgAsync, keeping at most MaxInFlight
 // messages awaiting their PubAck, and returns when every message is stored,
-// or with a *exactly.BatchError naming the failed messages by index.
+// or with a *exactly.BatchError naming the failed messages by index. The
+// relay uses Send instead (exactly.PipelinedPublisher): it hands the next
+// batch over while the last one's acks are on their way, up to 16 batches,
+// and after a message fails Send sends none of its key's later messages
+// until the relay resumes the key with its retry.
 //
 //	js, _ := jetstream.New(nc)
 //	pub, err := nats.NewPublisher(js)

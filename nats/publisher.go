@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"time"
 
 	natsgo "github.com/nats-io/nats.go"
@@ -22,15 +23,25 @@ import (
 //
 // A Publisher is safe for concurrent use. Messages of one Publish call are
 // sent in slice order on the JetStream context's single connection; the
-// caller must not publish the same key from two concurrent calls if it
-// needs their relative order.
+// caller must not publish the same key from two concurrent Publish calls if
+// it needs their relative order. Send and Resume (exactly.PipelinedPublisher)
+// are the way to have several calls of one key out at once, in order: the
+// relay uses them, and hands the publisher its next batch while the last
+// one's acks are on their way.
 type Publisher struct {
 	js          jetstream.JetStream
 	subject     func(*exactly.Message) string
 	maxInFlight int
 	ackWait     time.Duration
 	strict      bool
+
+	// paused holds the keys whose message failed in a Send since they were
+	// last resumed: Send fails their later messages unsent.
+	mu     sync.Mutex
+	paused map[string]struct{}
 }
+
+var _ exactly.PipelinedPublisher = (*Publisher)(nil)
 
 // Option configures a Publisher.
 type Option func(*Publisher)
@@ -92,7 +103,7 @@ func NewPublisher(js jetstream.JetStream, opts ...Option) (*Publisher, error) {
 	if js == nil {
 		return nil, errors.New("nats: NewPublisher: the jetstream.JetStream is nil")
 	}
-	p := &Publisher{js: js, maxInFlight: 1024, ackWait: 10 * time.Second}
+	p := &Publisher{js: js, maxInFlight: 1024, ackWait: 10 * time.Second, paused: map[string]struct{}{}}
 	for _, opt := range opts {
 		opt(p)
 	}
@@ -108,6 +119,10 @@ func NewPublisher(js jetstream.JetStream, opts ...Option) (*Publisher, error) {
 // errKeyBlocked marks a message not sent because an earlier message of its
 // key failed (StrictKeyOrder).
 var errKeyBlocked = errors.New("not sent: an earlier message with the same key failed")
+
+// errKeyPaused marks a message Send did not send because an earlier message
+// of its key failed and the key was not resumed since.
+var errKeyPaused = errors.New("not sent: an earlier message with the same key failed, and the key was not resumed since (Resume)")
 
 // Publish sends every message and waits for the stream's PubAck of each.
 //
@@ -126,11 +141,41 @@ var errKeyBlocked = errors.New("not sent: an earlier message with the same key f
 // When ctx ends, Publish stops sending, fails the unsent messages and
 // returns at once; the messages already sent may still be stored.
 func (p *Publisher) Publish(ctx context.Context, msgs []*exactly.Message) error {
+	return p.send(ctx, msgs, false)()
+}
+
+// Send hands msgs to the connection and returns once they are sent (or,
+// with StrictKeyOrder, once they have their outcome); wait returns their
+// outcome as Publish would. It is the exactly.PipelinedPublisher half of
+// the Publisher, which the relay uses to have several batches out at once:
+// calls are sent in order on the one connection. Once a message fails, Send
+// sends no later message of its key (they fail with a retryable error)
+// until Resume. JetStream has no such pause of its own: messages of the key
+// sent before the failure was known may still be stored after it, as within
+// one Publish call (see StrictKeyOrder).
+func (p *Publisher) Send(ctx context.Context, msgs []*exactly.Message) (wait func() error) {
+	return p.send(ctx, msgs, true)
+}
+
+// Resume lets Send send m's key again after one of its messages failed. The
+// relay calls it with the failed message's retry, once none of the key's
+// messages is in flight; nothing of the key waits unsent in the Publisher,
+// so there is nothing to wait for.
+func (p *Publisher) Resume(_ context.Context, m *exactly.Message) {
+	p.mu.Lock()
+	delete(p.paused, m.Key)
+	p.mu.Unlock()
+}
+
+// send sends msgs and returns the wait for their outcome. With pausing
+// (Send), a failed message pauses its key, and messages of a paused key are
+// not sent.
+func (p *Publisher) send(ctx context.Context, msgs []*exactly.Message, pausing bool) func() error {
 	if len(msgs) == 0 {
-		return nil
+		return func() error { return nil }
 	}
 	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("nats: publish not started: %w", err)
+		return func() error { return fmt.Errorf("nats: publish not started: %w", err) }
 	}
 	errs := make([]error, len(msgs))
 	out := make([]*natsgo.Msg, len(msgs))
@@ -144,12 +189,52 @@ func (p *Publisher) Publish(ctx context.Context, msgs []*exactly.Message) error 
 		out[i] = nm
 		todo = append(todo, i)
 	}
+	if pausing {
+		todo = p.leaveOutPaused(msgs, out, todo, errs)
+	}
 	if p.strict {
 		p.waves(ctx, msgs, out, todo, errs)
-	} else {
-		p.pipeline(ctx, msgs, out, todo, errs)
+		if pausing {
+			p.pauseFailed(msgs, todo, errs)
+		}
+		return func() error { return exactly.NewBatchError(errs) }
 	}
-	return exactly.NewBatchError(errs)
+	s := &sending{p: p, ctx: ctx, msgs: msgs, out: out, errs: errs, pausing: pausing}
+	s.sendAll(todo)
+	return func() error {
+		s.settleAll()
+		return exactly.NewBatchError(errs)
+	}
+}
+
+// leaveOutPaused fails the messages of todo whose key is paused, and
+// returns the others.
+func (p *Publisher) leaveOutPaused(msgs []*exactly.Message, out []*natsgo.Msg, todo []int, errs []error) []int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.paused) == 0 {
+		return todo
+	}
+	send := todo[:0]
+	for _, i := range todo {
+		if _, paused := p.paused[msgs[i].Key]; paused && msgs[i].Key != "" {
+			errs[i] = fmt.Errorf("nats: message %s to %q %w", msgs[i].ID, out[i].Subject, errKeyPaused)
+			continue
+		}
+		send = append(send, i)
+	}
+	return send
+}
+
+// pauseFailed pauses the keys of the messages of idx that failed.
+func (p *Publisher) pauseFailed(msgs []*exactly.Message, idx []int, errs []error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, i := range idx {
+		if errs[i] != nil && msgs[i].Key != "" {
+			p.paused[msgs[i].Key] = struct{}{}
+		}
+	}
 }
 
 // waves sends the k-th message of every key in wave k, so each key has at
@@ -199,11 +284,48 @@ type pending struct {
 // pipeline sends the messages of idx in order, with at most maxInFlight
 // awaiting their ack, and records each outcome in errs.
 func (p *Publisher) pipeline(ctx context.Context, msgs []*exactly.Message, out []*natsgo.Msg, idx []int, errs []error) {
-	queue := make([]pending, 0, min(len(idx), p.maxInFlight))
-	settleOldest := func() {
-		f := queue[0]
-		queue = queue[1:]
-		errs[f.i] = p.await(ctx, msgs[f.i], out[f.i].Subject, f)
+	s := &sending{p: p, ctx: ctx, msgs: msgs, out: out, errs: errs}
+	s.sendAll(idx)
+	s.settleAll()
+}
+
+// sending is one call's messages on their way: sent, at most maxInFlight
+// of them awaiting their ack.
+type sending struct {
+	p       *Publisher
+	ctx     context.Context
+	msgs    []*exactly.Message
+	out     []*natsgo.Msg
+	errs    []error
+	pausing bool
+	queue   []pending
+}
+
+// settleOldest records the outcome of the oldest message awaiting its ack.
+func (s *sending) settleOldest() {
+	f := s.queue[0]
+	s.queue = s.queue[1:]
+	err := s.p.await(s.ctx, s.msgs[f.i], s.out[f.i].Subject, f)
+	s.errs[f.i] = err
+	if err != nil && s.pausing && s.msgs[f.i].Key != "" {
+		s.p.mu.Lock()
+		s.p.paused[s.msgs[f.i].Key] = struct{}{}
+		s.p.mu.Unlock()
+	}
+}
+
+func (s *sending) settleAll() {
+	for len(s.queue) > 0 {
+		s.settleOldest()
+	}
+}
+
+// sendAll sends the messages of idx in order; the last ones may still be
+// awaiting their ack when it returns.
+func (s *sending) sendAll(idx []int) {
+	p, msgs, out, errs := s.p, s.msgs, s.out, s.errs
+	if s.queue == nil {
+		s.queue = make([]pending, 0, min(len(idx), p.maxInFlight))
 	}
 	failRest := func(rest []int, err error) {
 		for _, i := range rest {
@@ -211,28 +333,28 @@ func (p *Publisher) pipeline(ctx context.Context, msgs []*exactly.Message, out [
 		}
 	}
 	for n, i := range idx {
-		for len(queue) >= p.maxInFlight {
-			settleOldest()
+		for len(s.queue) >= p.maxInFlight {
+			s.settleOldest()
 		}
-		if err := ctx.Err(); err != nil {
+		if err := s.ctx.Err(); err != nil {
 			failRest(idx[n:], err)
 			break
 		}
 		ack, err := p.js.PublishMsgAsync(out[i], jetstream.WithRetryAttempts(0))
-		for errors.Is(err, jetstream.ErrTooManyStalledMsgs) && ctx.Err() == nil {
+		for errors.Is(err, jetstream.ErrTooManyStalledMsgs) && s.ctx.Err() == nil {
 			// The JetStream context's limit on pending acks, shared with
 			// every publisher on it, is reached: wait for one of ours,
 			// or a moment, and send the same message again.
-			if len(queue) > 0 {
-				settleOldest()
+			if len(s.queue) > 0 {
+				s.settleOldest()
 			} else {
-				pause.For(ctx, 10*time.Millisecond)
+				pause.For(s.ctx, 10*time.Millisecond)
 			}
 			ack, err = p.js.PublishMsgAsync(out[i], jetstream.WithRetryAttempts(0))
 		}
 		switch {
 		case err == nil:
-			queue = append(queue, pending{i, ack, time.Now()})
+			s.queue = append(s.queue, pending{i, ack, time.Now()})
 		case errors.Is(err, natsgo.ErrMaxPayload):
 			errs[i] = exactly.Unpublishable(fmt.Errorf("nats: message %s: payload of %d bytes plus headers exceeds the server's max_payload of %d bytes: %w",
 				msgs[i].ID, len(out[i].Data), p.js.Conn().MaxPayload(), err))
@@ -244,18 +366,15 @@ func (p *Publisher) pipeline(ctx context.Context, msgs []*exactly.Message, out [
 			// The connection refused it (closed, draining, reconnect
 			// buffer full) or ctx ended while stalled: the rest would
 			// fail alike, and sending them would break key order.
-			if ctx.Err() != nil {
-				err = ctx.Err()
+			if s.ctx.Err() != nil {
+				err = s.ctx.Err()
 			}
 			failRest(idx[n:], err)
-			for len(queue) > 0 {
-				settleOldest()
+			if s.pausing {
+				s.p.pauseFailed(msgs, idx[n:], errs)
 			}
 			return
 		}
-	}
-	for len(queue) > 0 {
-		settleOldest()
 	}
 }
 
