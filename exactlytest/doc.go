@@ -22,7 +22,13 @@
 //     deduplicates natively, no second copy);
 //   - a cancelled context ends Publish promptly, every message reported as
 //     confirmed is on the broker, and a re-publish delivers the rest without
-//     reordering a key.
+//     reordering a key;
+//   - an [exactly.PipelinedPublisher] takes batches that share keys before
+//     the earlier ones have their outcome, and stores each key in the order
+//     of the calls (the case is skipped, saying so, for other publishers).
+//
+// [SendCounter] counts a PipelinedPublisher's outstanding Send calls, to
+// show that a relay overlaps its batches.
 //
 // Feature flags in the harness (NativeDedup) state what the broker adds on
 // top of that baseline; the suite then checks it too.

@@ -111,6 +111,7 @@ func RunPublisherSuite(t *testing.T, h PublisherHarness) {
 		{"CancelledContext", s.testCancelledContext},
 		{"CancelMidFlight", s.testCancelMidFlight},
 		{"ConcurrentPublish", s.testConcurrentPublish},
+		{"PipelinedKeyOrder", s.testPipelinedKeyOrder},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -317,6 +318,39 @@ func (s *suite) testKeyOrder(t *testing.T) {
 			t.Fatalf("key %q: read %d messages, want 50", k, last[k])
 		}
 	}
+}
+
+// testPipelinedKeyOrder: an exactly.PipelinedPublisher takes batches that
+// share keys before the earlier ones have their outcome, and stores every
+// key's messages in the order of the calls.
+func (s *suite) testPipelinedKeyOrder(t *testing.T) {
+	p, topic := s.h.New(t)
+	pp, ok := p.(exactly.PipelinedPublisher)
+	if !ok {
+		t.Skip("the publisher is not an exactly.PipelinedPublisher: nothing to check")
+	}
+	keys := keyNames("aggregate", 20)
+	ctx, cancel := context.WithTimeout(t.Context(), s.h.Timeout)
+	defer cancel()
+	var all []*exactly.Message
+	var waits []func() error
+	for call := range 4 {
+		batch := keyed(topic, keys, call*10, 10)
+		all = append(all, batch...)
+		waits = append(waits, pp.Send(ctx, batch)) // none awaited yet
+	}
+	for i, wait := range waits {
+		if err := wait(); err != nil {
+			t.Fatalf("Send %d of 4, sent before the earlier ones had their outcome: %v", i+1, err)
+		}
+	}
+	got := s.readExactly(t, topic, len(all))
+	for id, n := range countIDs(got) {
+		if n != 1 {
+			t.Fatalf("id %s stored %d times after one Send", id, n)
+		}
+	}
+	checkKeyOrder(t, all, got)
 }
 
 func (s *suite) testEmptyBatch(t *testing.T) {

@@ -260,3 +260,36 @@ func clone(m *exactly.Message) *exactly.Message {
 	c.Headers = maps.Clone(m.Headers)
 	return &c
 }
+
+// SendCounter wraps an exactly.PipelinedPublisher and counts the Send calls
+// whose outcome is not awaited yet, to show that a relay overlaps its
+// batches. It is safe for concurrent use.
+type SendCounter struct {
+	exactly.PipelinedPublisher
+	mu       sync.Mutex
+	now, max int
+}
+
+// Send counts the call as outstanding until its wait returns.
+func (c *SendCounter) Send(ctx context.Context, msgs []*exactly.Message) func() error {
+	c.mu.Lock()
+	c.now++
+	c.max = max(c.max, c.now)
+	c.mu.Unlock()
+	wait := c.PipelinedPublisher.Send(ctx, msgs)
+	return func() error {
+		err := wait()
+		c.mu.Lock()
+		c.now--
+		c.mu.Unlock()
+		return err
+	}
+}
+
+// MaxOutstanding is the most Send calls that were awaiting their outcome
+// at once.
+func (c *SendCounter) MaxOutstanding() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.max
+}

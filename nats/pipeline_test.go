@@ -105,7 +105,7 @@ func TestRelayPipelinesToJetStream(t *testing.T) {
 				}
 				return m.Topic
 			}))
-			pub := &outstanding{Publisher: inner}
+			pub := &exactlytest.SendCounter{PipelinedPublisher: inner}
 			r, err := relay.New(relay.Config{
 				DB: pool, Outbox: ob, Publisher: pub, BatchSize: 20, StrictOrder: strict,
 				PollInterval: 20 * time.Millisecond, InitialBackoff: 10 * time.Millisecond, MaxBackoff: 50 * time.Millisecond,
@@ -167,43 +167,14 @@ func TestRelayPipelinesToJetStream(t *testing.T) {
 			if nFailed != 16 {
 				t.Fatalf("%d messages were sent nowhere, want 16", nFailed)
 			}
-			if pub.most() < 2 {
-				t.Fatalf("at most %d Send calls were out at once: the relay did not overlap its batches", pub.most())
+			if pub.MaxOutstanding() < 2 {
+				t.Fatalf("at most %d Send calls were out at once: the relay did not overlap its batches", pub.MaxOutstanding())
 			}
 			if st := r.Stats(); st.Dead != 0 || st.BlockedKeys != 0 {
 				t.Fatalf("relay stats at the end: %+v", st)
 			}
 		})
 	}
-}
-
-// outstanding wraps the nats Publisher and counts the Send calls whose
-// outcome is not awaited yet.
-type outstanding struct {
-	*nats.Publisher
-	mu       sync.Mutex
-	now, max int
-}
-
-func (o *outstanding) Send(ctx context.Context, msgs []*exactly.Message) func() error {
-	o.mu.Lock()
-	o.now++
-	o.max = max(o.max, o.now)
-	o.mu.Unlock()
-	wait := o.Publisher.Send(ctx, msgs)
-	return func() error {
-		err := wait()
-		o.mu.Lock()
-		o.now--
-		o.mu.Unlock()
-		return err
-	}
-}
-
-func (o *outstanding) most() int {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	return o.max
 }
 
 func asMessages(got []exactlytest.Received) []exactly.Message {

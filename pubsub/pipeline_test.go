@@ -76,35 +76,6 @@ func TestSendKeepsAPausedKeyUntilResume(t *testing.T) {
 	exactlytest.CheckKeyOrder(t, asMessages(got))
 }
 
-// outstanding wraps the pubsub Publisher and counts the Send calls whose
-// outcome is not awaited yet, to show that the relay overlaps them.
-type outstanding struct {
-	*pubsub.Publisher
-	mu       sync.Mutex
-	now, max int
-}
-
-func (o *outstanding) Send(ctx context.Context, msgs []*exactly.Message) func() error {
-	o.mu.Lock()
-	o.now++
-	o.max = max(o.max, o.now)
-	o.mu.Unlock()
-	wait := o.Publisher.Send(ctx, msgs)
-	return func() error {
-		err := wait()
-		o.mu.Lock()
-		o.now--
-		o.mu.Unlock()
-		return err
-	}
-}
-
-func (o *outstanding) most() int {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	return o.max
-}
-
 // The relay hands the Publisher batches that share keys while earlier ones
 // await their outcome. With a key failing now and then, every message still
 // arrives once and, as a consumer that applies each id once sees them, each
@@ -141,7 +112,7 @@ func TestRelayPipelinesBatchesInKeyOrder(t *testing.T) {
 	})
 	f := newFake(t, fail.option())
 	topic := f.topic(t)
-	pub := &outstanding{Publisher: f.publisher(t, pubsub.PublisherConfig{})}
+	pub := &exactlytest.SendCounter{PipelinedPublisher: f.publisher(t, pubsub.PublisherConfig{})}
 
 	r, err := relay.New(relay.Config{
 		DB: pool, Outbox: ob, Publisher: pub, BatchSize: 20,
@@ -184,11 +155,11 @@ func TestRelayPipelinesBatchesInKeyOrder(t *testing.T) {
 	if fail.count() != 16 {
 		t.Fatalf("%d publishes failed, want 16: the test did not test what happens after them", fail.count())
 	}
-	if pub.most() < 2 {
-		t.Fatalf("at most %d Send calls were out at once: the relay did not overlap its batches", pub.most())
+	if pub.MaxOutstanding() < 2 {
+		t.Fatalf("at most %d Send calls were out at once: the relay did not overlap its batches", pub.MaxOutstanding())
 	}
 	if st := r.Stats(); st.Dead != 0 || st.BlockedKeys != 0 {
 		t.Fatalf("relay stats at the end: %+v", st)
 	}
-	t.Logf("%d requests failed; up to %d batches out at once; %d stored for %d messages", fail.count(), pub.most(), len(got), len(msgs))
+	t.Logf("%d requests failed; up to %d batches out at once; %d stored for %d messages", fail.count(), pub.MaxOutstanding(), len(got), len(msgs))
 }
