@@ -192,15 +192,38 @@ func runPublisherAlone(ctx context.Context, b *bench) (result, error) {
 		batches = append(batches, batch)
 	}
 	tm := b.startTimer(id)
-	for _, batch := range batches {
-		if err := pub.Publish(ctx, batch); err != nil {
-			tm.stop()
-			return result{}, err
-		}
-	}
+	err = sendPipelined(ctx, pub, batches)
 	elapsed := tm.stop()
+	if err != nil {
+		return result{}, err
+	}
 	if err := br.checkStream(ctx, b.cfg.n); err != nil {
 		return result{}, err
 	}
-	return result{msgs: b.cfg.n, elapsed: elapsed, note: fmt.Sprintf("%d sequential Publish calls; %s", len(batches), tm.cpu())}, nil
+	return result{msgs: b.cfg.n, elapsed: elapsed, note: fmt.Sprintf("%d Send calls, up to %d awaiting their outcome; %s", len(batches), relayDepth, tm.cpu())}, nil
+}
+
+// relayDepth is how many batches the relay hands a PipelinedPublisher
+// before the first one's outcome is known (relay.pipelineDepth).
+const relayDepth = 16
+
+// sendPipelined hands the batches to pp in order, as the relay does, with
+// up to relayDepth awaiting their outcome, and returns the first error.
+func sendPipelined(ctx context.Context, pp exactly.PipelinedPublisher, batches [][]*exactly.Message) error {
+	waits := make(chan func() error, relayDepth-1) // and one awaited
+	errc := make(chan error, 1)
+	go func() {
+		var first error
+		for wait := range waits {
+			if err := wait(); err != nil && first == nil {
+				first = err
+			}
+		}
+		errc <- first
+	}()
+	for _, batch := range batches {
+		waits <- pp.Send(ctx, batch) // blocks while relayDepth are out
+	}
+	close(waits)
+	return <-errc
 }

@@ -100,7 +100,7 @@ type bench struct {
 var rows = []row{
 	{id: "sql", repeat: true, num: "1", name: "ceiling: raw SQL drain (DELETE … SKIP LOCKED RETURNING, pgx)", run: runSQLCeiling},
 	{id: "nats", repeat: true, num: "2", name: "ceiling: raw JetStream async publish (Nats-Msg-Id)", run: runNATSCeiling},
-	{id: "pub-nats", repeat: true, num: "2b", name: "diagnostic: nats publisher alone, sequential Publish of -batch msgs, no database", run: runPublisherAlone},
+	{id: "pub-nats", repeat: true, num: "2b", name: "diagnostic: nats publisher alone, Send of -batch msgs, 16 out at once, no database", run: runPublisherAlone},
 	{id: "relay-null", repeat: true, num: "3", name: "exactly relay → null publisher", run: runRelayNull},
 	{id: "relay-nats", repeat: true, num: "4", name: "exactly relay → JetStream (nats publisher)", run: runRelayNATS},
 	{id: "wm-default", num: "5a", name: "Watermill forwarder → JetStream, default Postgres schema", run: runWatermillDefault},

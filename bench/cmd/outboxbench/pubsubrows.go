@@ -94,10 +94,6 @@ func (f *pubsubFake) checkTopic(topic string, want int) error {
 	return nil
 }
 
-// pubsubDepth is how many batches the relay hands a PipelinedPublisher
-// before the first one's outcome is known (relay.pipelineDepth).
-const pubsubDepth = 16
-
 // pubsubSettings are the publish settings of every Pub/Sub row: the pubsub
 // Publisher's defaults.
 func pubsubSettings() gpubsub.PublishSettings {
@@ -155,7 +151,7 @@ func runPubsubCeiling(ctx context.Context, b *bench) (result, error) {
 
 // runPubsubPublisherAlone calls the pubsub Publisher the way the relay
 // does, in batches of -batch messages handed over in order with Send, up to
-// pubsubDepth of them awaiting their outcome, with no database: the rate
+// relayDepth of them awaiting their outcome, with no database: the rate
 // the publisher itself allows.
 func runPubsubPublisherAlone(ctx context.Context, b *bench) (result, error) {
 	const id = "pub-pubsub"
@@ -179,22 +175,7 @@ func runPubsubPublisherAlone(ctx context.Context, b *bench) (result, error) {
 		batches = append(batches, batch)
 	}
 	tm := b.startTimer(id)
-	waits := make(chan func() error, pubsubDepth-1) // and one awaited
-	errc := make(chan error, 1)
-	go func() {
-		var first error
-		for wait := range waits {
-			if err := wait(); err != nil && first == nil {
-				first = err
-			}
-		}
-		errc <- first
-	}()
-	for _, batch := range batches {
-		waits <- pub.Send(ctx, batch) // blocks while pubsubDepth are out
-	}
-	close(waits)
-	err = <-errc
+	err = sendPipelined(ctx, pub, batches)
 	elapsed := tm.stop()
 	if err != nil {
 		return result{}, err
@@ -202,7 +183,7 @@ func runPubsubPublisherAlone(ctx context.Context, b *bench) (result, error) {
 	if err := f.checkTopic(topic, b.cfg.n); err != nil {
 		return result{}, err
 	}
-	return result{msgs: b.cfg.n, elapsed: elapsed, note: fmt.Sprintf("%d Send calls, up to %d awaiting their outcome; %s", len(batches), pubsubDepth, tm.cpu())}, nil
+	return result{msgs: b.cfg.n, elapsed: elapsed, note: fmt.Sprintf("%d Send calls, up to %d awaiting their outcome; %s", len(batches), relayDepth, tm.cpu())}, nil
 }
 
 // runRelayPubsub drains the outbox to Pub/Sub through the pubsub Publisher,
