@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/exactlyonce/exactly/internal/pause"
 )
 
 // The kinds of fault.
@@ -265,7 +267,7 @@ func (h *harness) inject(ctx context.Context) {
 				if err := h.apply(ctx, f); err != nil {
 					h.problem("fault %s on %s: %v", f.kind, f.target, err)
 				}
-				sleep(ctx, f.gap)
+				pause.For(ctx, f.gap)
 			}
 		})
 	}
@@ -290,7 +292,7 @@ func (h *harness) apply(ctx context.Context, f fault) error {
 		h.killed[name] = true
 		h.mu.Unlock()
 		h.logf("kill -9 %s, restart in %s", name, f.d)
-		sleep(ctx, f.d)
+		pause.For(ctx, f.d)
 		return p.start(context.WithoutCancel(ctx), nil)
 	case FaultKillBurst:
 		return h.killBurst(ctx, f)
@@ -304,7 +306,7 @@ func (h *harness) apply(ctx context.Context, f fault) error {
 		h.paused[name] = true
 		h.mu.Unlock()
 		h.logf("SIGSTOP %s for %s", name, f.d)
-		sleep(ctx, f.d)
+		pause.For(ctx, f.d)
 		p.resume()
 		return nil
 	case FaultChurn:
@@ -313,7 +315,7 @@ func (h *harness) apply(ctx context.Context, f fault) error {
 			return err
 		}
 		h.logf("%s joins group of %s for %s", p.current(), f.target, f.d)
-		sleep(ctx, f.d)
+		pause.For(ctx, f.d)
 		p.stop()
 		return nil
 	case FaultLatency:
@@ -367,12 +369,12 @@ func (h *harness) killBurst(ctx context.Context, f fault) error {
 		h.killed[name] = true
 		h.mu.Unlock()
 		names = append(names, name)
-		sleep(ctx, f.steps[i])
+		pause.For(ctx, f.steps[i])
 		if err := p.start(context.WithoutCancel(ctx), nil); err != nil {
 			return err
 		}
 		if i+2 < len(f.steps) {
-			sleep(ctx, f.steps[i+1])
+			pause.For(ctx, f.steps[i+1])
 		}
 	}
 	span := last.Sub(first)
@@ -417,7 +419,7 @@ func (h *harness) awaitCaughtUp(ctx context.Context, pipeline string, bound time
 			return time.Since(since), nil
 		}
 		lastErr = err
-		sleep(ctx, 200*time.Millisecond)
+		pause.For(ctx, 200*time.Millisecond)
 	}
 	if missing < 0 {
 		return 0, fmt.Errorf("could not count what the group applied within %s of the burst: %v", bound, lastErr)

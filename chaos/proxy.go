@@ -10,6 +10,8 @@ import (
 	toxiproxy "github.com/Shopify/toxiproxy/v2"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
+
+	"github.com/exactlyonce/exactly/internal/pause"
 )
 
 // faultProxy is one TCP proxy (Shopify's toxiproxy, in process) between
@@ -65,7 +67,7 @@ func (fp *faultProxy) toxic(ctx context.Context, typ string, attrs string, d tim
 		}
 		names = append(names, name)
 	}
-	sleep(ctx, d)
+	pause.For(ctx, d)
 	for _, n := range names {
 		if err := fp.p.Toxics.RemoveToxic(context.Background(), n); err != nil {
 			return fmt.Errorf("proxy %s: remove %s: %w", fp.name, n, err)
@@ -92,7 +94,7 @@ func (fp *faultProxy) drop(ctx context.Context, d time.Duration) error {
 	fp.mu.Lock()
 	defer fp.mu.Unlock()
 	fp.p.Stop()
-	sleep(ctx, d)
+	pause.For(ctx, d)
 	var err error
 	for range 50 { // the port may linger briefly
 		if err = fp.p.Start(); err == nil {
@@ -101,13 +103,4 @@ func (fp *faultProxy) drop(ctx context.Context, d time.Duration) error {
 		time.Sleep(100 * time.Millisecond)
 	}
 	return fmt.Errorf("proxy %s: listen again: %w", fp.name, err)
-}
-
-func sleep(ctx context.Context, d time.Duration) {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-	case <-ctx.Done():
-	}
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/exactlyonce/exactly/inbox"
+	"github.com/exactlyonce/exactly/internal/pause"
 	"github.com/exactlyonce/exactly/internal/pginstance"
 	"github.com/exactlyonce/exactly/kafka"
 	"github.com/exactlyonce/exactly/outbox"
@@ -322,7 +323,7 @@ func (h *harness) run(ctx context.Context) (*Report, error) {
 		return nil, err
 	}
 	h.logf("warming up")
-	sleep(ctx, 5*time.Second)
+	pause.For(ctx, 5*time.Second)
 
 	h.logf("injecting faults")
 	h.inject(ctx)
@@ -330,7 +331,7 @@ func (h *harness) run(ctx context.Context) (*Report, error) {
 		return nil, ctx.Err()
 	}
 	h.logf("faults done; producing a little longer")
-	sleep(ctx, 3*time.Second)
+	pause.For(ctx, 3*time.Second)
 	h.producer.stop()
 
 	h.logf("draining")
@@ -637,7 +638,7 @@ func (h *harness) drain(ctx context.Context) bool {
 			h.logf("waiting for: %v", missing)
 			last = time.Now()
 		}
-		sleep(ctx, time.Second)
+		pause.For(ctx, time.Second)
 	}
 }
 

@@ -21,6 +21,7 @@ import (
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/internal/awsmsg"
 	"github.com/exactlyonce/exactly/internal/consume"
+	"github.com/exactlyonce/exactly/internal/pause"
 )
 
 // ConsumeAPI is the part of *sqs.Client a Consumer uses (SendMessageBatch
@@ -224,7 +225,7 @@ func (c *Consumer) Run(ctx context.Context) error {
 				break
 			}
 			c.log.Warn("sqs: receive failed; retrying", "queue", c.queue, "err", err)
-			sleep(ctx, backoff)
+			pause.For(ctx, backoff)
 			backoff = min(2*backoff, 5*time.Second)
 			continue
 		}
@@ -401,13 +402,4 @@ func (c *Consumer) decode(m types.Message) *exactly.Message {
 		msg.Headers = d.Headers
 	}
 	return msg
-}
-
-func sleep(ctx context.Context, d time.Duration) {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-	case <-t.C:
-	}
 }
