@@ -91,7 +91,7 @@ func (r *Relay) fetchLoop(ctx context.Context, pubCh chan<- batch) {
 			select {
 			case pubCh <- batch{rows: ready, gen: read.gen, resume: resume}:
 			case <-ctx.Done():
-				r.handBack(ready)
+				r.handBack(batch{rows: ready, resume: resume})
 				return
 			}
 		}
@@ -132,12 +132,22 @@ func (r *Relay) release(rows []outboxstore.Row) {
 	r.drained.Broadcast()
 }
 
-// handBack returns rows that were admitted but will not be published now.
-func (r *Relay) handBack(rows []outboxstore.Row) {
+// handBack returns a batch that was admitted but will not be published
+// now.
+func (r *Relay) handBack(b batch) {
 	r.mu.Lock()
 	r.order.rescan = true
-	r.release(rows)
+	r.unresume(b)
+	r.release(b.rows)
 	r.mu.Unlock()
+}
+
+// unresume marks paused again the keys b was to resume: it was not sent.
+// Called with r.mu held.
+func (r *Relay) unresume(b batch) {
+	for _, i := range b.resume {
+		r.order.failed(b.rows[i].Msg.Key)
+	}
 }
 
 // parkedAtFetch counts, logs and reports as dead the rows the store parked

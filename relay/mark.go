@@ -170,8 +170,10 @@ func (r *Relay) mark(ctx context.Context, group []result) {
 	for _, res := range group {
 		r.release(res.rows)
 	}
+	// A paused key's next row waits for the key's rows in flight.
+	wake := retry || r.cfg.StrictOrder || len(r.order.paused) > 0
 	r.mu.Unlock()
-	if retry || r.cfg.StrictOrder {
+	if wake {
 		r.Wake() // re-read: rows held back can go now
 	}
 }

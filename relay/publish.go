@@ -99,7 +99,7 @@ func (r *Relay) publishLoop(ctx, stopCtx context.Context, pubCh <-chan batch, ma
 			pass(<-queue[0].done)
 		}
 		if ctx.Err() != nil {
-			r.handBack(b.rows)
+			r.handBack(b)
 			continue
 		}
 		if r.beforeLeaseCheck != nil {
@@ -112,7 +112,7 @@ func (r *Relay) publishLoop(ctx, stopCtx context.Context, pubCh <-chan batch, ma
 			// Read before an earlier batch was handed back: it may hold
 			// later messages of that batch's keys. Published now, they would
 			// overtake them.
-			r.handBack(b.rows)
+			r.handBack(b)
 			continue
 		}
 		if time.Now().UnixNano() > r.leaseUntil.Load() {
@@ -123,6 +123,7 @@ func (r *Relay) publishLoop(ctx, stopCtx context.Context, pubCh <-chan batch, ma
 			r.mu.Lock()
 			r.fence, r.fencing = r.order.fetchGen, true
 			r.order.rescan = true
+			r.unresume(b)
 			r.release(b.rows)
 			r.mu.Unlock()
 			continue
