@@ -58,6 +58,13 @@ type Config struct {
 	// happen, at the cost of one round trip per message of a hot key.
 	StrictOrder bool
 
+	// PipelineDepth is how many batches an exactly.PipelinedPublisher (nats,
+	// pubsub) is handed before the first of them has its outcome: the
+	// relay keeps up to PipelineDepth × BatchSize rows in memory. 1 hands
+	// over one batch at a time, as to other publishers. Default 16, at most
+	// 256. Other publishers get one batch at a time whatever its value.
+	PipelineDepth int
+
 	// Retention keeps sent rows for this long (status sent) before deleting
 	// them in small batches. Zero, the default, deletes a row as soon as the
 	// broker confirmed it.
@@ -140,6 +147,7 @@ func (c *Config) withDefaults() (Config, error) {
 		{"BatchSize", int64(cfg.BatchSize)}, {"MaxAttempts", int64(cfg.MaxAttempts)}, {"Partitions", int64(cfg.Partitions)},
 		{"PollInterval", int64(cfg.PollInterval)}, {"InitialBackoff", int64(cfg.InitialBackoff)}, {"MaxBackoff", int64(cfg.MaxBackoff)},
 		{"Retention", int64(cfg.Retention)}, {"LeaseTTL", int64(cfg.LeaseTTL)}, {"ShutdownTimeout", int64(cfg.ShutdownTimeout)},
+		{"PipelineDepth", int64(cfg.PipelineDepth)},
 	}); err != nil {
 		return cfg, fmt.Errorf("relay: %w", err)
 	}
@@ -157,6 +165,12 @@ func (c *Config) withDefaults() (Config, error) {
 	}
 	if err := relaycore.RetryDefaults(&cfg.MaxAttempts, &cfg.InitialBackoff, &cfg.MaxBackoff); err != nil {
 		return cfg, fmt.Errorf("relay: %w", err)
+	}
+	if cfg.PipelineDepth == 0 {
+		cfg.PipelineDepth = defaultPipelineDepth
+	}
+	if cfg.PipelineDepth > 256 {
+		return cfg, fmt.Errorf("relay: Config.PipelineDepth %d is above the limit of 256", cfg.PipelineDepth)
 	}
 	if cfg.Partitions == 0 {
 		cfg.Partitions = 16

@@ -35,8 +35,8 @@
 // Pipelining: the next batches are read while one is published, and the
 // outcome of a batch is recorded while the next one is published; Publish
 // is called for one batch at a time. A Publisher that is an
-// exactly.PipelinedPublisher (nats, pubsub) is handed up to 16 batches at
-// once, messages of one key in several of them, in order: after a message
+// exactly.PipelinedPublisher (nats, pubsub) is handed up to PipelineDepth
+// (16) batches at once, messages of one key in several of them, in order: after a message
 // fails it sends none of the key's later messages, and the relay resumes
 // the key with the failed message's retry once none of the key's messages
 // is in flight. Messages of the key the broker had already taken are dealt

@@ -17,14 +17,15 @@ import (
 // +7% at 500 rows, less than the larger batch gives).
 const publishDepth = 1
 
-// pipelineDepth is how many batches a PipelinedPublisher holds at once.
+// defaultPipelineDepth is how many batches a PipelinedPublisher holds at
+// once unless Config.PipelineDepth says otherwise.
 // Its batches may share keys: it hands a key's messages to the broker in
 // the order of the calls and, after a failure, fails the key's later
 // messages unsent until the relay resumes the key (keyOrder.pausing), so a
 // key's confirmed messages stay a prefix of its messages. Measured on
 // pstest (bench row 8, 2,000-row batches over 1,000 keys): 1 batch out at
 // a time reaches a quarter of the library's own rate, 16 about all of it.
-const pipelineDepth = 16
+const defaultPipelineDepth = 16
 
 // publishing is a batch handed to the Publisher and not yet finished.
 type publishing struct {
@@ -34,7 +35,7 @@ type publishing struct {
 }
 
 // publishLoop publishes batches, up to publishDepth at once when their keys
-// are disjoint (up to pipelineDepth, keys shared or not, to a
+// are disjoint (up to Config.PipelineDepth, keys shared or not, to a
 // PipelinedPublisher, which takes them in order), and hands their outcomes
 // to the mark stage in batch order.
 // After ctx is cancelled it starts no new batch: queued rows are handed back
@@ -84,7 +85,7 @@ func (r *Relay) publishLoop(ctx, stopCtx context.Context, pubCh <-chan batch, ma
 			}
 			b = next
 		}
-		depth := pipelineDepth
+		depth := r.cfg.PipelineDepth
 		var keys map[string]struct{}
 		if r.pipe == nil {
 			depth = publishDepth

@@ -494,6 +494,7 @@ func runRelay(ctx context.Context, f *relayFlags, log *slog.Logger) error {
 		InitialBackoff:  f.tune.initialBackoff,
 		MaxBackoff:      f.tune.maxBackoff,
 		StrictOrder:     f.tune.strictOrder,
+		PipelineDepth:   f.tune.pipelineDepth,
 		Retention:       f.tune.retention,
 		Partitions:      f.tune.partitions,
 		LeaseTTL:        f.tune.leaseTTL,

@@ -17,6 +17,7 @@ import (
 // deployment tunes; relayTunables defines their flags.
 type relayTuning struct {
 	batchSize, maxAttempts, partitions, maxPending          int
+	pipelineDepth                                           int
 	pollInterval, retention, initialBackoff, maxBackoff     time.Duration
 	leaseTTL, shutdownTimeout                               time.Duration
 	heartbeatInterval, statusInterval, lagInterval, txnTime time.Duration
@@ -56,6 +57,8 @@ func (t *relayTuning) tunables() []tunable {
 			help: "longest wait between publishes of a failing message (MaxBackoff), 0 for the default 5m"},
 		{name: "strict-order", source: sourcePoll, ptr: &t.strictOrder,
 			help: "at most one message per key in flight: no reordering after a failure, at one round trip per message of a hot key (StrictOrder)"},
+		{name: "pipeline-depth", source: sourcePoll, ptr: &t.pipelineDepth, max: 256,
+			help: "batches handed to a nats or pubsub publisher before the first has its outcome; up to this many × --batch-size rows in memory, 1 for one at a time (PipelineDepth), 0 for the default 16"},
 		{name: "retention", ptr: &t.retention,
 			help: "keep sent rows this long, 0 deletes them once confirmed (Retention; cdc: any value keeps them, the operator deletes them)"},
 		{name: "partitions", source: sourcePoll, ptr: &t.partitions, max: 1024,

@@ -204,7 +204,7 @@ func runPublisherAlone(ctx context.Context, b *bench) (result, error) {
 }
 
 // relayDepth is how many batches the relay hands a PipelinedPublisher
-// before the first one's outcome is known (relay.pipelineDepth).
+// before the first one's outcome is known (relay.Config.PipelineDepth's default).
 const relayDepth = 16
 
 // sendPipelined hands the batches to pp in order, as the relay does, with
