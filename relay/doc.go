@@ -56,7 +56,8 @@
 // when another relay joins (only once nothing of theirs is in flight), and
 // take over the partitions of a relay that stops renewing. A relay that
 // stalls past its lease publishes nothing more (at most the batch it was in
-// the middle of, which is then a same-id copy): the batches it had read are
+// the middle of, or the batches a PipelinedPublisher held, which are then
+// same-id copies): the batches it had read are
 // handed back, and it reads again from the lowest pending row once it has
 // its leases back. A relay that takes over partitions reads in full (from
 // the lowest pending row) until it has caught up with their backlog, whose
@@ -89,6 +90,7 @@
 // Order across keys is not kept (it is not meant to be). Order within a key
 // assumes the application does not write one key from two concurrent
 // transactions. A relay that stalls inside Publish for longer than its lease
-// may publish that one batch after another relay already did: copies, same
-// ids, possibly after later messages of their keys.
+// may publish that one batch (up to PipelineDepth batches handed to a
+// PipelinedPublisher) after another relay already did: copies, same ids,
+// possibly after later messages of their keys.
 package relay
