@@ -71,6 +71,40 @@ func (p *faultyPublisher) Publish(ctx context.Context, msgs []*exactly.Message) 
 	if err := p.inner.Publish(ctx, msgs); err != nil {
 		return err
 	}
+	return p.confirmed(ctx, msgs)
+}
+
+// forRelay is the publisher the relay is given: p, or, when the broker's
+// publisher is an exactly.PipelinedPublisher, p with its Send and Resume,
+// so the relay overlaps its batches as it does outside the demo and the
+// faults hit the outcome of each Send.
+func (p *faultyPublisher) forRelay() exactly.Publisher {
+	if pp, ok := p.inner.(exactly.PipelinedPublisher); ok {
+		return &faultyPipeline{faultyPublisher: p, pipe: pp}
+	}
+	return p
+}
+
+type faultyPipeline struct {
+	*faultyPublisher
+	pipe exactly.PipelinedPublisher
+}
+
+func (p *faultyPipeline) Send(ctx context.Context, msgs []*exactly.Message) func() error {
+	wait := p.pipe.Send(ctx, msgs)
+	return func() error {
+		if err := wait(); err != nil {
+			return err
+		}
+		return p.confirmed(ctx, msgs)
+	}
+}
+
+func (p *faultyPipeline) Resume(ctx context.Context, m *exactly.Message) { p.pipe.Resume(ctx, m) }
+
+// confirmed counts msgs, which the broker confirmed, and injects this
+// call's fault, if any.
+func (p *faultyPublisher) confirmed(ctx context.Context, msgs []*exactly.Message) error {
 	p.published.Add(int64(len(msgs)))
 	// Random faults, plus fixed ones from the first calls on, so every
 	// kind happens in every run, however short: a lost ack makes the next

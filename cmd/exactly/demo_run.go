@@ -23,7 +23,7 @@ func (r *demoRun) superviseRelay(ctx context.Context) {
 	}
 	for i := 1; ctx.Err() == nil; i++ {
 		rl, err := newRelayRunner(r.o.relay, relay.Config{
-			Outbox: r.ob, DB: r.db.db, Publisher: r.pub, BatchSize: 200, PollInterval: 20 * time.Millisecond,
+			Outbox: r.ob, DB: r.db.db, Publisher: r.pub.forRelay(), BatchSize: 200, PollInterval: 20 * time.Millisecond,
 			InitialBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond,
 			ShutdownTimeout: 50 * time.Millisecond, LeaseTTL: 2 * time.Second, Partitions: 8, Retention: retention,
 			InstanceID: fmt.Sprintf("demo-relay-%d", i), Logger: r.log,
