@@ -28,7 +28,9 @@
 //     of the calls (the case is skipped, saying so, for other publishers).
 //
 // [SendCounter] counts a PipelinedPublisher's outstanding Send calls, to
-// show that a relay overlaps its batches.
+// show that a relay overlaps its batches. [EnqueueAll], [StartRelay] and
+// [WaitDrained] write messages through an outbox, run a relay for the
+// test, and wait until the outbox is empty.
 //
 // Feature flags in the harness (NativeDedup) state what the broker adds on
 // top of that baseline; the suite then checks it too.

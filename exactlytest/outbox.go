@@ -166,24 +166,7 @@ func (f *fixture) relayConfig(p exactly.Publisher) relay.Config {
 // start runs a relay until the test ends or stop is called.
 func (f *fixture) start(cfg relay.Config) (r *relay.Relay, stop func()) {
 	f.t.Helper()
-	r, err := relay.New(cfg)
-	if err != nil {
-		f.t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- r.Run(ctx) }()
-	var once sync.Once
-	stop = func() {
-		once.Do(func() {
-			cancel()
-			if err := <-done; err != nil {
-				f.t.Errorf("relay.Run: %v", err)
-			}
-		})
-	}
-	f.t.Cleanup(stop)
-	return r, stop
+	return StartRelay(f.t, cfg)
 }
 
 func (s *outboxSuite) testCommitRollback(t *testing.T) {

@@ -106,53 +106,20 @@ func TestRelayPipelinesToJetStream(t *testing.T) {
 				return m.Topic
 			}))
 			pub := &exactlytest.SendCounter{PipelinedPublisher: inner}
-			r, err := relay.New(relay.Config{
-				DB: pool, Outbox: ob, Publisher: pub, BatchSize: 20, StrictOrder: strict,
-				PollInterval: 20 * time.Millisecond, InitialBackoff: 10 * time.Millisecond, MaxBackoff: 50 * time.Millisecond,
-				MaxAttempts: 1000,
-				Logger:      slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelError})),
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
 			var msgs []*exactly.Message
 			for n := range 200 {
 				for _, k := range []string{"a", "b", "c", "d", "e"} {
 					msgs = append(msgs, &exactly.Message{ID: exactly.NewID(), Topic: subject, Key: k, Payload: fmt.Appendf(nil, "%s:%d", k, n)})
 				}
 			}
-			for i := 0; i < len(msgs); i += 100 {
-				tx, err := pool.Begin(ctx)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if err := ob.Enqueue(ctx, tx, msgs[i:i+100]...); err != nil {
-					t.Fatal(err)
-				}
-				if err := tx.Commit(ctx); err != nil {
-					t.Fatal(err)
-				}
-			}
-			runCtx, cancel := context.WithCancel(ctx)
-			done := make(chan error, 1)
-			go func() { done <- r.Run(runCtx) }()
-			t.Cleanup(func() {
-				cancel()
-				if err := <-done; err != nil {
-					t.Errorf("Run: %v", err)
-				}
+			exactlytest.EnqueueAll(t, pool, ob, 100, msgs)
+			r, _ := exactlytest.StartRelay(t, relay.Config{
+				DB: pool, Outbox: ob, Publisher: pub, BatchSize: 20, StrictOrder: strict,
+				PollInterval: 20 * time.Millisecond, InitialBackoff: 10 * time.Millisecond, MaxBackoff: 50 * time.Millisecond,
+				MaxAttempts: 1000,
+				Logger:      slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelError})),
 			})
-			deadline := time.Now().Add(60 * time.Second)
-			for {
-				st, err := ob.Status(ctx, pool)
-				if err == nil && st.Pending == 0 {
-					break
-				}
-				if time.Now().After(deadline) {
-					t.Fatalf("the outbox did not drain: %+v, %v", st, err)
-				}
-				time.Sleep(20 * time.Millisecond)
-			}
+			exactlytest.WaitDrained(t, pool, ob, 60*time.Second)
 			got := s.read(t, subject, len(msgs)+1, 200*time.Millisecond)
 			exactlytest.CheckExactlyOnce(t, msgs, asMessages(got))
 			if strict {

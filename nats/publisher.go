@@ -228,13 +228,21 @@ func (p *Publisher) leaveOutPaused(msgs []*exactly.Message, out []*natsgo.Msg, t
 
 // pauseFailed pauses the keys of the messages of idx that failed.
 func (p *Publisher) pauseFailed(msgs []*exactly.Message, idx []int, errs []error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
 	for _, i := range idx {
-		if errs[i] != nil && msgs[i].Key != "" {
-			p.paused[msgs[i].Key] = struct{}{}
+		if errs[i] != nil {
+			p.pause(msgs[i].Key)
 		}
 	}
+}
+
+// pause makes Send leave out key's messages until Resume.
+func (p *Publisher) pause(key string) {
+	if key == "" {
+		return
+	}
+	p.mu.Lock()
+	p.paused[key] = struct{}{}
+	p.mu.Unlock()
 }
 
 // waves sends the k-th message of every key in wave k, so each key has at
@@ -307,10 +315,8 @@ func (s *sending) settleOldest() {
 	s.queue = s.queue[1:]
 	err := s.p.await(s.ctx, s.msgs[f.i], s.out[f.i].Subject, f)
 	s.errs[f.i] = err
-	if err != nil && s.pausing && s.msgs[f.i].Key != "" {
-		s.p.mu.Lock()
-		s.p.paused[s.msgs[f.i].Key] = struct{}{}
-		s.p.mu.Unlock()
+	if err != nil && s.pausing {
+		s.p.pause(s.msgs[f.i].Key)
 	}
 }
 

@@ -12,6 +12,7 @@ import (
 	gpubsub "cloud.google.com/go/pubsub/v2"
 	pb "cloud.google.com/go/pubsub/v2/apiv1/pubsubpb"
 	"cloud.google.com/go/pubsub/v2/pstest"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"google.golang.org/api/option"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -20,6 +21,8 @@ import (
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/exactlytest"
+	"github.com/exactlyonce/exactly/internal/testenv"
+	"github.com/exactlyonce/exactly/outbox"
 	"github.com/exactlyonce/exactly/pubsub"
 )
 
@@ -184,4 +187,17 @@ func messages(topic string, keys []string, perKey int) []*exactly.Message {
 		}
 	}
 	return out
+}
+
+// pgOutbox returns a pool on the test PostgreSQL and an outbox table of the
+// test's own in it.
+func pgOutbox(t *testing.T, prefix string) (*pgxpool.Pool, *outbox.Outbox) {
+	t.Helper()
+	testenv.Need(t, testenv.Postgres)
+	pool, err := pgxpool.New(context.Background(), testenv.PostgresDSN())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	return pool, exactlytest.MigratedOutbox(t, pool, outbox.Postgres, prefix)
 }

@@ -1,7 +1,6 @@
 package pubsub_test
 
 import (
-	"context"
 	"errors"
 	"log/slog"
 	"strconv"
@@ -11,13 +10,10 @@ import (
 
 	gpubsub "cloud.google.com/go/pubsub/v2"
 	pb "cloud.google.com/go/pubsub/v2/apiv1/pubsubpb"
-	"github.com/jackc/pgx/v5/pgxpool"
 	"google.golang.org/grpc/codes"
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/exactlytest"
-	"github.com/exactlyonce/exactly/internal/testenv"
-	"github.com/exactlyonce/exactly/outbox"
 	"github.com/exactlyonce/exactly/pubsub"
 	"github.com/exactlyonce/exactly/relay"
 )
@@ -83,14 +79,7 @@ func TestSendKeepsAPausedKeyUntilResume(t *testing.T) {
 // once none of the key's messages is in flight keep.
 func TestRelayPipelinesBatchesInKeyOrder(t *testing.T) {
 	t.Parallel()
-	testenv.Need(t, testenv.Postgres)
-	ctx := context.Background()
-	pool, err := pgxpool.New(ctx, testenv.PostgresDSN())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pool.Close)
-	ob := exactlytest.MigratedOutbox(t, pool, outbox.Postgres, "pubsub_pipeline")
+	pool, ob := pgOutbox(t, "pubsub_pipeline")
 
 	// The first request of key "a" or "b" to carry one of the key's
 	// messages 0, 25, 50, ... fails: 16 failures, each at its own place in
@@ -114,41 +103,15 @@ func TestRelayPipelinesBatchesInKeyOrder(t *testing.T) {
 	topic := f.topic(t)
 	pub := &exactlytest.SendCounter{PipelinedPublisher: f.publisher(t, pubsub.PublisherConfig{})}
 
-	r, err := relay.New(relay.Config{
+	msgs := messages(topic, []string{"a", "b", "c", "d", "e"}, 200)
+	exactlytest.EnqueueAll(t, pool, ob, 100, msgs)
+	r, _ := exactlytest.StartRelay(t, relay.Config{
 		DB: pool, Outbox: ob, Publisher: pub, BatchSize: 20, PipelineDepth: 6,
 		PollInterval: 20 * time.Millisecond, InitialBackoff: 10 * time.Millisecond, MaxBackoff: 50 * time.Millisecond,
 		MaxAttempts: 1000,
 		Logger:      slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelError})),
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	msgs := messages(topic, []string{"a", "b", "c", "d", "e"}, 200)
-	for i := 0; i < len(msgs); i += 100 {
-		tx, err := pool.Begin(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := ob.Enqueue(ctx, tx, msgs[i:min(i+100, len(msgs))]...); err != nil {
-			t.Fatal(err)
-		}
-		if err := tx.Commit(ctx); err != nil {
-			t.Fatal(err)
-		}
-	}
-	runCtx, cancel := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- r.Run(runCtx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	})
-	waitWithin(t, 60*time.Second, "the outbox drained", func() bool {
-		st, err := ob.Status(ctx, pool)
-		return err == nil && st.Pending == 0
-	})
+	exactlytest.WaitDrained(t, pool, ob, 60*time.Second)
 	got := f.stored(topic)
 	exactlytest.CheckExactlyOnce(t, msgs, asMessages(got))
 	exactlytest.CheckKeyOrder(t, asMessages(got))

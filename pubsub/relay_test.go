@@ -1,17 +1,13 @@
 package pubsub_test
 
 import (
-	"context"
 	"log/slog"
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgxpool"
 	"google.golang.org/grpc/codes"
 
 	"github.com/exactlyonce/exactly/exactlytest"
-	"github.com/exactlyonce/exactly/internal/testenv"
-	"github.com/exactlyonce/exactly/outbox"
 	"github.com/exactlyonce/exactly/pubsub"
 	"github.com/exactlyonce/exactly/relay"
 )
@@ -22,50 +18,22 @@ import (
 // itself and every message arrives once, each key in order, none parked.
 func TestRelayHoldsOnlyTheFailingKey(t *testing.T) {
 	t.Parallel()
-	testenv.Need(t, testenv.Postgres)
-	ctx := context.Background()
-	pool, err := pgxpool.New(ctx, testenv.PostgresDSN())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pool.Close)
-	ob := exactlytest.MigratedOutbox(t, pool, outbox.Postgres, "pubsub_relay")
+	pool, ob := pgOutbox(t, "pubsub_relay")
 
 	fail := &failPublish{code: codes.FailedPrecondition}
 	f := newFake(t, fail.option())
 	topic := f.topic(t)
 	fail.set(-1, orderingKey("a"))
 
-	r, err := relay.New(relay.Config{
+	r, _ := exactlytest.StartRelay(t, relay.Config{
 		DB: pool, Outbox: ob, Publisher: f.publisher(t, pubsub.PublisherConfig{}),
 		PollInterval: 50 * time.Millisecond, InitialBackoff: 50 * time.Millisecond, MaxBackoff: 200 * time.Millisecond,
 		MaxAttempts: 1000,
 		Logger:      slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelError})),
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	runCtx, cancel := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- r.Run(runCtx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	})
 
 	msgs := messages(topic, []string{"a", "b", "c"}, 10)
-	tx, err := pool.Begin(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ob.Enqueue(ctx, tx, msgs...); err != nil {
-		t.Fatal(err)
-	}
-	if err := tx.Commit(ctx); err != nil {
-		t.Fatal(err)
-	}
+	exactlytest.EnqueueAll(t, pool, ob, len(msgs), msgs)
 
 	waitUntil(t, "keys b and c published while a fails", func() bool {
 		got := f.stored(topic)
@@ -81,10 +49,7 @@ func TestRelayHoldsOnlyTheFailingKey(t *testing.T) {
 
 	fail.set(0, nil)
 	waitUntil(t, "key a published once the failure stopped", func() bool { return countKey(f.stored(topic), "a") >= 10 })
-	waitUntil(t, "the outbox drained", func() bool {
-		st, err := ob.Status(ctx, pool)
-		return err == nil && st.Pending == 0
-	})
+	exactlytest.WaitDrained(t, pool, ob, 30*time.Second)
 	got := f.stored(topic)
 	exactlytest.CheckExactlyOnce(t, msgs, asMessages(got))
 	exactlytest.CheckKeyOrder(t, asMessages(got))

@@ -121,17 +121,7 @@ func TestThrottlingAndLostAnswersThroughRelay(t *testing.T) {
 		time.Sleep(300 * time.Millisecond)
 	}
 	ef.WaitApplied(msgs, 2*time.Minute)
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		st, err := ob.Status(ctx, pool)
-		if err == nil && st.Pending == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the outbox did not drain: %+v, %v", st, err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	exactlytest.WaitDrained(t, pool, ob, 30*time.Second)
 	proxy.Set(false)
 	ef.CheckOnce(msgs)
 	t.Logf("faults: %s", proxy)
