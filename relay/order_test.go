@@ -2,6 +2,7 @@ package relay
 
 import (
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -271,5 +272,25 @@ func TestKeyOrderResumesAPausedKeyOnceNothingOfItIsInFlight(t *testing.T) {
 	}
 	if _, paused := o.paused["a"]; paused {
 		t.Fatal("a is still marked paused after the row that resumes it")
+	}
+}
+
+// A batch that was to resume a paused key and is handed back unsent (its
+// lease ran out, it was fenced, the relay stops) leaves the key paused: the
+// next row of the key admitted resumes it instead.
+func TestHandBackKeepsTheKeyPaused(t *testing.T) {
+	r := &Relay{order: newKeyOrder(100, false, true)}
+	r.drained = sync.NewCond(&r.mu)
+	now := time.UnixMilli(1_000_000)
+	r.order.failed("a")
+	rows := []outboxstore.Row{row(1, "a", time.Time{}), row(2, "b", time.Time{})}
+	ready, _, _, resume := r.order.admit(rows, now, r.order.read(now, false, now))
+	if !slices.Equal(resume, []int{0}) {
+		t.Fatalf("resume %v, want row 1 of the paused key", resume)
+	}
+	r.handBack(batch{rows: ready, resume: resume})
+	ready, _, _, resume = r.order.admit(rows, now, r.order.read(now, false, now))
+	if !slices.Equal(seqs(ready), []int64{1, 2}) || !slices.Equal(resume, []int{0}) {
+		t.Fatalf("after the hand-back admitted %v resuming %v; want 1 2, with 1 resuming a again", seqs(ready), resume)
 	}
 }
