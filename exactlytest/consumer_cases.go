@@ -449,11 +449,15 @@ func (s *consumerSuite) testNoID(c *consumerCase) {
 			defer c.mu.Unlock()
 			return c.payloads[payload] != ""
 		}, r)
-		r.stop()
 		c.mu.Lock()
 		id := c.payloads[payload]
 		c.mu.Unlock()
-		c.checkOnce(append(good, &exactly.Message{ID: id}))
+		// Handled is not applied yet: the inbox commits the effect after
+		// the handler returns, and stopping first would cancel it.
+		derived := &exactly.Message{ID: id}
+		c.waitApplied([]*exactly.Message{derived}, r)
+		r.stop()
+		c.checkOnce(append(good, derived))
 		if d := c.dlq.Delivered(); len(d) != 0 {
 			t.Fatalf("%d dead letters, want none: the id is derived", len(d))
 		}
