@@ -10,75 +10,89 @@ import (
 	"github.com/exactlyonce/exactly/internal/relaycore"
 )
 
-// sink publishes a batch. errs has one entry per message (nil: confirmed);
-// outage is set instead when the publisher failed as a whole and nothing
-// may be assumed confirmed.
-type sink interface {
-	publish(ctx context.Context, es []*entry) (errs []error, outage error)
-}
-
-// publisherSink hands batches to an exactly.Publisher.
-type publisherSink struct{ p exactly.Publisher }
-
-func (s publisherSink) publish(ctx context.Context, es []*entry) ([]error, error) {
-	msgs := make([]*exactly.Message, len(es))
-	for i, e := range es {
-		msgs[i] = &e.msg
-	}
-	errs, outage := exactly.Verdicts(s.p.Publish(ctx, msgs), len(msgs))
-	if outage != nil {
-		return nil, outage
-	}
-	return errs, nil
-}
-
-// dispatcher owns the messages between the stream and their confirmation:
-// it forms batches (per-key order, backoff, one Publish at a time), sorts
-// out the outcomes, and hands confirmed and parked messages to the writer.
+// dispatcher owns the messages between the stream and their confirmation.
+// It is the relay's relaycore.Source: it forms batches (per-key order,
+// backoff) that the engine publishes one at a time, sorts out the
+// outcomes, and hands confirmed and parked messages to the writer.
 type dispatcher struct {
 	r       *Relay
-	sink    sink
 	ordered bool // exactly-once mode: batches are stream-order prefixes
 
 	in       chan *entry
+	out      chan relaycore.Batch // to the engine
+	results  chan dispatched      // from the engine: at most one batch is out
 	writes   chan writeJob
 	pending  []*entry
 	removed  int
 	keyUntil map[string]time.Time // keys held back by a failure
-	outages  int
-	pause    time.Time // no batch before this (outage, exactly-once failure)
+	failures int                  // exactly-once mode: consecutive failed transactions
+	pause    time.Time            // no batch before this (exactly-once failure)
 }
 
-type outcome struct {
-	batch  []*entry
-	errs   []error
-	outage error
-	took   time.Duration
+// dispatched is what became of the batch out: its outcome, or handed back
+// unpublished.
+type dispatched struct {
+	out  relaycore.Outcome
+	back bool
 }
 
+func newDispatcher(r *Relay) *dispatcher {
+	return &dispatcher{
+		r: r, ordered: r.cfg.ExactlyOnce != nil,
+		in: make(chan *entry, 4096), out: make(chan relaycore.Batch), results: make(chan dispatched, 1),
+		writes: make(chan writeJob, 64), keyUntil: map[string]time.Time{},
+	}
+}
+
+func entriesOf(b *relaycore.Batch) []*entry { return b.Ref.([]*entry) }
+
+// Publishable is always true: the slot has one reader.
+func (d *dispatcher) Publishable(*relaycore.Batch) bool { return true }
+
+func (d *dispatcher) HandBack(b *relaycore.Batch) {
+	d.results <- dispatched{out: relaycore.Outcome{Batch: *b}, back: true}
+}
+
+// Record passes the outcomes to run, which handles them between the
+// messages it takes from the stream.
+func (d *dispatcher) Record(_ context.Context, outs []relaycore.Outcome) {
+	for _, o := range outs {
+		d.results <- dispatched{out: o}
+	}
+}
+
+// run takes the stream's messages and forms the batches the engine
+// publishes, one at a time, until ctx ends; then it waits for the batch
+// out, if any.
 func (d *dispatcher) run(ctx, stopCtx context.Context) {
 	defer close(d.writes)
-	var inflight chan outcome
+	defer close(d.out)
+	inflight := false
+	var ready relaycore.Batch // formed, not yet taken by the engine
 	for {
 		var timer <-chan time.Time
-		if inflight == nil {
+		if !inflight && ready.Msgs == nil {
 			if ctx.Err() != nil {
 				return
 			}
 			batch, wait := d.form(time.Now())
 			if len(batch) > 0 {
-				ch := make(chan outcome, 1)
-				go func() {
-					start := time.Now()
-					errs, outage := d.sink.publish(stopCtx, batch)
-					ch <- outcome{batch: batch, errs: errs, outage: outage, took: time.Since(start)}
-				}()
-				inflight = ch
+				msgs := make([]*exactly.Message, len(batch))
+				for i, e := range batch {
+					msgs[i] = &e.msg
+				}
+				ready = relaycore.Batch{Msgs: msgs, Ref: batch}
 			} else if wait > 0 {
 				timer = time.After(wait)
 			}
 		}
+		var out chan<- relaycore.Batch
+		if ready.Msgs != nil {
+			out = d.out
+		}
 		select {
+		case out <- ready:
+			inflight, ready = true, relaycore.Batch{}
 		case e := <-d.in:
 			d.take(stopCtx, e)
 			for more := true; more; {
@@ -89,13 +103,17 @@ func (d *dispatcher) run(ctx, stopCtx context.Context) {
 					more = false
 				}
 			}
-		case res := <-inflight:
-			inflight = nil
-			d.handle(stopCtx, res)
+		case res := <-d.results:
+			inflight = false
+			if !res.back {
+				d.handle(stopCtx, res.out)
+			}
 		case <-timer:
 		case <-ctx.Done():
-			if inflight != nil {
-				d.handle(stopCtx, <-inflight)
+			if inflight {
+				if res := <-d.results; !res.back {
+					d.handle(stopCtx, res.out)
+				}
 			}
 			return
 		}
@@ -187,29 +205,23 @@ func (d *dispatcher) remove(e *entry) {
 	d.removed++
 }
 
-// handle sorts out the outcome of a batch, in batch order.
-func (d *dispatcher) handle(ctx context.Context, res outcome) {
-	r := d.r
-	now := time.Now()
-	var confirmed []*entry
-	var parks []park
-	if res.outage != nil {
-		d.outages++
-		wait := r.backoff(d.outages)
-		d.pause = now.Add(wait)
-		r.log.Warn("publisher failed for the whole batch; retrying", "err", res.outage, "messages", len(res.batch), "in", wait)
+// handle sorts out the outcome of a batch, in batch order. After an
+// outage the batch's messages stay pending, and the engine backs off.
+func (d *dispatcher) handle(ctx context.Context, res relaycore.Outcome) {
+	if res.Outage != nil {
 		return
 	}
-	if hook := r.afterPublish; hook != nil {
-		hook(res.batch, res.errs)
-	}
+	r := d.r
+	now := time.Now()
+	batch := entriesOf(&res.Batch)
+	var confirmed []*entry
+	var parks []park
 	if d.ordered {
-		d.handleOrdered(now, res, &confirmed, &parks)
+		d.handleOrdered(now, batch, res.Errs, &confirmed, &parks)
 	} else {
-		d.outages = 0
 		j := relaycore.NewJudge(r.cfg.MaxAttempts, r.backoff, now)
-		for i, e := range res.batch {
-			key, err := e.msg.Key, res.errs[i]
+		for i, e := range batch {
+			key, err := e.msg.Key, res.Errs[i]
 			v := j.Of(key, e.attempts, err, false)
 			switch v.Kind {
 			case relaycore.Behind:
@@ -248,7 +260,7 @@ func (d *dispatcher) handle(ctx context.Context, res outcome) {
 			for i, e := range confirmed {
 				msgs[i] = &e.msg
 			}
-			h(msgs, res.took)
+			h(msgs, res.Took)
 		}
 	}
 	for _, p := range parks {
@@ -263,24 +275,24 @@ func (d *dispatcher) handle(ctx context.Context, res outcome) {
 
 // handleOrdered is handle for the exactly-once mode, where a batch is one
 // Kafka transaction: all confirmed, or none.
-func (d *dispatcher) handleOrdered(now time.Time, res outcome, confirmed *[]*entry, parks *[]park) {
+func (d *dispatcher) handleOrdered(now time.Time, batch []*entry, errs []error, confirmed *[]*entry, parks *[]park) {
 	r := d.r
 	failed := false
-	for _, err := range res.errs {
+	for _, err := range errs {
 		if err != nil {
 			failed = true
 		}
 	}
 	if !failed {
-		d.outages = 0
-		for _, e := range res.batch {
+		d.failures = 0
+		for _, e := range batch {
 			*confirmed = append(*confirmed, e)
 			d.remove(e)
 		}
 		return
 	}
-	for i, e := range res.batch {
-		err := res.errs[i]
+	for i, e := range batch {
+		err := errs[i]
 		if err == nil {
 			continue // aborted with the transaction: not its fault
 		}
@@ -295,13 +307,13 @@ func (d *dispatcher) handleOrdered(now time.Time, res outcome, confirmed *[]*ent
 			h(&e.msg, e.attempts, err)
 		}
 	}
-	d.outages++
-	wait := r.backoff(d.outages)
+	d.failures++
+	wait := r.backoff(d.failures)
 	if len(*parks) > 0 {
 		wait = 0 // the rest of the batch can go again at once
 	}
 	d.pause = now.Add(wait)
-	r.log.Warn("transaction failed; retrying the batch", "err", firstErr(res.errs), "messages", len(res.batch), "parked", len(*parks), "in", wait)
+	r.log.Warn("transaction failed; retrying the batch", "err", firstErr(errs), "messages", len(batch), "parked", len(*parks), "in", wait)
 }
 
 func firstErr(errs []error) error {

@@ -175,7 +175,10 @@ func (r *Relay) Run(ctx context.Context) error {
 	defer pool.Close()
 	r.pool = pool
 
-	var snk sink = publisherSink{r.cfg.Publisher}
+	eng := &relaycore.Engine{Publisher: r.cfg.Publisher, Backoff: r.backoff, Log: r.log}
+	if r.afterPublish != nil {
+		eng.AfterPublish = func(o *relaycore.Outcome) { r.afterPublish(entriesOf(&o.Batch), o.Errs) }
+	}
 	if eos := r.cfg.ExactlyOnce; eos != nil {
 		ckpt, err := openExactlyOnce(ctx, eos, r.cfg.Slot, r.log)
 		if err != nil {
@@ -185,7 +188,9 @@ func (r *Relay) Run(ctx context.Context) error {
 			return fmt.Errorf("pgcdc: %w", err)
 		}
 		defer eos.Close()
-		snk, r.ckpt = exactlyOnceSink{eos, r.log}, ckpt
+		snk := exactlyOnceSink{eos, r.log}
+		eng.Publish = func(ctx context.Context, b *relaycore.Batch) ([]error, error) { return snk.publish(ctx, entriesOf(b)) }
+		r.ckpt = ckpt
 		if ckpt != nil {
 			r.log.Info("exactly-once checkpoint read from Kafka", "checkpoint", ckpt.String())
 		}
@@ -214,12 +219,12 @@ func (r *Relay) Run(ctx context.Context) error {
 	stopCtx, stopCancel := relaycore.Grace(runCtx, r.cfg.ShutdownTimeout)
 	defer stopCancel()
 
-	r.disp = &dispatcher{
-		r: r, sink: snk, ordered: r.cfg.ExactlyOnce != nil,
-		in: make(chan *entry, 4096), writes: make(chan writeJob, 64), keyUntil: map[string]time.Time{},
-	}
+	// The stream feeds the dispatcher, which forms the batches the engine
+	// publishes and hands what they confirmed to the writer.
+	r.disp = newDispatcher(r)
 	var pipeline sync.WaitGroup
 	pipeline.Go(func() { r.disp.run(runCtx, stopCtx) })
+	pipeline.Go(func() { eng.Run(runCtx, stopCtx, r.disp.out, r.disp) })
 	pipeline.Go(func() { r.writeLoop(stopCtx, r.disp.writes) })
 
 	var bg sync.WaitGroup

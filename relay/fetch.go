@@ -16,7 +16,7 @@ import (
 const fullReadEvery = 500 * time.Millisecond
 
 // fetchLoop reads pending rows and feeds the publisher until ctx ends.
-func (r *Relay) fetchLoop(ctx context.Context, pubCh chan<- batch) {
+func (r *Relay) fetchLoop(ctx context.Context, pubCh chan<- relaycore.Batch) {
 	var nextLease, lastFull time.Time
 	backlog := false // the last read returned a full batch
 	leaseEvery := r.cfg.LeaseTTL / 3
@@ -88,10 +88,11 @@ func (r *Relay) fetchLoop(ctx context.Context, pubCh chan<- batch) {
 		ready, wait, busy, resume := r.order.admit(rows, now, read)
 		r.mu.Unlock()
 		if len(ready) > 0 {
+			b := newBatch(ready, read.gen, resume)
 			select {
-			case pubCh <- batch{rows: ready, gen: read.gen, resume: resume}:
+			case pubCh <- b:
 			case <-ctx.Done():
-				r.handBack(batch{rows: ready, resume: resume})
+				r.handBack(&b)
 				return
 			}
 		}
@@ -134,19 +135,19 @@ func (r *Relay) release(rows []outboxstore.Row) {
 
 // handBack returns a batch that was admitted but will not be published
 // now.
-func (r *Relay) handBack(b batch) {
+func (r *Relay) handBack(b *relaycore.Batch) {
 	r.mu.Lock()
 	r.order.rescan = true
 	r.unresume(b)
-	r.release(b.rows)
+	r.release(rowsOf(b))
 	r.mu.Unlock()
 }
 
 // unresume marks paused again the keys b was to resume: it was not sent.
 // Called with r.mu held.
-func (r *Relay) unresume(b batch) {
-	for _, i := range b.resume {
-		r.order.failed(b.rows[i].Msg.Key)
+func (r *Relay) unresume(b *relaycore.Batch) {
+	for _, i := range b.Resume {
+		r.order.failed(b.Msgs[i].Key)
 	}
 }
 

@@ -10,32 +10,6 @@ import (
 	"github.com/exactlyonce/exactly/internal/sqldb"
 )
 
-// markLoop records the outcome of each batch in the table, in batch order.
-// The results waiting when it gets to them are recorded together: one
-// statement marks all their confirmed rows, which keeps marking off the
-// critical path at low rates (one message per batch) as well as high ones.
-func (r *Relay) markLoop(ctx context.Context, markCh <-chan result) {
-	for res := range markCh {
-		group := []result{res}
-	more:
-		for len(group) < maxMarkGroup {
-			select {
-			case res, ok := <-markCh:
-				if !ok {
-					break more
-				}
-				group = append(group, res)
-			default:
-				break more
-			}
-		}
-		r.mark(ctx, group)
-	}
-}
-
-// maxMarkGroup bounds how many batches one mark records.
-const maxMarkGroup = 64
-
 type hookCall struct {
 	msg     *exactly.Message
 	attempt int
@@ -56,15 +30,16 @@ type markPlan struct {
 // plan decides the fate of each row of one batch, in batch order, and
 // updates the held-back keys. Called with r.mu held, for the batches in the
 // order they were published.
-func (r *Relay) plan(res result, now time.Time) markPlan {
+func (r *Relay) plan(res *relaycore.Outcome, now time.Time) markPlan {
 	var p markPlan
-	if res.outage {
+	rows := rowsOf(&res.Batch)
+	if res.Outage != nil {
 		// No verdict on any message: each key waits InitialBackoff behind
 		// its first row, and no attempt is counted.
 		p.retry = true
 		heldBack := map[string]bool{}
-		for i := range res.rows {
-			row := &res.rows[i]
+		for i := range rows {
+			row := &rows[i]
 			r.order.failed(row.Msg.Key)
 			if key := row.Msg.Key; key != "" && !heldBack[key] && !r.order.heldBehind(key, row.Seq) {
 				heldBack[key] = true
@@ -74,10 +49,10 @@ func (r *Relay) plan(res result, now time.Time) markPlan {
 		return p
 	}
 	j := relaycore.NewJudge(r.cfg.MaxAttempts, r.backoff, now)
-	for i := range res.rows {
-		row := &res.rows[i]
+	for i := range rows {
+		row := &rows[i]
 		key := row.Msg.Key
-		err := res.errs[i]
+		err := res.Errs[i]
 		if err != nil {
 			r.order.failed(key)
 		}
@@ -113,19 +88,21 @@ func (r *Relay) plan(res result, now time.Time) markPlan {
 
 // mark records the outcome of the batches of group, published in that
 // order: one statement removes (or marks sent) every confirmed row, one
-// transaction records the failures.
-func (r *Relay) mark(ctx context.Context, group []result) {
+// transaction records the failures. The outcomes that wait when a mark
+// ends are recorded together by the next one, which keeps marking off the
+// critical path at low rates (one message per batch) as well as high ones.
+func (r *Relay) mark(ctx context.Context, group []relaycore.Outcome) {
 	now := time.Now()
 	plans := make([]markPlan, len(group))
 	var sent []int64
 	var fails []outboxstore.Failure
 	retry := false
 	r.mu.Lock()
-	for i, res := range group {
-		plans[i] = r.plan(res, now)
+	for i := range group {
+		plans[i] = r.plan(&group[i], now)
 		sent = append(sent, plans[i].sent...)
 		fails = append(fails, plans[i].fails...)
-		retry = retry || plans[i].retry || res.outage
+		retry = retry || plans[i].retry || group[i].Outage != nil
 	}
 	r.mu.Unlock()
 
@@ -142,7 +119,7 @@ func (r *Relay) mark(ctx context.Context, group []result) {
 			}
 			r.stats.batches.Add(1)
 			if h := r.cfg.Hooks.Published; h != nil {
-				h(p.sentMsgs, group[i].took)
+				h(p.sentMsgs, group[i].Took)
 			}
 		}
 	}
@@ -167,8 +144,8 @@ func (r *Relay) mark(ctx context.Context, group []result) {
 	if retry {
 		r.order.rescan = true // rows left pending lie below the cursor
 	}
-	for _, res := range group {
-		r.release(res.rows)
+	for i := range group {
+		r.release(rowsOf(&group[i].Batch))
 	}
 	// A paused key's next row waits for the key's rows in flight.
 	wake := retry || r.cfg.StrictOrder || len(r.order.paused) > 0

@@ -288,7 +288,8 @@ func TestHandBackKeepsTheKeyPaused(t *testing.T) {
 	if !slices.Equal(resume, []int{0}) {
 		t.Fatalf("resume %v, want row 1 of the paused key", resume)
 	}
-	r.handBack(batch{rows: ready, resume: resume})
+	b := newBatch(ready, 0, resume)
+	r.handBack(&b)
 	ready, _, _, resume = r.order.admit(rows, now, r.order.read(now, false, now))
 	if !slices.Equal(seqs(ready), []int64{1, 2}) || !slices.Equal(resume, []int{0}) {
 		t.Fatalf("after the hand-back admitted %v resuming %v; want 1 2, with 1 resuming a again", seqs(ready), resume)

@@ -55,7 +55,7 @@ type Relay struct {
 	leaseUntil atomic.Int64
 
 	// pipe is the Publisher when it takes overlapping batches of shared
-	// keys (see publishLoop).
+	// keys (see relaycore.Engine).
 	pipe exactly.PipelinedPublisher
 
 	stats   counters
@@ -154,24 +154,6 @@ func (r *Relay) Wake() {
 	}
 }
 
-type batch struct {
-	rows []outboxstore.Row
-	gen  uint64 // the read that returned the rows
-	// resume lists the rows (by index) that resume their paused key (see
-	// keyOrder.pausing).
-	resume []int
-}
-
-type result struct {
-	rows []outboxstore.Row
-	errs []error // per row; nil when confirmed
-	took time.Duration
-	// outage is set when the publisher failed as a whole (no per-message
-	// verdict): the rows are handed back without counting an attempt.
-	outage bool
-	err    error // the whole-batch error, with outage
-}
-
 // Run publishes until ctx is cancelled, then finishes or hands back the batch
 // in flight and returns nil. It returns an error only when it cannot start
 // (tables missing, partition mismatch), or when another relay changed the
@@ -217,15 +199,15 @@ func (r *Relay) Run(ctx context.Context) error {
 		bg.Go(func() { r.backlog(bgCtx) })
 	}
 
-	pubCh := make(chan batch, 1)
-	markCh := make(chan result, 8) // publishing seldom waits for marking
-	var workers sync.WaitGroup
-	workers.Go(func() { r.publishLoop(ctx, stopCtx, pubCh, markCh) })
-	workers.Go(func() { r.markLoop(stopCtx, markCh) })
-
+	// The fetch loop feeds the engine; after ctx is cancelled the engine
+	// starts no new batch (queued rows are handed back and stay pending)
+	// and finishes the batches out.
+	pubCh := make(chan relaycore.Batch, 1)
+	var engine sync.WaitGroup
+	engine.Go(func() { r.engine().Run(ctx, stopCtx, pubCh, source{r}) })
 	r.fetchLoop(ctx, pubCh)
 	close(pubCh)
-	workers.Wait()
+	engine.Wait()
 
 	leaveCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()

@@ -1,5 +1,8 @@
 // Package relaycore holds what the polling relay (relay) and the CDC relay
-// (pgcdc) share: the settings' checks and the retry defaults, the start-up
+// (pgcdc) share: the engine both publish through (engine.go: a Source
+// feeds it batches in order, it hands them to the broker, one at a time or
+// pipelined, backs off after an outage and gives the outcomes back in
+// order), the settings' checks and the retry defaults, the start-up
 // retries and the shutdown grace (this file), and what the outcome of a
 // published batch does: the verdict on each message (Judge: per-key order,
 // the park rule, backoff) and the log lines (outcome.go).
