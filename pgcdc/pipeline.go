@@ -131,11 +131,7 @@ func (d *dispatcher) take(ctx context.Context, e *entry) {
 		d.pending = append(d.pending, e)
 		return
 	}
-	r := d.r
-	r.stats.dead.Add(1)
-	if h := r.cfg.Hooks.Dead; h != nil {
-		h(&e.msg, e.bad)
-	}
+	d.r.tally.Unreadable(&e.msg, e.bad) // logged when decoded
 	d.write(ctx, nil, []park{{e, e.bad}})
 }
 
@@ -227,7 +223,7 @@ func (d *dispatcher) handle(ctx context.Context, res relaycore.Outcome) {
 			case relaycore.Behind:
 				// Published again after the earlier message of its key.
 				if err == nil {
-					r.stats.republished.Add(1)
+					r.tally.Republished.Add(1)
 				}
 			case relaycore.Confirmed:
 				confirmed = append(confirmed, e)
@@ -243,32 +239,22 @@ func (d *dispatcher) handle(ctx context.Context, res relaycore.Outcome) {
 				} else {
 					e.until = v.Next
 				}
-				r.stats.failed.Add(1)
-				r.failLog.Failed(&e.msg, e.attempts, v.Next, err, now)
-				if h := r.cfg.Hooks.Failed; h != nil {
-					h(&e.msg, e.attempts, err)
-				}
+				r.tally.Retrying(&e.msg, e.attempts, v.Next, err, now)
 			}
 		}
 		r.stats.blockedKeys.Store(int64(len(d.keyUntil)))
 	}
-	if len(confirmed) > 0 {
-		r.stats.published.Add(int64(len(confirmed)))
-		r.stats.batches.Add(1)
-		if h := r.cfg.Hooks.Published; h != nil {
-			msgs := make([]*exactly.Message, len(confirmed))
+	if msgs := res.Msgs; len(confirmed) > 0 {
+		if len(confirmed) < len(batch) {
+			msgs = make([]*exactly.Message, len(confirmed))
 			for i, e := range confirmed {
 				msgs[i] = &e.msg
 			}
-			h(msgs, res.Took)
 		}
+		r.tally.Confirmed(msgs, res.Took)
 	}
 	for _, p := range parks {
-		r.stats.dead.Add(1)
-		relaycore.LogDead(r.log, &p.e.msg, p.e.attempts, p.err)
-		if h := r.cfg.Hooks.Dead; h != nil {
-			h(&p.e.msg, p.err)
-		}
+		r.tally.Parked(&p.e.msg, p.e.attempts, p.err)
 	}
 	d.write(ctx, confirmed, parks)
 }
@@ -302,10 +288,7 @@ func (d *dispatcher) handleOrdered(now time.Time, batch []*entry, errs []error, 
 			d.remove(e)
 			continue
 		}
-		r.stats.failed.Add(1)
-		if h := r.cfg.Hooks.Failed; h != nil {
-			h(&e.msg, e.attempts, err)
-		}
+		r.tally.FailedOnce(&e.msg, e.attempts, err) // the transaction's failure is logged below
 	}
 	d.failures++
 	wait := r.backoff(d.failures)

@@ -42,7 +42,7 @@ type Relay struct {
 	ckpt   *position // exactly-once: the checkpoint read from Kafka
 
 	stats   counters
-	failLog *relaycore.FailureLog
+	tally   *relaycore.Tally
 	running atomic.Bool
 	// slotUp is set once the slot was checked or created in this Run;
 	// until then watchSlot does not judge it.
@@ -69,11 +69,11 @@ type tableRef struct {
 }
 
 type counters struct {
-	received, published, republished, failed, dead, skipped, batches, reconnects atomic.Int64
-	receivedLSN                                                                  atomic.Uint64
-	lagBytes                                                                     atomic.Int64
-	lagSeconds                                                                   atomic.Uint64 // milliseconds
-	blockedKeys                                                                  atomic.Int64
+	received, skipped, reconnects atomic.Int64
+	receivedLSN                   atomic.Uint64
+	lagBytes                      atomic.Int64
+	lagSeconds                    atomic.Uint64 // milliseconds
+	blockedKeys                   atomic.Int64
 }
 
 // Stats are running totals since the relay started, and the slot's state.
@@ -105,9 +105,9 @@ type Stats struct {
 // Stats returns the running totals.
 func (r *Relay) Stats() Stats {
 	return Stats{
-		Received: r.stats.received.Load(), Published: r.stats.published.Load(), Republished: r.stats.republished.Load(),
-		Failed: r.stats.failed.Load(), Dead: r.stats.dead.Load(), Skipped: r.stats.skipped.Load(),
-		Batches: r.stats.batches.Load(), Reconnects: r.stats.reconnects.Load(), Pending: r.track.pending.Load(),
+		Received: r.stats.received.Load(), Published: r.tally.Published.Load(), Republished: r.tally.Republished.Load(),
+		Failed: r.tally.Failed.Load(), Dead: r.tally.Dead.Load(), Skipped: r.stats.skipped.Load(),
+		Batches: r.tally.Batches.Load(), Reconnects: r.stats.reconnects.Load(), Pending: r.track.pending.Load(),
 		ReceivedLSN: LSN(r.stats.receivedLSN.Load()), ConfirmedLSN: r.track.position(),
 		SlotLagBytes: r.stats.lagBytes.Load(), SlotLagSeconds: float64(r.stats.lagSeconds.Load()) / 1000,
 		BlockedKeys: r.stats.blockedKeys.Load(),
@@ -126,11 +126,13 @@ func New(cfg Config) (*Relay, error) {
 	}
 	log := c.Logger.With("component", "pgcdc", "slot", c.Slot)
 	r := &Relay{
-		cfg:     c,
-		store:   store,
-		log:     log,
-		fatal:   make(chan struct{}),
-		failLog: relaycore.NewFailureLog(log, c.MaxAttempts),
+		cfg:   c,
+		store: store,
+		log:   log,
+		fatal: make(chan struct{}),
+		tally: relaycore.NewTally(log, c.MaxAttempts, relaycore.Hooks{
+			Published: c.Hooks.Published, Failed: c.Hooks.Failed, Dead: c.Hooks.Dead,
+		}),
 	}
 	r.tables = append(r.tables, tableRef{kind: relOutbox, quoted: store.QuotedTable()})
 	if c.Debezium != nil {
@@ -249,7 +251,7 @@ func (r *Relay) Run(ctx context.Context) error {
 		}
 		conn.close()
 	}
-	r.log.Info("relay stopped", "published", r.stats.published.Load(), "confirmed", r.track.position().String())
+	r.log.Info("relay stopped", "published", r.tally.Published.Load(), "confirmed", r.track.position().String())
 	select {
 	case <-r.fatal:
 		return r.fatalErr

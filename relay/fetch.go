@@ -157,15 +157,6 @@ func (r *Relay) unresume(b *relaycore.Batch) {
 // never reach the Publisher, and are re-drivable like any dead message.
 func (r *Relay) parkedAtFetch(rows []outboxstore.Row) {
 	for i := range rows {
-		r.reportDead(&rows[i].Msg, rows[i].Attempts, exactly.Unpublishable(errors.New(outboxstore.ParkedReason(rows[i].Bad))))
-	}
-}
-
-// reportDead counts, logs and hands to Hooks.Dead a message parked as dead.
-func (r *Relay) reportDead(m *exactly.Message, attempts int, err error) {
-	r.stats.dead.Add(1)
-	relaycore.LogDead(r.log, m, attempts, err)
-	if h := r.cfg.Hooks.Dead; h != nil {
-		h(m, err)
+		r.tally.Parked(&rows[i].Msg, rows[i].Attempts, exactly.Unpublishable(errors.New(outboxstore.ParkedReason(rows[i].Bad))))
 	}
 }

@@ -85,7 +85,7 @@ func (r *Relay) setOwned(held []int64) {
 	}
 	r.owned = held
 	r.allOwned = len(held) == r.cfg.Partitions
-	r.stats.partitions.Store(int64(len(held)))
+	r.partitions.Store(int64(len(held)))
 	// Forget held-back keys of partitions now elsewhere: their new owner
 	// reads the backoff from the table.
 	r.mu.Lock()

@@ -61,7 +61,7 @@ func (r *Relay) plan(res *relaycore.Outcome, now time.Time) markPlan {
 		case relaycore.Behind:
 			// Left pending, to be published again after the earlier one.
 			if err == nil {
-				r.stats.republished.Add(1)
+				r.tally.Republished.Add(1)
 			}
 			p.retry = true
 		case relaycore.Confirmed:
@@ -112,15 +112,8 @@ func (r *Relay) mark(ctx context.Context, group []relaycore.Outcome) {
 		r.log.Error("marking rows sent failed; they will be published again", "err", err, "rows", len(sent))
 		retry = true
 	} else {
-		r.stats.published.Add(int64(len(sent)))
 		for i, p := range plans {
-			if len(p.sent) == 0 {
-				continue
-			}
-			r.stats.batches.Add(1)
-			if h := r.cfg.Hooks.Published; h != nil {
-				h(p.sentMsgs, group[i].Took)
-			}
+			r.tally.Confirmed(p.sentMsgs, group[i].Took)
 		}
 	}
 	if err := r.recordFailures(ctx, fails, now.UnixMilli()); err != nil {
@@ -129,13 +122,9 @@ func (r *Relay) mark(ctx context.Context, group []relaycore.Outcome) {
 	for _, p := range plans {
 		for _, c := range p.calls {
 			if c.dead {
-				r.reportDead(c.msg, c.attempt, c.err)
+				r.tally.Parked(c.msg, c.attempt, c.err)
 			} else {
-				r.stats.failed.Add(1)
-				r.failLog.Failed(c.msg, c.attempt, c.next, c.err, now)
-				if h := r.cfg.Hooks.Failed; h != nil {
-					h(c.msg, c.attempt, c.err)
-				}
+				r.tally.Retrying(c.msg, c.attempt, c.next, c.err, now)
 			}
 		}
 	}

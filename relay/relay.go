@@ -58,9 +58,9 @@ type Relay struct {
 	// keys (see relaycore.Engine).
 	pipe exactly.PipelinedPublisher
 
-	stats   counters
-	running atomic.Bool
-	failLog *relaycore.FailureLog
+	tally      *relaycore.Tally
+	partitions atomic.Int64 // held now
+	running    atomic.Bool
 
 	// afterPublish, when set (tests only), runs after the broker confirmed a
 	// batch and before the rows are marked sent: the crash window.
@@ -95,8 +95,10 @@ func New(cfg Config) (*Relay, error) {
 		log:     log,
 		wake:    make(chan struct{}, 1),
 		order:   newKeyOrder(c.BatchSize, c.StrictOrder, pipelined),
-		failLog: relaycore.NewFailureLog(log, c.MaxAttempts),
-		pipe:    pp,
+		tally: relaycore.NewTally(log, c.MaxAttempts, relaycore.Hooks{
+			Published: c.Hooks.Published, Failed: c.Hooks.Failed, Dead: c.Hooks.Dead,
+		}),
+		pipe: pp,
 	}
 	r.drained = sync.NewCond(&r.mu)
 	if store.D == sqldb.Postgres {
@@ -122,17 +124,12 @@ type Stats struct {
 	OldestBlocked time.Duration
 }
 
-type counters struct {
-	published, republished, failed, dead, batches atomic.Int64
-	partitions                                    atomic.Int64
-}
-
 // Stats returns the running totals.
 func (r *Relay) Stats() Stats {
 	st := Stats{
-		Published: r.stats.published.Load(), Republished: r.stats.republished.Load(),
-		Failed: r.stats.failed.Load(), Dead: r.stats.dead.Load(), Batches: r.stats.batches.Load(),
-		Partitions: int(r.stats.partitions.Load()),
+		Published: r.tally.Published.Load(), Republished: r.tally.Republished.Load(),
+		Failed: r.tally.Failed.Load(), Dead: r.tally.Dead.Load(), Batches: r.tally.Batches.Load(),
+		Partitions: int(r.partitions.Load()),
 	}
 	r.mu.Lock()
 	var oldest time.Time
@@ -217,7 +214,7 @@ func (r *Relay) Run(ctx context.Context) error {
 	if r.fatal != nil {
 		return fmt.Errorf("relay: %w", r.fatal)
 	}
-	r.log.Info("relay stopped", "published", r.stats.published.Load())
+	r.log.Info("relay stopped", "published", r.tally.Published.Load())
 	return nil
 }
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -236,5 +237,35 @@ func TestEngineHandsBackAfterStop(t *testing.T) {
 	if fmt.Sprint(src.refs()) != "[1]" || src.recorded[0].Outage != nil || fmt.Sprint(src.handedBack) != "[2]" {
 		t.Fatalf("recorded %v (outage %v), handed back %v; want batch 1 confirmed, batch 2 handed back",
 			src.refs(), src.recorded[0].Outage, src.handedBack)
+	}
+}
+
+// TestTally: each report counts, calls its hook, and logs where the relay
+// leaves the logging to it.
+func TestTally(t *testing.T) {
+	t.Parallel()
+	var buf strings.Builder
+	log := slog.New(slog.NewTextHandler(&buf, nil))
+	var published, failed, dead int
+	tally := NewTally(log, 3, Hooks{
+		Published: func(msgs []*exactly.Message, _ time.Duration) { published += len(msgs) },
+		Failed:    func(*exactly.Message, int, error) { failed++ },
+		Dead:      func(*exactly.Message, error) { dead++ },
+	})
+	m := &exactly.Message{ID: "m1", Topic: "t"}
+	now := time.Now()
+	tally.Confirmed([]*exactly.Message{m, m}, time.Millisecond)
+	tally.Confirmed(nil, time.Millisecond) // nothing confirmed: no batch
+	tally.Retrying(m, 1, now.Add(time.Second), errors.New("down"), now)
+	tally.FailedOnce(m, 2, errors.New("aborted"))
+	tally.Parked(m, 3, errors.New("down"))
+	tally.Unreadable(m, errors.New("undecodable"))
+	got := fmt.Sprint(tally.Published.Load(), tally.Batches.Load(), tally.Failed.Load(), tally.Dead.Load())
+	if got != "2 1 2 2" || published != 2 || failed != 2 || dead != 2 {
+		t.Fatalf("published, batches, failed, dead = %s (hooks %d %d %d); want 2 1 2 2 (hooks 2 2 2)", got, published, failed, dead)
+	}
+	out := buf.String()
+	if strings.Count(out, "parked as dead") != 1 || !strings.Contains(out, "down") {
+		t.Fatalf("log:\n%s\nwant one line for the parked message and the retried failure", out)
 	}
 }
