@@ -26,19 +26,46 @@ type Status struct {
 	Blocked []Blocked
 }
 
-// Failing summarises the pending messages whose last publish failed.
-type Failing = outboxstore.Failing
+// Failing summarises the pending messages whose last publish failed:
+// attempts above 0, a last error and a next attempt are stored in them. (A
+// whole publisher outage spends no attempt, so its messages are not among
+// them.)
+type Failing struct {
+	// Messages is how many pending messages failed at least once.
+	Messages int64
+	// BlockedKeys is how many keys have such a message at their head: the
+	// messages of the key behind it wait until it is published or parked.
+	BlockedKeys int64
+	// OldestAge is the age (since it was enqueued) of the oldest of those
+	// messages; 0 when none is failing.
+	OldestAge time.Duration
+}
 
 // Blocked is a pending message whose last publish failed, with its attempts,
 // last error and next attempt. It is the head of its key: the key's later
 // messages wait until it is published or parked as dead.
-type Blocked = outboxstore.Blocked
+type Blocked struct {
+	ID            string
+	Topic         string
+	Key           string // "" for an unkeyed message, which holds back only itself
+	Attempts      int
+	LastError     string
+	NextAttemptAt time.Time
+	Age           time.Duration // since it was enqueued
+	// Waiting is how many pending messages the key has, this one included.
+	Waiting int64
+}
 
 // StatusBlockedLimit is how many failing messages Status lists.
 const StatusBlockedLimit = 20
 
 // TopicStatus is the backlog of one topic.
-type TopicStatus = outboxstore.TopicStatus
+type TopicStatus struct {
+	Topic     string
+	Pending   int64
+	Dead      int64
+	OldestAge time.Duration // of its oldest pending message
+}
 
 // Status reads the backlog per topic, the oldest pending age, the dead
 // count and the failing messages. db is a *sql.DB or a *pgxpool.Pool.
@@ -56,11 +83,16 @@ func (o *Outbox) Status(ctx context.Context, db any) (Status, error) {
 	if err != nil {
 		return Status{}, fmt.Errorf("outbox: status: %w", err)
 	}
-	st := Status{Pending: b.Pending, Dead: b.Dead, OldestAge: b.OldestAge, Topics: topics, Failing: b.Failing}
+	st := Status{Pending: b.Pending, Dead: b.Dead, OldestAge: b.OldestAge, Failing: Failing(b.Failing)}
+	for _, t := range topics {
+		st.Topics = append(st.Topics, TopicStatus(t))
+	}
 	if b.Failing.Messages > 0 {
-		if st.Blocked, err = o.store.ListBlocked(ctx, sdb, StatusBlockedLimit); err != nil {
+		blocked, err := o.store.ListBlocked(ctx, sdb, StatusBlockedLimit)
+		if err != nil {
 			return Status{}, fmt.Errorf("outbox: status: %w", err)
 		}
+		st.Blocked = blockedOf(blocked)
 	}
 	return st, nil
 }
@@ -80,7 +112,18 @@ func (o *Outbox) ListBlocked(ctx context.Context, db any, limit int) ([]Blocked,
 	if err != nil {
 		return nil, fmt.Errorf("outbox: list blocked: %w", err)
 	}
-	return out, nil
+	return blockedOf(out), nil
+}
+
+func blockedOf(bs []outboxstore.Blocked) []Blocked {
+	if bs == nil {
+		return nil
+	}
+	out := make([]Blocked, len(bs))
+	for i, b := range bs {
+		out[i] = Blocked(b)
+	}
+	return out
 }
 
 // DeadFilter selects parked messages; zero fields match all.

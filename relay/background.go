@@ -3,6 +3,8 @@ package relay
 import (
 	"context"
 	"time"
+
+	"github.com/exactlyonce/exactly/outbox"
 )
 
 // retain deletes sent rows older than Retention, in small batches.
@@ -39,7 +41,7 @@ func (r *Relay) backlog(ctx context.Context) {
 			}
 			if h := r.cfg.Hooks.Failing; h != nil {
 				rs := r.Stats()
-				h(FailingReport{Table: st.Failing, BlockedKeys: rs.BlockedKeys, OldestBlocked: rs.OldestBlocked})
+				h(FailingReport{Table: outbox.Failing(st.Failing), BlockedKeys: rs.BlockedKeys, OldestBlocked: rs.OldestBlocked})
 			}
 		} else if ctx.Err() == nil {
 			r.log.Warn("reading the backlog failed", "err", err)
