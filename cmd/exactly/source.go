@@ -79,22 +79,7 @@ func newRelayRunner(source string, cfg relay.Config, cdc cdcSettings) (relayRunn
 		}
 		return pollRunner{r}, nil
 	case sourceCDC:
-		pc := pgcdc.Config{
-			DSN: cdc.DSN, Slot: cdc.Slot, Table: cfg.Outbox.Table(), KeepRows: cdc.KeepRows, Messages: cdc.Messages,
-			BatchSize: cfg.BatchSize, MaxAttempts: cfg.MaxAttempts,
-			InitialBackoff: cfg.InitialBackoff, MaxBackoff: cfg.MaxBackoff,
-			ShutdownTimeout: cfg.ShutdownTimeout, Logger: cfg.Logger, Hooks: cdc.Hooks,
-			Publication: cdc.Publication, MessagePrefix: cdc.MessagePrefix, MaxPending: cdc.MaxPending,
-			HeartbeatInterval: cdc.HeartbeatInterval, StatusInterval: cdc.StatusInterval, LagInterval: cdc.LagInterval,
-		}
-		if cdc.KafkaEOS != nil { // the Kafka transactions replace the publisher
-			pc.ExactlyOnce = cdc.KafkaEOS
-		} else {
-			pc.Publisher = cfg.Publisher
-		}
-		if cdc.DebeziumTable != "" {
-			pc.Debezium = &pgcdc.Debezium{Table: cdc.DebeziumTable}
-		}
+		pc := cdcConfig(cfg, cdc)
 		r, err := pgcdc.New(pc)
 		if err != nil {
 			return nil, err
@@ -102,6 +87,29 @@ func newRelayRunner(source string, cfg relay.Config, cdc cdcSettings) (relayRunn
 		return &cdcRunner{Relay: r}, nil
 	}
 	return nil, fmt.Errorf("unknown source %q", source)
+}
+
+// cdcConfig is the CDC relay's configuration: the settings both relays
+// have, from cfg (TestCDCConfigCarriesTheSharedSettings checks that none
+// is left out), and the CDC relay's own, from cdc.
+func cdcConfig(cfg relay.Config, cdc cdcSettings) pgcdc.Config {
+	pc := pgcdc.Config{
+		DSN: cdc.DSN, Slot: cdc.Slot, Table: cfg.Outbox.Table(), KeepRows: cdc.KeepRows, Messages: cdc.Messages,
+		BatchSize: cfg.BatchSize, MaxAttempts: cfg.MaxAttempts,
+		InitialBackoff: cfg.InitialBackoff, MaxBackoff: cfg.MaxBackoff,
+		ShutdownTimeout: cfg.ShutdownTimeout, Logger: cfg.Logger, Hooks: cdc.Hooks,
+		Publication: cdc.Publication, MessagePrefix: cdc.MessagePrefix, MaxPending: cdc.MaxPending,
+		HeartbeatInterval: cdc.HeartbeatInterval, StatusInterval: cdc.StatusInterval, LagInterval: cdc.LagInterval,
+	}
+	if cdc.KafkaEOS != nil { // the Kafka transactions replace the publisher
+		pc.ExactlyOnce = cdc.KafkaEOS
+	} else {
+		pc.Publisher = cfg.Publisher
+	}
+	if cdc.DebeziumTable != "" {
+		pc.Debezium = &pgcdc.Debezium{Table: cdc.DebeziumTable}
+	}
+	return pc
 }
 
 type pollRunner struct{ *relay.Relay }
