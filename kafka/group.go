@@ -9,6 +9,8 @@ import (
 
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/exactlyonce/exactly/internal/pause"
 )
 
 // membership holds the consumer-group settings every consumer kind shares
@@ -110,17 +112,10 @@ func (w *groupWatch) run(ctx context.Context, admin *kgo.Client, member func() *
 	adm := kadm.NewClient(admin)
 	unsettledSince := time.Now() // a member starts unsettled: it has to join
 	var lastWarn time.Time
-	t := time.NewTicker(every)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	pause.Every(ctx, every, func() bool {
 		v := w.look(ctx, adm, member())
 		if ctx.Err() != nil {
-			return
+			return false
 		}
 		if v.known {
 			w.partitions.Store(int64(v.partitions))
@@ -134,13 +129,13 @@ func (w *groupWatch) run(ctx context.Context, admin *kgo.Client, member func() *
 					"after", now.Sub(unsettledSince).Round(time.Millisecond))
 			}
 			unsettledSince, lastWarn = time.Time{}, time.Time{}
-			continue
+			return true
 		}
 		if unsettledSince.IsZero() {
 			unsettledSince = now
 		}
 		if now.Sub(unsettledSince) <= rebalance {
-			continue
+			return true
 		}
 		w.stalled.Store(1)
 		if now.Sub(lastWarn) >= rebalance {
@@ -153,7 +148,8 @@ func (w *groupWatch) run(ctx context.Context, admin *kgo.Client, member func() *
 			w.log.Warn("consumer group not settled: this member holds no partition or the group is still rebalancing, past the rebalance timeout; "+
 				"members that crashed may still be counted by the coordinator (run members with a stable InstanceID under a restarting orchestrator)", attrs...)
 		}
-	}
+		return true
+	})
 }
 
 // look describes the group and finds this member in it.

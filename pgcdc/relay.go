@@ -13,6 +13,7 @@ import (
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/internal/outboxstore"
+	"github.com/exactlyonce/exactly/internal/pause"
 	"github.com/exactlyonce/exactly/internal/relaycore"
 	"github.com/exactlyonce/exactly/internal/sqldb"
 )
@@ -293,7 +294,7 @@ func (r *Relay) backoff(attempt int) time.Duration {
 // HeartbeatInterval; its position lets the slot advance while the outbox
 // is idle.
 func (r *Relay) heartbeat(ctx context.Context) {
-	every(ctx, r.cfg.HeartbeatInterval, func() bool {
+	pause.Every(ctx, r.cfg.HeartbeatInterval, func() bool {
 		if _, err := r.pool.Exec(ctx, "SELECT pg_logical_emit_message(false, $1, ''::text)", HeartbeatPrefix); err != nil && ctx.Err() == nil {
 			r.log.Warn("heartbeat failed", "err", err)
 		}
@@ -301,26 +302,10 @@ func (r *Relay) heartbeat(ctx context.Context) {
 	})
 }
 
-// every calls fn every d until ctx ends or fn returns false.
-func every(ctx context.Context, d time.Duration, fn func() bool) {
-	t := time.NewTicker(d)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		if !fn() {
-			return
-		}
-	}
-}
-
 // watchSlot checks the slot every LagInterval: it reports the lag, and
 // fails the relay when the slot is gone or invalidated.
 func (r *Relay) watchSlot(ctx context.Context) {
-	every(ctx, r.cfg.LagInterval, func() bool {
+	pause.Every(ctx, r.cfg.LagInterval, func() bool {
 		if !r.slotUp.Load() {
 			// Not set up yet in this Run (the first start creates the slot,
 			// a restart checks it): a slot still to be created is not lost.
