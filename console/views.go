@@ -200,6 +200,13 @@ type BlockedRow struct {
 	Waiting       int64     `json:"waiting"`
 }
 
+// NewBlockedRow is the row of b, as the console's API and `exactly outbox
+// status --json` give it.
+func NewBlockedRow(b outbox.Blocked) BlockedRow {
+	return BlockedRow{ID: b.ID, Topic: b.Topic, Key: b.Key, Attempts: b.Attempts, LastError: b.LastError,
+		NextAttemptAt: b.NextAttemptAt.UTC(), AgeSeconds: b.Age.Seconds(), Waiting: b.Waiting}
+}
+
 // BlockedPage is the blocked page.
 type BlockedPage struct {
 	Failing     int64        `json:"failing"`
@@ -221,8 +228,7 @@ func (c *Console) blocked(r *http.Request) (any, error) {
 		return nil, err
 	}
 	for _, b := range bs {
-		p.Messages = append(p.Messages, BlockedRow{ID: b.ID, Topic: b.Topic, Key: b.Key, Attempts: b.Attempts, LastError: b.LastError,
-			NextAttemptAt: b.NextAttemptAt.UTC(), AgeSeconds: b.Age.Seconds(), Waiting: b.Waiting})
+		p.Messages = append(p.Messages, NewBlockedRow(b))
 	}
 	return p, nil
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/exactlyonce/exactly/console"
 	"github.com/exactlyonce/exactly/inbox"
 	hide "github.com/exactlyonce/exactly/internal/redact"
 	"github.com/exactlyonce/exactly/outbox"
@@ -81,30 +82,19 @@ type topicStatusJSON struct {
 }
 
 type statusJSON struct {
-	Table            string            `json:"table"`
-	Pending          int64             `json:"pending"`
-	Dead             int64             `json:"dead"`
-	OldestAgeSeconds float64           `json:"oldest_pending_age_seconds"`
-	Topics           []topicStatusJSON `json:"topics"`
-	Failing          failingJSON       `json:"failing"`
-	Blocked          []blockedJSON     `json:"blocked"`
+	Table            string               `json:"table"`
+	Pending          int64                `json:"pending"`
+	Dead             int64                `json:"dead"`
+	OldestAgeSeconds float64              `json:"oldest_pending_age_seconds"`
+	Topics           []topicStatusJSON    `json:"topics"`
+	Failing          failingJSON          `json:"failing"`
+	Blocked          []console.BlockedRow `json:"blocked"`
 }
 
 type failingJSON struct {
 	Messages                int64   `json:"messages"`
 	BlockedKeys             int64   `json:"blocked_keys"`
 	OldestFailingAgeSeconds float64 `json:"oldest_failing_age_seconds"`
-}
-
-type blockedJSON struct {
-	ID            string    `json:"id"`
-	Topic         string    `json:"topic"`
-	Key           string    `json:"key"`
-	Attempts      int       `json:"attempts"`
-	LastError     string    `json:"last_error"`
-	NextAttemptAt time.Time `json:"next_attempt_at"`
-	AgeSeconds    float64   `json:"age_seconds"`
-	Waiting       int64     `json:"waiting"`
 }
 
 func outboxStatusCmd() *cobra.Command {
@@ -134,13 +124,12 @@ for them), and the oldest of them with its last error and next attempt.`,
 					OldestAgeSeconds: st.OldestAge.Seconds(), Topics: []topicStatusJSON{},
 					Failing: failingJSON{Messages: st.Failing.Messages, BlockedKeys: st.Failing.BlockedKeys,
 						OldestFailingAgeSeconds: st.Failing.OldestAge.Seconds()},
-					Blocked: []blockedJSON{}}
+					Blocked: []console.BlockedRow{}}
 				for _, t := range st.Topics {
 					js.Topics = append(js.Topics, topicStatusJSON{Topic: t.Topic, Pending: t.Pending, Dead: t.Dead, OldestAgeSeconds: t.OldestAge.Seconds()})
 				}
 				for _, b := range st.Blocked {
-					js.Blocked = append(js.Blocked, blockedJSON{ID: b.ID, Topic: b.Topic, Key: b.Key, Attempts: b.Attempts, LastError: b.LastError,
-						NextAttemptAt: b.NextAttemptAt.UTC(), AgeSeconds: b.Age.Seconds(), Waiting: b.Waiting})
+					js.Blocked = append(js.Blocked, console.NewBlockedRow(b))
 				}
 				return writeJSON(out, js)
 			}
