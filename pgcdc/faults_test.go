@@ -284,3 +284,50 @@ func TestSlotSetupDelayedIsNotLost(t *testing.T) {
 	waitFor(t, "the messages", 30*time.Second, func() bool { return len(rec.Delivered()) >= len(msgs) })
 	exactlytest.CheckExactlyOnceDedup(t, msgs, rec.Delivered())
 }
+
+// TestBatchAfterAnOutageTakesWhatCameMeanwhile: when the publisher fails a
+// whole batch, the relay backs off, and the batch it publishes after the
+// backoff holds the messages written during it too, not only the failed
+// batch's.
+func TestBatchAfterAnOutageTakesWhatCameMeanwhile(t *testing.T) {
+	t.Parallel()
+	f := setup(t)
+	var mu sync.Mutex
+	var calls [][]string // the payloads of each Publish call
+	pub := exactly.PublisherFunc(func(_ context.Context, msgs []*exactly.Message) error {
+		mu.Lock()
+		defer mu.Unlock()
+		var call []string
+		for _, m := range msgs {
+			call = append(call, string(m.Payload))
+		}
+		calls = append(calls, call)
+		if len(calls) == 1 {
+			return errors.New("broker down") // a whole-batch outage
+		}
+		return nil
+	})
+	cfg := f.config(pub)
+	cfg.InitialBackoff, cfg.MaxBackoff = 3*time.Second, 3*time.Second // backs off 1.5–3s
+	start(t, cfg)
+	f.waitStreaming()
+
+	first := keyed("outage", 2, 3)
+	f.enqueue(true, first...)
+	waitFor(t, "the outage", 10*time.Second, func() bool { mu.Lock(); defer mu.Unlock(); return len(calls) > 0 })
+	mu.Lock()
+	failed := len(calls[0])
+	mu.Unlock()
+	second := []*exactly.Message{{Topic: "outage", Key: "late", Payload: []byte("late:0")}}
+	f.enqueue(true, second...)
+	waitFor(t, "the batch after the backoff", 15*time.Second, func() bool { mu.Lock(); defer mu.Unlock(); return len(calls) > 1 })
+
+	mu.Lock()
+	defer mu.Unlock()
+	if failed != len(first) {
+		t.Fatalf("the failed batch held %d messages, want the %d written first", failed, len(first))
+	}
+	if got := calls[1]; len(got) != len(first)+1 || got[len(got)-1] != "late:0" {
+		t.Fatalf("the batch after the backoff holds %v; want the %d failed messages and late:0, written during the backoff", got, len(first))
+	}
+}

@@ -88,12 +88,22 @@ func (d *dispatcher) run(ctx, stopCtx context.Context) {
 		}
 		var out chan<- relaycore.Batch
 		if ready.Msgs != nil {
+			select {
+			case d.out <- ready: // the engine waits for it: the usual case
+				inflight, ready = true, relaycore.Batch{}
+				continue
+			default:
+			}
 			out = d.out
 		}
 		select {
 		case out <- ready:
 			inflight, ready = true, relaycore.Batch{}
 		case e := <-d.in:
+			// A batch the engine did not take at once (it backs off after an
+			// outage) is formed again with what arrives meanwhile, as the
+			// batch after the backoff always was.
+			ready = relaycore.Batch{}
 			d.take(stopCtx, e)
 			for more := true; more; {
 				select {
