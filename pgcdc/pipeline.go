@@ -2,6 +2,7 @@ package pgcdc
 
 import (
 	"context"
+	"errors"
 	"slices"
 	"time"
 
@@ -19,8 +20,8 @@ type dispatcher struct {
 	ordered bool // exactly-once mode: batches are stream-order prefixes
 
 	in       chan *entry
-	out      chan relaycore.Batch // to the engine
-	results  chan dispatched      // from the engine: at most one batch is out
+	out      chan relaycore.Batch   // to the engine
+	results  chan relaycore.Outcome // from the engine: at most one batch is out
 	writes   chan writeJob
 	pending  []*entry
 	removed  int
@@ -29,17 +30,14 @@ type dispatcher struct {
 	pause    time.Time            // no batch before this (exactly-once failure)
 }
 
-// dispatched is what became of the batch out: its outcome, or handed back
-// unpublished.
-type dispatched struct {
-	out  relaycore.Outcome
-	back bool
-}
+// errHandedBack is the outage of a batch the engine handed back unsent (the
+// relay stops): handle leaves its messages pending, as after an outage.
+var errHandedBack = errors.New("handed back unsent")
 
 func newDispatcher(r *Relay) *dispatcher {
 	return &dispatcher{
 		r: r, ordered: r.cfg.ExactlyOnce != nil,
-		in: make(chan *entry, 4096), out: make(chan relaycore.Batch), results: make(chan dispatched, 1),
+		in: make(chan *entry, 4096), out: make(chan relaycore.Batch), results: make(chan relaycore.Outcome, 1),
 		writes: make(chan writeJob, 64), keyUntil: map[string]time.Time{},
 	}
 }
@@ -50,14 +48,14 @@ func entriesOf(b *relaycore.Batch) []*entry { return b.Ref.([]*entry) }
 func (d *dispatcher) Publishable(*relaycore.Batch) bool { return true }
 
 func (d *dispatcher) HandBack(b *relaycore.Batch) {
-	d.results <- dispatched{out: relaycore.Outcome{Batch: *b}, back: true}
+	d.results <- relaycore.Outcome{Batch: *b, Outage: errHandedBack}
 }
 
 // Record passes the outcomes to run, which handles them between the
 // messages it takes from the stream.
 func (d *dispatcher) Record(_ context.Context, outs []relaycore.Outcome) {
 	for _, o := range outs {
-		d.results <- dispatched{out: o}
+		d.results <- o
 	}
 }
 
@@ -115,15 +113,11 @@ func (d *dispatcher) run(ctx, stopCtx context.Context) {
 			}
 		case res := <-d.results:
 			inflight = false
-			if !res.back {
-				d.handle(stopCtx, res.out)
-			}
+			d.handle(stopCtx, res)
 		case <-timer:
 		case <-ctx.Done():
 			if inflight {
-				if res := <-d.results; !res.back {
-					d.handle(stopCtx, res.out)
-				}
+				d.handle(stopCtx, <-d.results)
 			}
 			return
 		}

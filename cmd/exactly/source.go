@@ -79,8 +79,7 @@ func newRelayRunner(source string, cfg relay.Config, cdc cdcSettings) (relayRunn
 		}
 		return pollRunner{r}, nil
 	case sourceCDC:
-		pc := cdcConfig(cfg, cdc)
-		r, err := pgcdc.New(pc)
+		r, err := pgcdc.New(cdcConfig(cfg, cdc))
 		if err != nil {
 			return nil, err
 		}
