@@ -271,6 +271,9 @@ func (s *outboxSuite) testMigrateIdempotent(t *testing.T) {
 			t.Fatalf("second migrate: %v", err)
 		}
 	}
+	if applied, err := f.ob.ApplyMigrations(context.Background(), f.db); err != nil || len(applied) != 0 {
+		t.Fatalf("ApplyMigrations on a migrated table applied %v (want none), err %v", applied, err)
+	}
 	script, err := f.ob.MigrationSQL(context.Background(), f.db)
 	if err != nil {
 		t.Fatal(err)

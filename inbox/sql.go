@@ -271,50 +271,29 @@ func (s *SQL) GC(ctx context.Context, db any, olderThan time.Duration, batchSize
 // exactly_migrations under the scope "inbox:<table>". db is a *sql.DB or a
 // *pgxpool.Pool.
 func (s *SQL) Migrate(ctx context.Context, db any) error {
-	m, done, err := s.migrator(db)
+	_, err := s.ApplyMigrations(ctx, db)
+	return err
+}
+
+// ApplyMigrations is Migrate, and also returns the versions this call
+// applied, in order: none when the table was up to date (or another
+// process applied the same versions first).
+func (s *SQL) ApplyMigrations(ctx context.Context, db any) ([]int, error) {
+	applied, err := migrate.ApplyOn(ctx, db, s.store.Migrator)
 	if err != nil {
-		return err
+		return nil, fmt.Errorf("inbox: %w", err)
 	}
-	defer done()
-	if _, err := m.Apply(ctx); err != nil {
-		return fmt.Errorf("inbox: %w", err)
-	}
-	return nil
+	return applied, nil
 }
 
 // MigrationSQL returns the SQL that Migrate would run now on db, without
 // running it (a dry run). With db nil it returns every migration.
 func (s *SQL) MigrationSQL(ctx context.Context, db any) (string, error) {
-	if db == nil {
-		m, err := s.store.Migrator(nil)
-		if err != nil {
-			return "", err
-		}
-		return migrate.Script(m.Steps), nil
-	}
-	m, done, err := s.migrator(db)
-	if err != nil {
-		return "", err
-	}
-	defer done()
-	steps, err := m.Pending(ctx)
+	script, err := migrate.ScriptOn(ctx, db, s.store.Migrator)
 	if err != nil {
 		return "", fmt.Errorf("inbox: %w", err)
 	}
-	return migrate.Script(steps), nil
-}
-
-func (s *SQL) migrator(db any) (*migrate.Migrator, func(), error) {
-	sdb, done, err := sqldb.Open(db)
-	if err != nil {
-		return nil, nil, fmt.Errorf("inbox: %w", err)
-	}
-	m, err := s.store.Migrator(sdb)
-	if err != nil {
-		done()
-		return nil, nil, err
-	}
-	return m, done, nil
+	return script, nil
 }
 
 var errNilFn = errors.New("inbox: nil handler function")

@@ -16,6 +16,7 @@ import (
 
 	"github.com/exactlyonce/exactly"
 	"github.com/exactlyonce/exactly/internal/consume"
+	"github.com/exactlyonce/exactly/internal/migrate"
 	"github.com/exactlyonce/exactly/internal/offsetstore"
 	"github.com/exactlyonce/exactly/internal/pause"
 	"github.com/exactlyonce/exactly/internal/sqldb"
@@ -769,22 +770,55 @@ func (d *dbOffsets) reload(ctx context.Context, c *Consumer, k tp) {
 	}
 }
 
+// DefaultOffsetsTable is the offsets table used when DBConfig.OffsetsTable
+// is empty.
+const DefaultOffsetsTable = offsetstore.DefaultTable
+
 // MigrateOffsets creates or upgrades the offsets table of NewDBConsumer.
 // db is a *sql.DB or a *pgxpool.Pool; table "" means the default.
 func MigrateOffsets(ctx context.Context, db any, dialect, table string) error {
-	store, err := offsetstore.New(dialect, table)
-	if err != nil {
-		return fmt.Errorf("kafka: %w", err)
-	}
-	sdb, done, err := sqldb.Open(db)
-	if err != nil {
-		return fmt.Errorf("kafka: %w", err)
-	}
-	defer done()
-	m, err := store.Migrator(sdb)
+	t, err := NewOffsetsTable(dialect, table)
 	if err != nil {
 		return err
 	}
-	_, err = m.Apply(ctx)
+	_, err = t.ApplyMigrations(ctx, db)
 	return err
+}
+
+// OffsetsTable is the offsets table of NewDBConsumer, for applying or
+// printing its migrations (MigrateOffsets is the short form).
+type OffsetsTable struct{ store *offsetstore.Store }
+
+// NewOffsetsTable validates the dialect ("postgres", "mysql" or "sqlite")
+// and the table name ("" means DefaultOffsetsTable).
+func NewOffsetsTable(dialect, table string) (*OffsetsTable, error) {
+	store, err := offsetstore.New(dialect, table)
+	if err != nil {
+		return nil, fmt.Errorf("kafka: %w", err)
+	}
+	return &OffsetsTable{store: store}, nil
+}
+
+// Table returns the table name as configured.
+func (t *OffsetsTable) Table() string { return t.store.Table.String() }
+
+// ApplyMigrations creates or upgrades the table, idempotently and safely
+// from several processes at once, and returns the versions this call
+// applied, in order. db is a *sql.DB or a *pgxpool.Pool.
+func (t *OffsetsTable) ApplyMigrations(ctx context.Context, db any) ([]int, error) {
+	applied, err := migrate.ApplyOn(ctx, db, t.store.Migrator)
+	if err != nil {
+		return nil, fmt.Errorf("kafka: %w", err)
+	}
+	return applied, nil
+}
+
+// MigrationSQL returns the SQL that ApplyMigrations would run now on db,
+// without running it (a dry run). With db nil it returns every migration.
+func (t *OffsetsTable) MigrationSQL(ctx context.Context, db any) (string, error) {
+	script, err := migrate.ScriptOn(ctx, db, t.store.Migrator)
+	if err != nil {
+		return "", fmt.Errorf("kafka: %w", err)
+	}
+	return script, nil
 }

@@ -124,46 +124,27 @@ var errNilTx = errors.New("outbox: nil transaction: Enqueue must run inside the 
 // Migrate creates or upgrades the outbox tables. It is idempotent and safe to
 // run from several processes at once. db is a *sql.DB or a *pgxpool.Pool.
 func (o *Outbox) Migrate(ctx context.Context, db any) error {
-	m, done, err := o.migrator(db)
-	if err != nil {
-		return err
-	}
-	defer done()
-	_, err = m.Apply(ctx)
+	_, err := o.ApplyMigrations(ctx, db)
 	return err
+}
+
+// ApplyMigrations is Migrate, and also returns the versions this call
+// applied, in order: none when the tables were up to date (or another
+// process applied the same versions first).
+func (o *Outbox) ApplyMigrations(ctx context.Context, db any) ([]int, error) {
+	applied, err := migrate.ApplyOn(ctx, db, o.store.Migrator)
+	if err != nil {
+		return nil, fmt.Errorf("outbox: %w", err)
+	}
+	return applied, nil
 }
 
 // MigrationSQL returns the SQL that Migrate would run now on db, without
 // running it (a dry run). With db nil it returns every migration.
 func (o *Outbox) MigrationSQL(ctx context.Context, db any) (string, error) {
-	if db == nil {
-		m, err := o.store.Migrator(nil)
-		if err != nil {
-			return "", err
-		}
-		return migrate.Script(m.Steps), nil
-	}
-	m, done, err := o.migrator(db)
+	script, err := migrate.ScriptOn(ctx, db, o.store.Migrator)
 	if err != nil {
-		return "", err
+		return "", fmt.Errorf("outbox: %w", err)
 	}
-	defer done()
-	steps, err := m.Pending(ctx)
-	if err != nil {
-		return "", err
-	}
-	return migrate.Script(steps), nil
-}
-
-func (o *Outbox) migrator(db any) (*migrate.Migrator, func(), error) {
-	sdb, done, err := sqldb.Open(db)
-	if err != nil {
-		return nil, nil, fmt.Errorf("outbox: %w", err)
-	}
-	m, err := o.store.Migrator(sdb)
-	if err != nil {
-		done()
-		return nil, nil, err
-	}
-	return m, done, nil
+	return script, nil
 }

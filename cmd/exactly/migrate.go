@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"database/sql"
 	"fmt"
 	"slices"
@@ -12,11 +13,8 @@ import (
 	_ "modernc.org/sqlite"
 
 	"github.com/exactlyonce/exactly/inbox"
-	"github.com/exactlyonce/exactly/internal/inboxstore"
-	"github.com/exactlyonce/exactly/internal/migrate"
-	"github.com/exactlyonce/exactly/internal/offsetstore"
-	"github.com/exactlyonce/exactly/internal/outboxstore"
 	hide "github.com/exactlyonce/exactly/internal/redact"
+	"github.com/exactlyonce/exactly/kafka"
 	"github.com/exactlyonce/exactly/outbox"
 )
 
@@ -70,45 +68,46 @@ type migrateFlags struct {
 	dryRun                               bool
 }
 
-// migrators returns the migrator of each selected part, in order, with the
-// name of its table. Names are validated before anything is opened.
-func (f *migrateFlags) migrators(db *sql.DB, dialect string) ([]*migrate.Migrator, []string, error) {
-	var ms []*migrate.Migrator
+// migratable is a part's public migration entry points: *outbox.Outbox,
+// *inbox.SQL and *kafka.OffsetsTable, the ones the library's users call.
+type migratable interface {
+	ApplyMigrations(ctx context.Context, db any) ([]int, error)
+	MigrationSQL(ctx context.Context, db any) (string, error)
+}
+
+// migratingConsumer names the inbox for NewSQL, which wants a consumer;
+// the inbox's migrations do not use it (the table is shared).
+const migratingConsumer = "exactly-migrate"
+
+// migrators returns each selected part, in order, with the name of its
+// table. Names are validated before anything is opened.
+func (f *migrateFlags) migrators(dialect string) ([]migratable, []string, error) {
+	var ms []migratable
 	var names []string
 	for _, part := range allParts {
 		if !slices.Contains(f.only, part) {
 			continue
 		}
-		var m *migrate.Migrator
-		var err error
-		var name string
 		switch part {
 		case partOutbox:
-			var st *outboxstore.Store
-			if st, err = outboxstore.New(dialect, f.table); err != nil {
+			o, err := outbox.New(outbox.Config{Dialect: dialect, Table: f.table})
+			if err != nil {
 				return nil, nil, fmt.Errorf("--table: %w", err)
 			}
-			name = "outbox table " + st.Table.String()
-			m, err = st.Migrator(db)
+			ms, names = append(ms, o), append(names, "outbox table "+o.Table())
 		case partInbox:
-			var st *inboxstore.Store
-			if st, err = inboxstore.New(dialect, f.inboxTable); err != nil {
+			in, err := inbox.NewSQL(inbox.Config{Dialect: dialect, Table: f.inboxTable, Consumer: migratingConsumer})
+			if err != nil {
 				return nil, nil, fmt.Errorf("--inbox-table: %w", err)
 			}
-			name = "inbox table " + st.Table.String()
-			m, err = st.Migrator(db)
+			ms, names = append(ms, in), append(names, "inbox table "+in.Table())
 		case partOffsets:
-			var st *offsetstore.Store
-			if st, err = offsetstore.New(dialect, f.offsetsTable); err != nil {
+			t, err := kafka.NewOffsetsTable(dialect, f.offsetsTable)
+			if err != nil {
 				return nil, nil, fmt.Errorf("--offsets-table: %w", err)
 			}
-			name = "Kafka offsets table " + st.Table.String()
-			m, err = st.Migrator(db)
+			ms, names = append(ms, t), append(names, "Kafka offsets table "+t.Table())
 		}
-		if err != nil {
-			return nil, nil, err
-		}
-		ms, names = append(ms, m), append(names, name)
 	}
 	return ms, names, nil
 }
@@ -143,7 +142,7 @@ EXACTLY_OFFSETS_TABLE, EXACTLY_MIGRATE_ONLY).`,
 				return err
 			}
 			defer db.Close()
-			ms, names, err := f.migrators(db, dialect)
+			ms, names, err := f.migrators(dialect)
 			if err != nil {
 				return err
 			}
@@ -154,18 +153,18 @@ EXACTLY_OFFSETS_TABLE, EXACTLY_MIGRATE_ONLY).`,
 			out := cmd.OutOrStdout()
 			for i, m := range ms {
 				if f.dryRun {
-					steps, err := m.Pending(ctx)
+					script, err := m.MigrationSQL(ctx, db)
 					if err != nil {
 						return fmt.Errorf("%s: %w", names[i], err)
 					}
-					if len(steps) == 0 {
+					if script == "" {
 						fmt.Fprintf(out, "-- %s: up to date, nothing to apply\n", names[i])
 						continue
 					}
-					fmt.Fprintf(out, "-- %s\n%s", names[i], migrate.Script(steps))
+					fmt.Fprintf(out, "-- %s\n%s", names[i], script)
 					continue
 				}
-				applied, err := m.Apply(ctx)
+				applied, err := m.ApplyMigrations(ctx, db)
 				if err != nil {
 					return fmt.Errorf("%s: %w", names[i], err)
 				}
@@ -182,7 +181,7 @@ EXACTLY_OFFSETS_TABLE, EXACTLY_MIGRATE_ONLY).`,
 	fl.StringVar(&f.dsn, "db", "", "database: postgres://..., 'mysql://root@tcp(127.0.0.1:3306)/test' (quoted for the shell) or sqlite:path (env EXACTLY_DB)")
 	fl.StringVar(&f.table, "table", outbox.DefaultTable, "outbox table name, optionally schema-qualified (env EXACTLY_TABLE)")
 	fl.StringVar(&f.inboxTable, "inbox-table", inbox.DefaultTable, "inbox table name, optionally schema-qualified (env EXACTLY_INBOX_TABLE)")
-	fl.StringVar(&f.offsetsTable, "offsets-table", offsetstore.DefaultTable, "Kafka offsets table name, optionally schema-qualified (env EXACTLY_OFFSETS_TABLE)")
+	fl.StringVar(&f.offsetsTable, "offsets-table", kafka.DefaultOffsetsTable, "Kafka offsets table name, optionally schema-qualified (env EXACTLY_OFFSETS_TABLE)")
 	fl.StringSliceVar(&f.only, "only", allParts, "the parts to migrate: outbox, inbox, offsets (env EXACTLY_MIGRATE_ONLY)")
 	fl.BoolVar(&f.dryRun, "dry-run", false, "print the SQL that would run, change nothing")
 	return cmd

@@ -465,3 +465,45 @@ func Script(steps []Step) string {
 	}
 	return b.String()
 }
+
+// ApplyOn opens db (a *sql.DB or a *pgxpool.Pool), builds its migrator
+// with build and applies what is pending: the body of each public
+// Migrate. It returns the versions applied.
+func ApplyOn(ctx context.Context, db any, build func(*sql.DB) (*Migrator, error)) ([]int, error) {
+	sdb, done, err := sqldb.Open(db)
+	if err != nil {
+		return nil, err
+	}
+	defer done()
+	m, err := build(sdb)
+	if err != nil {
+		return nil, err
+	}
+	return m.Apply(ctx)
+}
+
+// ScriptOn is the SQL that ApplyOn would run now on db, without running
+// it: the body of each public MigrationSQL. With db nil it is every step.
+func ScriptOn(ctx context.Context, db any, build func(*sql.DB) (*Migrator, error)) (string, error) {
+	if db == nil {
+		m, err := build(nil)
+		if err != nil {
+			return "", err
+		}
+		return Script(m.Steps), nil
+	}
+	sdb, done, err := sqldb.Open(db)
+	if err != nil {
+		return "", err
+	}
+	defer done()
+	m, err := build(sdb)
+	if err != nil {
+		return "", err
+	}
+	steps, err := m.Pending(ctx)
+	if err != nil {
+		return "", err
+	}
+	return Script(steps), nil
+}
