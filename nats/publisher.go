@@ -447,21 +447,30 @@ func (p *Publisher) message(m *exactly.Message) (*natsgo.Msg, error) {
 	if err := checkSubject(subject); err != nil {
 		return nil, exactly.Unpublishable(fmt.Errorf("nats: message %s: %w", m.ID, err))
 	}
-	h := make(natsgo.Header, len(m.Headers)+4)
+	// Every value in one backing array, each header a full slice of one
+	// element (so an Add to one reallocates it and leaves the others): one
+	// allocation instead of one per header, per message.
+	n := len(m.Headers) + 4
+	h := make(natsgo.Header, n)
+	vals := make([]string, 0, n)
+	set := func(k, v string) {
+		vals = append(vals, v)
+		h[k] = vals[len(vals)-1 : len(vals) : len(vals)]
+	}
 	for k, v := range m.Headers {
 		switch k {
 		case jetstream.MsgIDHeader, exactly.HeaderID, exactly.HeaderKey, exactly.HeaderCreatedAt:
 			continue // ours win, so a stale copy cannot mislabel the message
 		}
-		h.Set(k, v)
+		set(k, v)
 	}
-	h.Set(jetstream.MsgIDHeader, m.ID)
-	h.Set(exactly.HeaderID, m.ID)
+	set(jetstream.MsgIDHeader, m.ID)
+	set(exactly.HeaderID, m.ID)
 	if m.Key != "" {
-		h.Set(exactly.HeaderKey, m.Key)
+		set(exactly.HeaderKey, m.Key)
 	}
 	if !m.CreatedAt.IsZero() {
-		h.Set(exactly.HeaderCreatedAt, m.CreatedAt.UTC().Format(time.RFC3339Nano))
+		set(exactly.HeaderCreatedAt, m.CreatedAt.UTC().Format(time.RFC3339Nano))
 	}
 	return &natsgo.Msg{Subject: subject, Data: m.Payload, Header: h}, nil
 }
