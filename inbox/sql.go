@@ -279,21 +279,13 @@ func (s *SQL) Migrate(ctx context.Context, db any) error {
 // applied, in order: none when the table was up to date (or another
 // process applied the same versions first).
 func (s *SQL) ApplyMigrations(ctx context.Context, db any) ([]int, error) {
-	applied, err := migrate.ApplyOn(ctx, db, s.store.Migrator)
-	if err != nil {
-		return nil, fmt.Errorf("inbox: %w", err)
-	}
-	return applied, nil
+	return migrate.ApplyOn(ctx, db, "inbox", s.store.Migrator)
 }
 
 // MigrationSQL returns the SQL that Migrate would run now on db, without
 // running it (a dry run). With db nil it returns every migration.
 func (s *SQL) MigrationSQL(ctx context.Context, db any) (string, error) {
-	script, err := migrate.ScriptOn(ctx, db, s.store.Migrator)
-	if err != nil {
-		return "", fmt.Errorf("inbox: %w", err)
-	}
-	return script, nil
+	return migrate.ScriptOn(ctx, db, "inbox", s.store.Migrator)
 }
 
 var errNilFn = errors.New("inbox: nil handler function")

@@ -806,19 +806,11 @@ func (t *OffsetsTable) Table() string { return t.store.Table.String() }
 // from several processes at once, and returns the versions this call
 // applied, in order. db is a *sql.DB or a *pgxpool.Pool.
 func (t *OffsetsTable) ApplyMigrations(ctx context.Context, db any) ([]int, error) {
-	applied, err := migrate.ApplyOn(ctx, db, t.store.Migrator)
-	if err != nil {
-		return nil, fmt.Errorf("kafka: %w", err)
-	}
-	return applied, nil
+	return migrate.ApplyOn(ctx, db, "kafka", t.store.Migrator)
 }
 
 // MigrationSQL returns the SQL that ApplyMigrations would run now on db,
 // without running it (a dry run). With db nil it returns every migration.
 func (t *OffsetsTable) MigrationSQL(ctx context.Context, db any) (string, error) {
-	script, err := migrate.ScriptOn(ctx, db, t.store.Migrator)
-	if err != nil {
-		return "", fmt.Errorf("kafka: %w", err)
-	}
-	return script, nil
+	return migrate.ScriptOn(ctx, db, "kafka", t.store.Migrator)
 }

@@ -132,19 +132,11 @@ func (o *Outbox) Migrate(ctx context.Context, db any) error {
 // applied, in order: none when the tables were up to date (or another
 // process applied the same versions first).
 func (o *Outbox) ApplyMigrations(ctx context.Context, db any) ([]int, error) {
-	applied, err := migrate.ApplyOn(ctx, db, o.store.Migrator)
-	if err != nil {
-		return nil, fmt.Errorf("outbox: %w", err)
-	}
-	return applied, nil
+	return migrate.ApplyOn(ctx, db, "outbox", o.store.Migrator)
 }
 
 // MigrationSQL returns the SQL that Migrate would run now on db, without
 // running it (a dry run). With db nil it returns every migration.
 func (o *Outbox) MigrationSQL(ctx context.Context, db any) (string, error) {
-	script, err := migrate.ScriptOn(ctx, db, o.store.Migrator)
-	if err != nil {
-		return "", fmt.Errorf("outbox: %w", err)
-	}
-	return script, nil
+	return migrate.ScriptOn(ctx, db, "outbox", o.store.Migrator)
 }

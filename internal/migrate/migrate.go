@@ -468,8 +468,17 @@ func Script(steps []Step) string {
 
 // ApplyOn opens db (a *sql.DB or a *pgxpool.Pool), builds its migrator
 // with build and applies what is pending: the body of each public
-// Migrate. It returns the versions applied.
-func ApplyOn(ctx context.Context, db any, build func(*sql.DB) (*Migrator, error)) ([]int, error) {
+// ApplyMigrations. It returns the versions applied; errors start with
+// prefix ("outbox", "inbox", "kafka").
+func ApplyOn(ctx context.Context, db any, prefix string, build func(*sql.DB) (*Migrator, error)) ([]int, error) {
+	applied, err := applyOn(ctx, db, build)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", prefix, err)
+	}
+	return applied, nil
+}
+
+func applyOn(ctx context.Context, db any, build func(*sql.DB) (*Migrator, error)) ([]int, error) {
 	sdb, done, err := sqldb.Open(db)
 	if err != nil {
 		return nil, err
@@ -484,7 +493,15 @@ func ApplyOn(ctx context.Context, db any, build func(*sql.DB) (*Migrator, error)
 
 // ScriptOn is the SQL that ApplyOn would run now on db, without running
 // it: the body of each public MigrationSQL. With db nil it is every step.
-func ScriptOn(ctx context.Context, db any, build func(*sql.DB) (*Migrator, error)) (string, error) {
+func ScriptOn(ctx context.Context, db any, prefix string, build func(*sql.DB) (*Migrator, error)) (string, error) {
+	script, err := scriptOn(ctx, db, build)
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", prefix, err)
+	}
+	return script, nil
+}
+
+func scriptOn(ctx context.Context, db any, build func(*sql.DB) (*Migrator, error)) (string, error) {
 	if db == nil {
 		m, err := build(nil)
 		if err != nil {
