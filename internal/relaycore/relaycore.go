@@ -5,7 +5,8 @@
 // order), the settings' checks and the retry defaults, the start-up
 // retries and the shutdown grace (this file), and what the outcome of a
 // published batch does: the verdict on each message (Judge: per-key order,
-// the park rule, backoff) and the log lines (outcome.go).
+// the park rule, backoff) and the log lines (outcome.go), and the counters,
+// hooks and failure logs behind both relays' Stats (Tally, tally.go).
 package relaycore
 
 import (
