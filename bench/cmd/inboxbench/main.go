@@ -104,6 +104,7 @@ var rows = []row{
 	{id: "insert-batch", num: "C2", name: "ceiling: bare multi-row INSERT of -batch rows, autocommit", run: runInsertBatch},
 	{id: "tx-batch", num: "3b", name: "baseline batched: BEGIN; INSERT -batch effects; COMMIT, no dedup", run: runTxBatch, base: "insert-batch"},
 	{id: "claim-floor", num: "3f", name: "floor batched: row 3b's tx plus one multi-row INSERT of the ids into a table with a unique key on them, nothing else", run: runClaimFloor, base: "tx-batch"},
+	{id: "claim-shape", num: "3s", name: "diagnostic: row 3f into a table of the inbox's shape (consumer, id, processed_at; primary key and second index as the inbox's), plain INSERT", run: runClaimShape, base: "claim-floor"},
 	{id: "sql-batch", num: "3", name: "SQL inbox batched: HandleBatchPgx of -batch (claim + same INSERT in one tx)", run: runSQLInboxBatch, base: "claim-floor"},
 	{id: "redis-batch-tx", num: "5t", name: "Redis inbox batched: HandleBatch of -batch around the row-3b transaction", run: runRedisBatchTx, base: "tx-batch"},
 	{id: "setnx", num: "C3", name: "ceiling: SET key val NX EX 3600, one round trip per message (go-redis)", run: runSetNX, redisOnly: true},

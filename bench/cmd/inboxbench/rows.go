@@ -473,9 +473,32 @@ func runTxBatch(ctx context.Context, b *bench, rc *rowCtx) (result, error) {
 // whose only index is the unique key on them (no consumer column, no
 // timestamp, no second index, no ON CONFLICT, no RETURNING).
 func runClaimFloor(ctx context.Context, b *bench, rc *rowCtx) (result, error) {
+	return claimFloor(ctx, b, rc, "(id varchar(128) PRIMARY KEY)", "", "(id) SELECT unnest($1::text[])", "INSERT INTO claim_floor (id) SELECT unnest($1)")
+}
+
+// runClaimShape is row 3f into a table of the inbox's own shape (the
+// columns, the primary key on (consumer, id) and the second index on
+// (consumer, processed_at), COLLATE "C" as migration 2 leaves them), still
+// a plain INSERT with no ON CONFLICT and no RETURNING: what the table's
+// shape costs beyond the floor's one-column table, apart from what the
+// inbox's statement adds to it.
+func runClaimShape(ctx context.Context, b *bench, rc *rowCtx) (result, error) {
+	return claimFloor(ctx, b, rc,
+		`(consumer varchar(128) COLLATE "C" NOT NULL, id varchar(128) COLLATE "C" NOT NULL, processed_at bigint NOT NULL, PRIMARY KEY (consumer, id))`,
+		"(consumer, processed_at)",
+		"(consumer, id, processed_at) SELECT 'bench', unnest($1::text[]), (extract(epoch from now()) * 1000)::bigint",
+		"INSERT INTO claim_floor (consumer, id, processed_at) SELECT 'bench', unnest($1), now, on the inbox's table shape and indexes")
+}
+
+func claimFloor(ctx context.Context, b *bench, rc *rowCtx, columns, index, insert, what string) (result, error) {
 	floor := rc.schema + ".claim_floor"
-	if _, err := b.pool.Exec(ctx, "CREATE TABLE "+floor+" (id varchar(128) PRIMARY KEY)"); err != nil {
+	if _, err := b.pool.Exec(ctx, "CREATE TABLE "+floor+" "+columns); err != nil {
 		return result{}, err
+	}
+	if index != "" {
+		if _, err := b.pool.Exec(ctx, "CREATE INDEX ON "+floor+" "+index); err != nil {
+			return result{}, err
+		}
 	}
 	el, cpu, err := b.timed(ctx, rc, func(ctx context.Context) error {
 		return b.eachBatch(ctx, b.msgs, func(ctx context.Context, ms []*exactly.Message) error {
@@ -488,7 +511,7 @@ func runClaimFloor(ctx context.Context, b *bench, rc *rowCtx) (result, error) {
 			for i, m := range ms {
 				ids[i] = m.ID
 			}
-			if _, err := tx.Exec(ctx, "INSERT INTO "+floor+" (id) SELECT unnest($1::text[])", ids); err != nil {
+			if _, err := tx.Exec(ctx, "INSERT INTO "+floor+" "+insert, ids); err != nil {
 				return err
 			}
 			if err := insertMany(ctx, tx, rc, ms); err != nil {
@@ -506,7 +529,7 @@ func runClaimFloor(ctx context.Context, b *bench, rc *rowCtx) (result, error) {
 			err = fmt.Errorf("%s holds %d ids, want %d", floor, n, len(b.msgs))
 		}
 	}
-	return result{msgs: len(b.msgs), elapsed: el, note: fmt.Sprintf("INSERT INTO claim_floor (id) SELECT unnest($1), then row 3b's INSERT; %d workers; %s", b.cfg.workers, cpu)}, err
+	return result{msgs: len(b.msgs), elapsed: el, note: fmt.Sprintf("%s, then row 3b's INSERT; %d workers; %s", what, b.cfg.workers, cpu)}, err
 }
 
 func runSQLInbox(ctx context.Context, b *bench, rc *rowCtx) (result, error) {
