@@ -468,40 +468,21 @@ func Script(steps []Step) string {
 
 // ApplyOn opens db (a *sql.DB or a *pgxpool.Pool), builds its migrator
 // with build and applies what is pending: the body of each public
-// ApplyMigrations. It returns the versions applied; errors start with
-// prefix ("outbox", "inbox", "kafka").
+// ApplyMigrations. It returns the versions applied. A handle that cannot
+// be used is an error starting with prefix ("outbox", "inbox", "kafka");
+// the migrator's own errors name their scope already.
 func ApplyOn(ctx context.Context, db any, prefix string, build func(*sql.DB) (*Migrator, error)) ([]int, error) {
-	applied, err := applyOn(ctx, db, build)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", prefix, err)
-	}
-	return applied, nil
-}
-
-func applyOn(ctx context.Context, db any, build func(*sql.DB) (*Migrator, error)) ([]int, error) {
-	sdb, done, err := sqldb.Open(db)
+	m, done, err := on(db, prefix, build)
 	if err != nil {
 		return nil, err
 	}
 	defer done()
-	m, err := build(sdb)
-	if err != nil {
-		return nil, err
-	}
 	return m.Apply(ctx)
 }
 
 // ScriptOn is the SQL that ApplyOn would run now on db, without running
 // it: the body of each public MigrationSQL. With db nil it is every step.
 func ScriptOn(ctx context.Context, db any, prefix string, build func(*sql.DB) (*Migrator, error)) (string, error) {
-	script, err := scriptOn(ctx, db, build)
-	if err != nil {
-		return "", fmt.Errorf("%s: %w", prefix, err)
-	}
-	return script, nil
-}
-
-func scriptOn(ctx context.Context, db any, build func(*sql.DB) (*Migrator, error)) (string, error) {
 	if db == nil {
 		m, err := build(nil)
 		if err != nil {
@@ -509,18 +490,28 @@ func scriptOn(ctx context.Context, db any, build func(*sql.DB) (*Migrator, error
 		}
 		return Script(m.Steps), nil
 	}
-	sdb, done, err := sqldb.Open(db)
+	m, done, err := on(db, prefix, build)
 	if err != nil {
 		return "", err
 	}
 	defer done()
-	m, err := build(sdb)
-	if err != nil {
-		return "", err
-	}
 	steps, err := m.Pending(ctx)
 	if err != nil {
 		return "", err
 	}
 	return Script(steps), nil
+}
+
+// on opens db and builds its migrator; done releases what Open took.
+func on(db any, prefix string, build func(*sql.DB) (*Migrator, error)) (_ *Migrator, done func(), _ error) {
+	sdb, done, err := sqldb.Open(db)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: %w", prefix, err)
+	}
+	m, err := build(sdb)
+	if err != nil {
+		done()
+		return nil, nil, err
+	}
+	return m, done, nil
 }
